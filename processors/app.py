@@ -1,0 +1,125 @@
+"""The Faust app: one thin agent per record family. decode -> pipeline -> anomalies topic -> metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import faust
+from prometheus_client import start_http_server
+from rankwatch.processors.pipeline import DetectionConfig, Pipeline
+from rankwatch.processors.sinks import WorkerMetrics
+
+from rankwatch.config import Settings
+from rankwatch.records import DecodeError, dead_letter, decode_record
+
+log = logging.getLogger("rankwatch.worker")
+
+
+@dataclass
+class WorkerConfig:
+    batch_size: int = 500  # micro-batch handed to the pipeline
+    batch_within_s: float = 0.05
+    # Kafka group timeouts. The embedded broker completes a join only after the rebalance timeout, so
+    # `rankwatch up` and the demo use 5/6/1; production clusters can keep Faust's longer defaults.
+    rebalance_timeout_s: float = 60.0
+    session_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 3.0
+    lag_interval_s: float = 5.0
+    start_from: str = "earliest"  # where a new consumer group starts: earliest | latest
+
+
+EMBEDDED_GROUP_TIMEOUTS = {"rebalance_timeout_s": 5.0, "session_timeout_s": 6.0, "heartbeat_interval_s": 1.0}
+
+
+def make_app(settings: Settings, detection: DetectionConfig | None = None, worker: WorkerConfig | None = None,
+             metrics: WorkerMetrics | None = None) -> faust.App:
+    worker = worker or WorkerConfig()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker(),
+        broker_credentials=settings.faust_credentials(),
+        broker_rebalance_timeout=worker.rebalance_timeout_s,
+        broker_session_timeout=worker.session_timeout_s,
+        broker_heartbeat_interval=worker.heartbeat_interval_s,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_disable_leader=True,
+        web_enabled=False,
+        store="memory://",
+        consumer_auto_offset_reset=worker.start_from,
+        producer_acks=-1,
+    )
+    pipeline = Pipeline(detection)
+    metrics = metrics or WorkerMetrics(max_job_labels=settings.max_job_labels)
+    app.rankwatch_pipeline = pipeline  # type: ignore[attr-defined]
+    app.rankwatch_metrics = metrics  # type: ignore[attr-defined]
+    anomalies = app.topic(settings.topic_anomalies, key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw")
+    deadletter = app.topic(settings.topic_deadletter, key_type=bytes, value_type=bytes,
+                           key_serializer="raw", value_serializer="raw")
+    sources = {kind: settings.topics()[kind] for kind in ("metrics", "log", "op", "gpu")}
+
+    async def handle(events) -> None:
+        records = []
+        now = time.time()
+        for ev in events:
+            msg = ev.message
+            try:
+                rec = decode_record(ev.value)
+            except DecodeError as exc:
+                metrics.decode_errors.labels(msg.topic).inc()
+                await deadletter.send(key=ev.key, value=dead_letter(str(exc), ev.value or b"", stage="decode"))
+                continue
+            metrics.events.labels(rec.kind).inc()
+            if msg.timestamp:
+                metrics.latency.observe(max(0.0, now - msg.timestamp))
+            records.append(rec)
+        for anomaly in pipeline.process(records):
+            await anomalies.send(key=anomaly.key().encode(), value=anomaly.encode())
+            metrics.observe_anomaly(anomaly.detector, anomaly.severity, anomaly.signal, anomaly.job,
+                                    anomaly.score, time.time())
+
+    for kind, topic_name in sources.items():
+        topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw")
+
+        async def agent(stream, _kind=kind):
+            async for events in stream.take_events(worker.batch_size, within=worker.batch_within_s):
+                await handle(events)
+
+        app.agent(topic, name=f"rankwatch.{kind}")(agent)
+
+    @app.timer(worker.lag_interval_s)
+    async def report_lag() -> None:
+        consumer = app.consumer
+        by_topic: dict[str, int] = {}
+        for tp in consumer.assignment():
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - not yet fetched; try next round
+                continue
+            if high is None:
+                continue
+            # Faust keeps the last offset it read per partition (private, but the only source of it).
+            pos = getattr(consumer, "_read_offset", {}).get(tp)
+            behind = max(0, high - (pos + 1 if pos is not None else 0))
+            by_topic[tp.topic] = by_topic.get(tp.topic, 0) + behind
+        for topic, behind in by_topic.items():
+            metrics.lag.labels(topic).set(behind)
+
+    return app
+
+
+def run_worker(settings: Settings, detection: DetectionConfig | None = None,
+               worker: WorkerConfig | None = None, loglevel: str = "warning") -> None:
+    """Blocking: serve /metrics and run the Faust worker until SIGINT/SIGTERM."""
+    metrics = WorkerMetrics(max_job_labels=settings.max_job_labels)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_bind, registry=metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_bind, settings.metrics_port)
+    app = make_app(settings, detection, worker, metrics)
+    from faust import Worker
+
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

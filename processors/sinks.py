@@ -1,0 +1,51 @@
+"""Prometheus metrics of the worker. Label values come from fixed vocabularies (record kinds, detectors,
+severities, signals, topic names) plus `job`, which is capped at `max_job_labels` distinct values (the rest
+are reported as "other"); rank, host and stream never become labels, so cardinality stays bounded on a
+4,000-GPU job. Per-rank detail lives in the anomaly records, not in Prometheus series."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_job_labels: int = 50) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.max_job_labels = max_job_labels
+        self._jobs: set[str] = set()
+        self.events = Counter("rankwatch_events", "Records processed, by kind", ["kind"], registry=r)
+        self.anomalies = Counter("rankwatch_anomalies", "Anomalies published", ["detector", "severity", "job"],
+                                 registry=r)
+        self.decode_errors = Counter("rankwatch_decode_errors", "Messages that were not valid records "
+                                     "(sent to the dead-letter topic)", ["topic"], registry=r)
+        self.parse_errors = Counter("rankwatch_parse_errors", "Lines that failed parsing (offline analyze)",
+                                    registry=r)
+        self.lag = Gauge("rankwatch_consumer_lag", "Messages behind the log end, by topic", ["topic"],
+                         registry=r)
+        self.latency = Histogram("rankwatch_processing_latency_seconds",
+                                 "From the shipper producing a record to the worker finishing it",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latest_score = Gauge("rankwatch_latest_score", "Score of the latest anomaly",
+                                  ["detector", "signal", "job"], registry=r)
+        self.last_anomaly = Gauge("rankwatch_last_anomaly_timestamp_seconds",
+                                  "When the latest anomaly was published", ["detector", "severity", "job"],
+                                  registry=r)
+
+    def job_label(self, job: str) -> str:
+        if job in self._jobs:
+            return job
+        if len(self._jobs) < self.max_job_labels:
+            self._jobs.add(job)
+            return job
+        return "other"
+
+    def observe_anomaly(self, detector: str, severity: str, signal: str, job: str, score: float | None,
+                        at: float) -> None:
+        job = self.job_label(job)
+        self.anomalies.labels(detector, severity, job).inc()
+        self.last_anomaly.labels(detector, severity, job).set(at)
+        if score is not None and score == score:
+            self.latest_score.labels(detector, signal, job).set(score)

@@ -1,0 +1,323 @@
+"""Follow files and folders like `tail -F`, by file identity, so that rotation and truncation lose nothing.
+
+A file is tracked by identity (device:inode), not by name. Its `offset` is the byte just past the last
+complete line handed out; a partial last line stays unread until its newline arrives. Rotation by rename keeps
+the identity, so the renamed file is drained to its end and the new file at the old name starts at 0.
+`copytruncate` is recognised twice over: the tracked file shrinking below its offset (read again from 0), and
+the copy appearing as a new file whose first bytes match what was tracked there (it resumes at the old offset,
+so lines written between our last read and the truncation are still shipped, once).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+HEAD_BYTES = 1024  # bytes fingerprinted to recognise a file after a copy or inode reuse
+MIN_HEAD_MATCH = 64  # fewer bytes than this are too little evidence that two files are one
+DEFAULT_EXCLUDE = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.tar", ".*")
+
+
+@dataclass(slots=True)
+class Line:
+    fid: str
+    path: str
+    offset: int  # byte offset of the line's first byte
+    end: int  # byte offset just past its newline
+    text: str
+    truncated: bool = False  # longer than max_line: cut, the rest of the line dropped (and counted)
+
+
+@dataclass
+class TailedFile:
+    fid: str
+    path: str
+    offset: int = 0
+    head: str = ""  # sha1 of the first min(size, HEAD_BYTES) bytes, with its length
+    head_len: int = 0
+    skip_upto: int = -1  # lines starting at or before this offset were already shipped (crash recovery)
+    fh: object | None = None
+    pending: bytes = b""
+    dropping: bool = False  # inside an over-long line, discarding bytes until its newline
+    last_activity: float = 0.0
+    present: bool = True  # seen at some path in the last scan
+    at_name: bool = True  # still the file currently at `path`
+
+
+HOST = socket.gethostname()
+
+
+def file_id(st: os.stat_result) -> str:
+    # The host name makes identities unique across shippers that share topics (inode numbers are not).
+    return f"{HOST}:{st.st_dev}:{st.st_ino}"
+
+
+def _head(path: str, fh=None, length: int = HEAD_BYTES) -> tuple[str, int]:
+    try:
+        if fh is not None:
+            data = os.pread(fh.fileno(), length, 0)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(length)
+    except OSError:
+        return "", 0
+    return hashlib.sha1(data).hexdigest(), len(data)
+
+
+@dataclass
+class TailStats:
+    truncated_lines: int = 0
+    rotations: int = 0
+    truncations: int = 0
+    copies_recognised: int = 0
+    deduplicated: int = 0
+    read_errors: int = 0
+    lost_bytes_by_truncation: int = 0
+    unfinished_flushed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Tailer:
+    """Discovers files under `paths` (recursively, new files included) and yields their complete lines."""
+
+    def __init__(self, paths: Iterable[str], *, max_line: int = 65536, read_chunk: int = 1 << 20,
+                 exclude: Iterable[str] = DEFAULT_EXCLUDE, close_inactive: float = 5.0,
+                 scan_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.roots = [os.path.abspath(p) for p in paths]
+        self.max_line = max_line
+        self.read_chunk = read_chunk
+        self.exclude = tuple(exclude)
+        self.close_inactive = close_inactive
+        self.scan_interval = scan_interval
+        self.clock = clock
+        self.files: dict[str, TailedFile] = {}
+        self.stats = TailStats()
+        self._last_scan = -1e18
+        self._truncated_heads: dict[tuple[str, str], int] = {}  # (dir, head) -> offset reached before truncation
+
+    # ---- checkpoint interface -------------------------------------------------------------------------
+    def positions(self) -> dict[str, dict]:
+        """Resume points of every known file: what a checkpoint stores."""
+        return {f.fid: {"path": f.path, "offset": f.offset, "head": f.head, "head_len": f.head_len}
+                for f in self.files.values()}
+
+    def restore(self, positions: dict[str, dict], shipped: dict[str, int] | None = None) -> None:
+        """Resume from a checkpoint; `shipped` maps fid -> highest line offset found on the broker."""
+        shipped = shipped or {}
+        for fid, pos in positions.items():
+            tf = TailedFile(fid=fid, path=pos["path"], offset=int(pos["offset"]), head=pos.get("head", ""),
+                            head_len=int(pos.get("head_len", 0)), present=False, at_name=False)
+            tf.skip_upto = shipped.get(fid, -1)
+            self.files[fid] = tf
+        for fid, off in shipped.items():
+            if fid not in self.files:
+                # shipped before its first checkpoint: resume at that line, which is then skipped
+                self.files[fid] = TailedFile(fid=fid, path="", offset=off, skip_upto=off, present=False,
+                                             at_name=False)
+            elif off >= self.files[fid].offset:
+                self.files[fid].offset = off
+
+    # ---- discovery --------------------------------------------------------------------------------------
+    def _excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pat) for pat in self.exclude)
+
+    def _walk(self) -> Iterable[str]:
+        for root in self.roots:
+            if os.path.isfile(root):
+                yield root
+                continue
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    if not self._excluded(name):
+                        yield os.path.join(dirpath, name)
+
+    def scan(self) -> None:
+        now = self.clock()
+        self._last_scan = now
+        for tf in self.files.values():
+            tf.present = False
+        seen_at: dict[str, str] = {}
+        for path in self._walk():
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            fid = file_id(st)
+            seen_at[path] = fid
+            tf = self.files.get(fid)
+            if tf is None:
+                self._discover(fid, path, st)
+                continue
+            if tf.path and tf.path != path:
+                self.stats.rotations += 1
+            if tf.head_len and tf.fh is None and st.st_size >= tf.head_len:
+                head, n = _head(path, length=tf.head_len)
+                if n == tf.head_len and head != tf.head:
+                    # same inode number, different content: the inode was reused by a new file
+                    tf = self.files[fid] = TailedFile(fid=fid, path=path)
+            tf.path, tf.present = path, True
+            if tf.fh is None and st.st_size != tf.offset:
+                tf.last_activity = now  # has new data (or shrank): worth opening
+        for tf in list(self.files.values()):
+            tf.at_name = seen_at.get(tf.path) == tf.fid
+            if not tf.present and tf.fh is None:
+                del self.files[tf.fid]  # gone and closed: nothing left to read
+
+    def _discover(self, fid: str, path: str, st: os.stat_result) -> None:
+        tf = TailedFile(fid=fid, path=path, last_activity=self.clock())
+        head, n = _head(path)
+        if n >= MIN_HEAD_MATCH:
+            directory = os.path.dirname(path)
+            start = self._copy_origin(directory, head, n, st.st_size)
+            if start is not None:
+                tf.offset = start
+                self.stats.copies_recognised += 1
+        self.files[fid] = tf
+
+    def _copy_origin(self, directory: str, head: str, n: int, size: int) -> int | None:
+        """If a file in this folder had these first bytes, this new file is its copy: resume where it was."""
+        off = self._truncated_heads.pop((directory, head), None)
+        if off is None:
+            for other in self.files.values():
+                if (other.head == head and other.head_len == n and os.path.dirname(other.path) == directory
+                        and other.offset > 0):
+                    off = other.offset
+                    break
+        return None if off is None else min(off, size)
+
+    # ---- reading ----------------------------------------------------------------------------------------
+    def poll(self, max_lines: int = 10000) -> list[Line]:
+        now = self.clock()
+        if now - self._last_scan >= self.scan_interval:
+            self.scan()
+        out: list[Line] = []
+        for tf in list(self.files.values()):
+            if len(out) >= max_lines:
+                break
+            self._read(tf, out, max_lines, now)
+        return out
+
+    def _open(self, tf: TailedFile) -> bool:
+        if tf.fh is not None:
+            return True
+        if not tf.present:
+            return False
+        try:
+            fh = open(tf.path, "rb")
+        except OSError:
+            return False
+        if file_id(os.fstat(fh.fileno())) != tf.fid:
+            fh.close()  # the name now points at another file; the scan will sort it out
+            return False
+        tf.fh = fh
+        return True
+
+    def _read(self, tf: TailedFile, out: list[Line], max_lines: int, now: float) -> None:
+        if tf.fh is None and now - tf.last_activity > self.close_inactive:
+            return  # idle and closed; the scan re-arms it when its size changes
+        if not self._open(tf):
+            return
+        fd = tf.fh.fileno()
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            self.stats.read_errors += 1
+            return
+        read_pos = tf.offset + len(tf.pending)
+        if size < tf.offset:
+            self._truncated(tf, size)
+            read_pos = 0
+        if not tf.head_len or (tf.head_len < HEAD_BYTES and size > tf.head_len):
+            tf.head, tf.head_len = _head(tf.path, tf.fh)
+        got_any = False
+        while len(out) < max_lines and read_pos < size:
+            try:
+                chunk = os.pread(fd, min(self.read_chunk, size - read_pos), read_pos)
+            except OSError:
+                self.stats.read_errors += 1
+                break
+            if not chunk:
+                break
+            got_any = True
+            read_pos += len(chunk)
+            self._split(tf, chunk, out)
+        if got_any:
+            tf.last_activity = now
+        elif now - tf.last_activity > self.close_inactive:
+            if tf.pending and not tf.at_name:
+                self._flush_unfinished(tf, out)  # rotated away and quiet: its last line will never end
+            tf.fh.close()
+            tf.fh = None
+
+    def _truncated(self, tf: TailedFile, size: int) -> None:
+        self.stats.truncations += 1
+        if tf.head_len >= MIN_HEAD_MATCH:
+            self._truncated_heads[(os.path.dirname(tf.path), tf.head)] = tf.offset
+        # Bytes written after our last read and before the truncation are lost unless a copy shows up.
+        tf.offset, tf.pending, tf.dropping, tf.skip_upto = 0, b"", False, -1
+        tf.head, tf.head_len = "", 0
+
+    def _split(self, tf: TailedFile, chunk: bytes, out: list[Line]) -> None:
+        data = tf.pending + chunk if tf.pending else chunk
+        start = 0
+        base = tf.offset  # file offset of data[0]
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                break
+            line_start = base + start
+            if tf.dropping:
+                tf.dropping = False  # the end of an over-long line we already emitted
+            else:
+                self._emit(tf, data[start:nl], line_start, base + nl + 1, out, truncated=False)
+            start = nl + 1
+        tf.offset = base + start
+        rest = data[start:]
+        if tf.dropping:
+            tf.offset += len(rest)  # still discarding an over-long line: nothing to keep
+            rest = b""
+        elif len(rest) > self.max_line:
+            self._emit(tf, rest[: self.max_line], tf.offset, tf.offset + len(rest), out, truncated=True)
+            tf.offset += len(rest)
+            tf.dropping = True
+            rest = b""
+        tf.pending = rest
+
+    def _emit(self, tf: TailedFile, raw: bytes, start: int, end: int, out: list[Line], truncated: bool) -> None:
+        if start <= tf.skip_upto:
+            self.stats.deduplicated += 1
+            return
+        if len(raw) > self.max_line:
+            raw, truncated = raw[: self.max_line], True
+        if truncated:
+            self.stats.truncated_lines += 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        out.append(Line(tf.fid, tf.path, start, end, raw.decode("utf-8", "replace"), truncated))
+
+    def _flush_unfinished(self, tf: TailedFile, out: list[Line]) -> None:
+        self.stats.unfinished_flushed += 1
+        self._emit(tf, tf.pending, tf.offset, tf.offset + len(tf.pending), out, truncated=False)
+        tf.offset += len(tf.pending)
+        tf.pending = b""
+
+    def lag_bytes(self) -> int:
+        total = 0
+        for tf in self.files.values():
+            try:
+                total += max(0, os.stat(tf.path).st_size - tf.offset) if tf.path else 0
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        for tf in self.files.values():
+            if tf.fh is not None:
+                tf.fh.close()
+                tf.fh = None

@@ -1,0 +1,235 @@
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import orjson
+
+from rankwatch.config import ConfigError, Settings, load_config
+
+log = logging.getLogger("rankwatch")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """kafka-python and aiokafka log every connection at INFO; keep them to warnings unless -v."""
+    for name in ("kafka", "aiokafka", "faust", "mode"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--bootstrap", help="Kafka bootstrap servers host:port[,...] (env RANKWATCH_BOOTSTRAP)")
+    ap.add_argument("--config", help="TOML config file (env RANKWATCH_CONFIG)")
+    ap.add_argument("--job", help="job name")
+    ap.add_argument("-v", "--verbose", action="store_true")
+
+
+def _detection_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--window", type=int, help="rolling window per rank and signal (default 50)")
+    ap.add_argument("--threshold-factor", type=float, dest="threshold_factor",
+                    help="k in median + k x 1.4826 x MAD")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rankwatch", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("up", help="embedded broker (unless --bootstrap) + topics + worker")
+    _common(p)
+    _detection_args(p)
+    p.add_argument("--port", type=int, dest="embedded_port", help="embedded broker port (default 9092)")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port")
+    p = sub.add_parser("broker", help="run the embedded broker alone and print its address")
+    _common(p)
+    p.add_argument("--port", type=int, dest="embedded_port")
+    p = sub.add_parser("worker", help="run the Faust worker (detectors) against --bootstrap")
+    _common(p)
+    _detection_args(p)
+    p.add_argument("--metrics-port", type=int, dest="metrics_port")
+    p.add_argument("--embedded", action="store_true", help="short group timeouts for the embedded broker")
+    p = sub.add_parser("anomalies", help="print the anomalies topic")
+    _common(p)
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p = sub.add_parser("analyze", help="run parsing and detectors over files, no Kafka")
+    _common(p)
+    _detection_args(p)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write anomaly records as JSON lines ('-': stdout)")
+    p = sub.add_parser("demo", help="simulate an 8-rank job with faults and watch rankwatch catch them")
+    _common(p)
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--dir", help="where the simulated job writes its logs (default: a temp folder)")
+    return ap
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_config(Settings, vars(args), path=getattr(args, "config", None))
+
+
+def _detection(args: argparse.Namespace):
+    from rankwatch.processors.pipeline import DetectionConfig
+
+    return load_config(DetectionConfig, vars(args), path=getattr(args, "config", None), section="detection")
+
+
+def _wait_for_signal() -> int:
+    stop = threading.Event()
+    received: list[int] = []
+
+    def _handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    stop.wait()
+    return received[0]
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from rankwatch.broker import EmbeddedBroker, ensure_topics
+
+    settings = _settings(args)
+    broker = EmbeddedBroker(port=settings.embedded_port).start()
+    try:
+        settings.bootstrap = broker.bootstrap
+        ensure_topics(settings)
+        print(broker.bootstrap, flush=True)
+        _wait_for_signal()
+    finally:
+        broker.stop()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics
+
+    settings = _settings(args)
+    broker = None
+    worker = None
+    try:
+        if not settings.bootstrap:
+            broker = EmbeddedBroker(port=settings.embedded_port).start()
+            settings.bootstrap = broker.bootstrap
+            print(f"embedded broker: {broker.bootstrap} (in memory; a restart empties it)", flush=True)
+        created = ensure_topics(settings)
+        if created:
+            print("created topics: " + ", ".join(created), flush=True)
+        cmd = [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap]
+        for flag, name in (("--config", "config"), ("--window", "window"),
+                           ("--threshold-factor", "threshold_factor"), ("--metrics-port", "metrics_port")):
+            if getattr(args, name, None) is not None:
+                cmd += [flag, str(getattr(args, name))]
+        if broker is not None:
+            cmd.append("--embedded")
+        worker = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        print(f"worker pid {worker.pid}; metrics on :{settings.metrics_port}/metrics; Ctrl-C stops all",
+              flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            if worker.poll() is not None:
+                log.error("worker exited with code %s", worker.returncode)
+                return worker.returncode or 1
+        return 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if broker is not None:
+            broker.stop()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from rankwatch.processors.app import EMBEDDED_GROUP_TIMEOUTS, WorkerConfig, run_worker
+
+    settings = _settings(args)
+    embedded = args.embedded or not settings.bootstrap
+    if not settings.bootstrap:
+        settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
+    wcli = dict(EMBEDDED_GROUP_TIMEOUTS) if embedded else {}
+    worker = load_config(WorkerConfig, wcli, path=args.config, section="worker")
+    run_worker(settings, _detection(args), worker, loglevel="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    from rankwatch.consume import follow_anomalies, render_table
+
+    settings = _settings(args)
+    if not settings.bootstrap:
+        settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
+    records = follow_anomalies(settings, follow=args.follow)
+    if args.json:
+        for rec in records:
+            sys.stdout.buffer.write(orjson.dumps(rec) + b"\n")
+            sys.stdout.flush()
+    else:
+        render_table(records, live=args.follow)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from rankwatch.consume import render_table
+    from rankwatch.processors.offline import AnalyzeStats, analyze
+
+    stats = AnalyzeStats()
+    anomalies = analyze(args.paths, args.job, args.rank, _detection(args), stats)
+    dicts = [a.to_dict() for a in anomalies]
+    if args.json_out:
+        data = b"".join(orjson.dumps(d) + b"\n" for d in dicts)
+        if args.json_out == "-":
+            sys.stdout.buffer.write(data)
+        else:
+            with open(args.json_out, "wb") as f:
+                f.write(data)
+    if args.json_out != "-":
+        render_table(dicts, live=False)
+    errs = sum(stats.parse_errors.values())
+    print(f"{stats.lines} lines, records {dict(stats.records)}, {errs} malformed "
+          f"{dict(stats.parse_errors) if errs else ''}, {len(dicts)} anomalies", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rankwatch.demo import run_demo
+
+    return run_demo(_settings(args), ranks=args.ranks, steps=args.steps, seed=args.seed, workdir=args.dir)
+
+
+COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
+            "analyze": cmd_analyze, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(args.verbose)
+    try:
+        return COMMANDS[args.cmd](args)
+    except ConfigError as exc:
+        print(f"rankwatch: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Record types that travel between the shipper, the broker, the pipeline and the sinks, and their codecs.
+
+Everything on the wire is orjson-encoded JSON. Typed records share one envelope (`Record`) so a single codec,
+a single dead-letter path and a single source reference (file + byte offset) serve every record family.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+RECORD_KINDS = ("log", "metrics", "op", "gpu")
+ANOMALY_SCHEMA = "rankwatch.anomaly/v1"
+DETECTORS = (
+    "mad",
+    "fixed",
+    "relative_change",
+    "nonfinite",
+    "throughput",
+    "step_time",
+    "op_timing",
+    "hang",
+    "straggler",
+    "deeplog",
+    "oom",
+    "leak",
+    "fragmentation",
+    "imbalance",
+)
+SEVERITIES = ("info", "warning", "critical")
+_ANOMALY_NS = uuid.UUID("6f1c3a52-7d1e-4f0b-9a57-0c1b3f0f2a11")
+
+
+class DecodeError(ValueError):
+    """A message on a typed topic is not a valid record."""
+
+
+@dataclass(slots=True)
+class Record:
+    """One parsed input line (or hook sample): what it is, who produced it, when, and where it came from."""
+
+    kind: str  # one of RECORD_KINDS
+    job: str
+    rank: int | None
+    ts: float  # event time, epoch seconds (UTC)
+    file: str  # source file ("" for records that did not come from a file)
+    offset: int  # byte offset of the line in that file (-1 when not from a file)
+    data: dict[str, Any]  # kind-specific parsed fields (see docs/FORMATS.md)
+    fid: str = ""  # identity of the source file (dev:inode), lets the shipper reconcile after a crash
+
+    def key(self) -> str:
+        """Kafka record key: job/rank, job/rank/stream for collective ops, job/host/gpu for GPU samples."""
+        if self.kind == "op":
+            return f"{self.job}/{self.rank}/{self.data.get('stream', 'default')}"
+        if self.kind == "gpu":
+            return f"{self.job}/{self.data.get('host')}/{self.data.get('gpu')}"
+        return f"{self.job}/{self.rank}"
+
+
+def encode_record(rec: Record) -> bytes:
+    # OPT_SERIALIZE_NUMPY lets the hook hand numpy scalars through unchanged.
+    return orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_record(raw: bytes | str) -> Record:
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(d, dict):
+        raise DecodeError("record is not a JSON object")
+    try:
+        kind = d["kind"]
+        if kind not in RECORD_KINDS:
+            raise DecodeError(f"unknown record kind {kind!r}")
+        rank = d.get("rank")
+        return Record(
+            kind=kind,
+            job=str(d["job"]),
+            rank=None if rank is None else int(rank),
+            ts=float(d["ts"]),
+            file=str(d.get("file", "")),
+            offset=int(d.get("offset", -1)),
+            data=dict(d.get("data") or {}),
+            fid=str(d.get("fid", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(f"bad record field: {exc!r}") from exc
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(slots=True)
+class Anomaly:
+    """One detected anomaly, schema rankwatch.anomaly/v1 (rankwatch/schema/anomaly.v1.json)."""
+
+    detector: str
+    signal: str
+    job: str
+    rank: int | None
+    event_time: float
+    value: float | None
+    expected: float | None
+    score: float | None
+    threshold: float | None
+    severity: str
+    message: str
+    context: dict[str, Any] = field(default_factory=dict)
+    source_file: str = ""
+    source_offset: int = -1
+    stream: str | None = None
+    host: str | None = None
+    gpu: int | None = None
+    detected_at: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        # Deterministic: the same line judged by the same detector gives the same id, offline or streaming,
+        # so consumers can de-duplicate after a worker restart replays a partition.
+        parts = (self.detector, self.signal, self.job, self.rank, self.stream, self.host, self.gpu,
+                 self.source_file, self.source_offset, repr(self.event_time))
+        return str(uuid.uuid5(_ANOMALY_NS, "|".join(map(str, parts))))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "schema": ANOMALY_SCHEMA,
+            "id": self.id,
+            "detected_at": iso(self.detected_at),
+            "event_time": iso(self.event_time),
+            "job": self.job,
+            "rank": self.rank,
+            "detector": self.detector,
+            "signal": self.signal,
+            "value": _finite_or_none(self.value),
+            "expected": _finite_or_none(self.expected),
+            "score": _finite_or_none(self.score),
+            "threshold": _finite_or_none(self.threshold),
+            "severity": self.severity,
+            "message": self.message,
+            "context": self.context,
+            "source": {"file": self.source_file, "offset": self.source_offset},
+        }
+        if self.stream is not None:
+            d["stream"] = self.stream
+        if self.host is not None:
+            d["host"] = self.host
+        if self.gpu is not None:
+            d["gpu"] = self.gpu
+        return d
+
+    def key(self) -> str:
+        return f"{self.job}/{self.rank}"
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def dead_letter(reason: str, raw: str | bytes, *, file: str = "", offset: int = -1, job: str = "",
+                stage: str = "parse", fid: str = "") -> bytes:
+    """Dead-letter message: why, where from, and the raw input (truncated), so nothing is lost silently."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return orjson.dumps({
+        "schema": "rankwatch.deadletter/v1", "stage": stage, "reason": reason, "job": job,
+        "file": file, "offset": offset, "fid": fid, "raw": text[:65536], "at": iso(time.time()),
+    })
+
+
+__all__ = ["Record", "Anomaly", "DecodeError", "encode_record", "decode_record", "dead_letter", "iso",
+           "RECORD_KINDS", "DETECTORS", "SEVERITIES", "ANOMALY_SCHEMA", "asdict"]
