@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from rankwatch.models.mad import RollingMAD
+
 from rankwatch.simulate import Fault, Scenario, metric_rows
 
 SPIKES = {"loss": ("loss_spike", (1.5, 3.0)), "grad_norm": ("grad_explosion", (4.0, 20.0))}

@@ -2,7 +2,8 @@
 
 The checkpoint records, per topic partition, the offset just past the shipper's last acknowledged record.
 Everything this shipper could have sent since then lies after those offsets, so reading forward from them to
-the log end and keeping the records whose file identity is ours gives, per file, the last line shipped.
+the log end and keeping the records whose file identity is ours gives, per file, exactly which lines arrived.
+(Which, not how far: a broker may keep a later in-flight request of a killed client and lose an earlier one.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
+from rankwatch.consume import drain
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +24,8 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def end_positions(consumer: KafkaConsumer, topics: Iterable[str]) -> dict[str, int]:
+    """Log-end offsets as ListOffsets reports them. Only a lower bound is needed (the scan starts there), so
+    a broker that under-reports (Tansu) costs a slightly longer scan, never a missed record."""
     tps = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -31,8 +36,8 @@ def end_positions(consumer: KafkaConsumer, topics: Iterable[str]) -> dict[str, i
 
 
 def shipped_since(consumer: KafkaConsumer, positions: dict[str, int], fids: set[str] | None,
-                  fid_prefix: str, max_records: int = 5_000_000) -> dict[str, int]:
-    """fid -> highest line offset found after `positions` for files of this shipper."""
+                  fid_prefix: str, max_records: int = 5_000_000) -> dict[str, set[int]]:
+    """fid -> start offsets of this shipper's lines found after `positions`."""
     tps = []
     for key, off in positions.items():
         topic, _, part = key.rpartition(":")
@@ -40,35 +45,20 @@ def shipped_since(consumer: KafkaConsumer, positions: dict[str, int], fids: set[
     if not tps:
         return {}
     consumer.assign([tp for tp, _ in tps])
-    ends = consumer.end_offsets([tp for tp, _ in tps])
-    todo = {}
     for tp, off in tps:
-        if ends.get(tp, 0) > off:
-            consumer.seek(tp, off)
-            todo[tp] = ends[tp]
-    found: dict[str, int] = {}
+        consumer.seek(tp, off)
+    found: dict[str, set[int]] = {}
     seen = 0
-    while todo and seen < max_records:
-        batch = consumer.poll(timeout_ms=1000, max_records=10000)
-        for tp, msgs in batch.items():
-            for m in msgs:
-                seen += 1
-                try:
-                    d = orjson.loads(m.value)
-                except orjson.JSONDecodeError:
-                    continue
-                fid = d.get("fid") if isinstance(d, dict) else None
-                if not fid or not fid.startswith(fid_prefix) or (fids is not None and fid not in fids):
-                    continue
-                off = int(d.get("offset", -1))
-                if off > found.get(fid, -1):
-                    found[fid] = off
-            if tp in todo and consumer.position(tp) >= todo[tp]:
-                del todo[tp]
-        if not batch:
-            for tp in list(todo):
-                if consumer.position(tp) >= todo[tp]:
-                    del todo[tp]
+    for m in drain(consumer, [tp for tp, _ in tps], max_records=max_records):
+        seen += 1
+        try:
+            d = orjson.loads(m.value)
+        except orjson.JSONDecodeError:
+            continue
+        fid = d.get("fid") if isinstance(d, dict) else None
+        if not fid or not fid.startswith(fid_prefix) or (fids is not None and fid not in fids):
+            continue
+        found.setdefault(fid, set()).add(int(d.get("offset", -1)))
     if seen >= max_records:
         log.warning("reconciliation stopped after %d records; some lines may be shipped twice", seen)
     log.info("reconciled %d records after a crash: %d files had lines past the checkpoint", seen, len(found))

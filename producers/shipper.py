@@ -90,6 +90,7 @@ class Shipper:
         self.resolver = ContextResolver(self.paths, config.job, config.rank)
         self._positions: dict[str, int] = {}
         self._inflight_marked = False
+        self._acked_files: dict[str, dict] = {}
         self.producer: KafkaProducer | None = None
         self.shipped_total = 0
         self.stop_event = threading.Event()
@@ -121,7 +122,7 @@ class Shipper:
         consumer = KafkaConsumer(**kw, enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
         try:
             positions = dict(state.get("partitions") or {})
-            shipped: dict[str, int] = {}
+            shipped: dict[str, set[int]] = {}
             if state.get("inflight") and positions:
                 shipped = shipped_since(consumer, positions, None, HOST + ":")
             fresh = end_positions(consumer, [t for k, t in self.topics.items() if k != "anomaly"])
@@ -131,11 +132,14 @@ class Shipper:
         finally:
             consumer.close()
         self.tailer.restore(state.get("files") or {}, shipped)
+        self._acked_files = self.tailer.positions()
         if state:
             log.info("resuming %d files from checkpoint %s", len(state.get("files") or {}), self.store.path)
 
     def _save(self, inflight: bool) -> None:
-        self.store.save({"files": self.tailer.positions(), "partitions": self._positions, "inflight": inflight,
+        # Only positions captured after an acknowledgement are ever written: the tailer's live positions
+        # already include lines read but not yet acknowledged.
+        self.store.save({"files": self._acked_files, "partitions": self._positions, "inflight": inflight,
                          "saved_at": self.clock()})
         self._inflight_marked = inflight
 
@@ -161,14 +165,23 @@ class Shipper:
         self.metrics.files.set(len(self.tailer.files))
         if not lines:
             if self._inflight_marked:
+                self._acked_files = self.tailer.positions()  # nothing pending: live positions are acked
                 self._save(inflight=False)
             return 0
         if not self._inflight_marked:
             self._save(inflight=True)  # from here until the next clean save, a crash triggers reconciliation
         now = self.clock()
         msgs = [self._encode(line, now) for line in lines]
+        if log.isEnabledFor(logging.DEBUG):
+            spans: dict[str, list[int]] = {}
+            for ln in lines:
+                span = spans.setdefault(ln.path, [ln.offset, ln.end])
+                span[0], span[1] = min(span[0], ln.offset), max(span[1], ln.end)
+            log.debug("batch of %d lines: %s", len(lines), spans)
         self._deliver(msgs)
+        self._acked_files = self.tailer.positions()
         self._save(inflight=True)
+        log.debug("acknowledged; checkpoint %s", {f["path"]: f["offset"] for f in self.tailer.positions().values()})
         self.shipped_total += len(lines)
         return len(lines)
 

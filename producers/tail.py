@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
 HEAD_BYTES = 1024  # bytes fingerprinted to recognise a file after a copy or inode reuse
 MIN_HEAD_MATCH = 64  # fewer bytes than this are too little evidence that two files are one
 DEFAULT_EXCLUDE = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.zip", "*.tar", ".*")
@@ -40,13 +42,17 @@ class TailedFile:
     offset: int = 0
     head: str = ""  # sha1 of the first min(size, HEAD_BYTES) bytes, with its length
     head_len: int = 0
-    skip_upto: int = -1  # lines starting at or before this offset were already shipped (crash recovery)
+    skip: set[int] = field(default_factory=set)  # start offsets of lines already shipped (crash recovery)
     fh: object | None = None
     pending: bytes = b""
     dropping: bool = False  # inside an over-long line, discarding bytes until its newline
     last_activity: float = 0.0
     present: bool = True  # seen at some path in the last scan
-    at_name: bool = True  # still the file currently at `path`
+    first_path: str = ""  # where it was first seen; a file no longer there has been rotated away
+
+    @property
+    def rotated(self) -> bool:
+        return not self.present or (bool(self.first_path) and self.path != self.first_path)
 
 
 HOST = socket.gethostname()
@@ -98,7 +104,8 @@ class Tailer:
         self.files: dict[str, TailedFile] = {}
         self.stats = TailStats()
         self._last_scan = -1e18
-        self._truncated_heads: dict[tuple[str, str], int] = {}  # (dir, head) -> offset reached before truncation
+        # (folder, head hash, head length) -> offset reached before a truncation, to recognise the copy
+        self._truncated_heads: dict[tuple[str, str, int], int] = {}
 
     # ---- checkpoint interface -------------------------------------------------------------------------
     def positions(self) -> dict[str, dict]:
@@ -106,21 +113,22 @@ class Tailer:
         return {f.fid: {"path": f.path, "offset": f.offset, "head": f.head, "head_len": f.head_len}
                 for f in self.files.values()}
 
-    def restore(self, positions: dict[str, dict], shipped: dict[str, int] | None = None) -> None:
-        """Resume from a checkpoint; `shipped` maps fid -> highest line offset found on the broker."""
+    def restore(self, positions: dict[str, dict], shipped: dict[str, set[int]] | None = None) -> None:
+        """Resume from a checkpoint; `shipped` maps fid -> start offsets of lines found on the broker past it.
+
+        A set, not a high-water mark: after a crash the broker may hold a later request of the last batch
+        and not an earlier one, so only the lines really there are skipped and the gap is shipped again."""
         shipped = shipped or {}
         for fid, pos in positions.items():
             tf = TailedFile(fid=fid, path=pos["path"], offset=int(pos["offset"]), head=pos.get("head", ""),
-                            head_len=int(pos.get("head_len", 0)), present=False, at_name=False)
-            tf.skip_upto = shipped.get(fid, -1)
+                            head_len=int(pos.get("head_len", 0)), present=False,
+                            first_path=pos.get("first_path", pos["path"]))
             self.files[fid] = tf
-        for fid, off in shipped.items():
-            if fid not in self.files:
-                # shipped before its first checkpoint: resume at that line, which is then skipped
-                self.files[fid] = TailedFile(fid=fid, path="", offset=off, skip_upto=off, present=False,
-                                             at_name=False)
-            elif off >= self.files[fid].offset:
-                self.files[fid].offset = off
+        for fid, offsets in shipped.items():
+            if fid not in self.files:  # first shipped in the batch that crashed: read it from the start
+                self.files[fid] = TailedFile(fid=fid, path="", present=False)
+            tf = self.files[fid]
+            tf.skip = {o for o in offsets if o >= tf.offset}
 
     # ---- discovery --------------------------------------------------------------------------------------
     def _excluded(self, name: str) -> bool:
@@ -142,54 +150,57 @@ class Tailer:
         self._last_scan = now
         for tf in self.files.values():
             tf.present = False
-        seen_at: dict[str, str] = {}
         for path in self._walk():
             try:
                 st = os.stat(path)
             except OSError:
                 continue
             fid = file_id(st)
-            seen_at[path] = fid
             tf = self.files.get(fid)
             if tf is None:
                 self._discover(fid, path, st)
                 continue
             if tf.path and tf.path != path:
                 self.stats.rotations += 1
+                log.info("%s was renamed to %s (rotation): draining it", tf.path, path)
             if tf.head_len and tf.fh is None and st.st_size >= tf.head_len:
                 head, n = _head(path, length=tf.head_len)
                 if n == tf.head_len and head != tf.head:
+                    log.info("%s reuses the inode of a file seen before: reading it from the start", path)
                     # same inode number, different content: the inode was reused by a new file
-                    tf = self.files[fid] = TailedFile(fid=fid, path=path)
+                    tf = self.files[fid] = TailedFile(fid=fid, path=path, first_path=path)
             tf.path, tf.present = path, True
+            if not tf.first_path:
+                tf.first_path = path
             if tf.fh is None and st.st_size != tf.offset:
                 tf.last_activity = now  # has new data (or shrank): worth opening
         for tf in list(self.files.values()):
-            tf.at_name = seen_at.get(tf.path) == tf.fid
             if not tf.present and tf.fh is None:
                 del self.files[tf.fid]  # gone and closed: nothing left to read
 
     def _discover(self, fid: str, path: str, st: os.stat_result) -> None:
-        tf = TailedFile(fid=fid, path=path, last_activity=self.clock())
-        head, n = _head(path)
-        if n >= MIN_HEAD_MATCH:
-            directory = os.path.dirname(path)
-            start = self._copy_origin(directory, head, n, st.st_size)
-            if start is not None:
-                tf.offset = start
-                self.stats.copies_recognised += 1
+        tf = TailedFile(fid=fid, path=path, last_activity=self.clock(), first_path=path)
+        start = self._copy_origin(path, st.st_size)
+        if start is not None:
+            tf.offset = start
+            self.stats.copies_recognised += 1
+            log.info("%s is a copy of a file seen before (copytruncate): resuming at byte %d", path, start)
+        else:
+            log.info("following new file %s", path)
         self.files[fid] = tf
 
-    def _copy_origin(self, directory: str, head: str, n: int, size: int) -> int | None:
-        """If a file in this folder had these first bytes, this new file is its copy: resume where it was."""
-        off = self._truncated_heads.pop((directory, head), None)
-        if off is None:
-            for other in self.files.values():
-                if (other.head == head and other.head_len == n and os.path.dirname(other.path) == directory
-                        and other.offset > 0):
-                    off = other.offset
-                    break
-        return None if off is None else min(off, size)
+    def _copy_origin(self, path: str, size: int) -> int | None:
+        """If a file in this folder began with the same bytes, this new file is its copy (copytruncate):
+        resume where that file was, so its lines are not shipped twice."""
+        directory = os.path.dirname(path)
+        candidates = [(h, n, off) for (d, h, n), off in self._truncated_heads.items() if d == directory]
+        candidates += [(o.head, o.head_len, o.offset) for o in self.files.values()
+                       if o.offset > 0 and o.path and os.path.dirname(o.path) == directory]
+        for head, n, off in candidates:
+            if n >= MIN_HEAD_MATCH and size >= n and _head(path, length=n) == (head, n):
+                self._truncated_heads = {k: v for k, v in self._truncated_heads.items() if k[1] != head}
+                return min(off, size)
+        return None
 
     # ---- reading ----------------------------------------------------------------------------------------
     def poll(self, max_lines: int = 10000) -> list[Line]:
@@ -250,17 +261,20 @@ class Tailer:
         if got_any:
             tf.last_activity = now
         elif now - tf.last_activity > self.close_inactive:
-            if tf.pending and not tf.at_name:
+            if tf.pending and tf.rotated:
                 self._flush_unfinished(tf, out)  # rotated away and quiet: its last line will never end
             tf.fh.close()
             tf.fh = None
 
     def _truncated(self, tf: TailedFile, size: int) -> None:
         self.stats.truncations += 1
+        log.info("%s shrank from %d to %d bytes (truncated): reading it again from the start", tf.path,
+                 tf.offset, size)
         if tf.head_len >= MIN_HEAD_MATCH:
-            self._truncated_heads[(os.path.dirname(tf.path), tf.head)] = tf.offset
+            self._truncated_heads[(os.path.dirname(tf.path), tf.head, tf.head_len)] = tf.offset
         # Bytes written after our last read and before the truncation are lost unless a copy shows up.
-        tf.offset, tf.pending, tf.dropping, tf.skip_upto = 0, b"", False, -1
+        tf.offset, tf.pending, tf.dropping = 0, b"", False
+        tf.skip = set()
         tf.head, tf.head_len = "", 0
 
     def _split(self, tf: TailedFile, chunk: bytes, out: list[Line]) -> None:
@@ -290,7 +304,8 @@ class Tailer:
         tf.pending = rest
 
     def _emit(self, tf: TailedFile, raw: bytes, start: int, end: int, out: list[Line], truncated: bool) -> None:
-        if start <= tf.skip_upto:
+        if tf.skip and start in tf.skip:
+            tf.skip.discard(start)
             self.stats.deduplicated += 1
             return
         if len(raw) > self.max_line:

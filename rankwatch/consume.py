@@ -14,6 +14,36 @@ from rankwatch.config import Settings
 log = logging.getLogger(__name__)
 
 
+def drain(consumer: KafkaConsumer, tps: list[TopicPartition], max_idle_polls: int = 2,
+          poll_ms: int = 500, max_records: int | None = None) -> Iterator:
+    """Messages of the assigned partitions from their positions to the log end.
+
+    The end is judged by the high watermark that fetch responses carry, not by ListOffsets: the embedded
+    Tansu broker answers ListOffsets(latest) with the last batch's base offset + 1, which is too low.
+    A partition counts as done once its position reaches that high watermark, or after `max_idle_polls`
+    empty polls (an empty partition never gets a fetch response with data)."""
+    idle = 0
+    seen = 0
+    while True:
+        batch = consumer.poll(timeout_ms=poll_ms)
+        for msgs in batch.values():
+            for m in msgs:
+                seen += 1
+                yield m
+        if max_records is not None and seen >= max_records:
+            return
+        done = True
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            if hw is None or consumer.position(tp) < hw:
+                done = False
+        if done:
+            return
+        idle = 0 if batch else idle + 1
+        if idle >= max_idle_polls:
+            return
+
+
 def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: bool = True,
                      poll_ms: int = 500) -> Iterator[dict[str, Any]]:
     """Anomaly dicts from the topic; without `follow`, stops at the log end as it was when called."""
@@ -29,19 +59,23 @@ def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: b
             consumer.seek_to_beginning(*tps)
         else:
             consumer.seek_to_end(*tps)
-        ends = consumer.end_offsets(tps)
-        while True:
-            batch = consumer.poll(timeout_ms=poll_ms)
-            for msgs in batch.values():
-                for m in msgs:
-                    try:
-                        yield orjson.loads(m.value)
-                    except orjson.JSONDecodeError:
-                        log.warning("skipping a non-JSON message at %s:%d", m.topic, m.offset)
-            if not follow and all(consumer.position(tp) >= ends[tp] for tp in tps):
-                return
+        if follow:
+            while True:
+                for msgs in consumer.poll(timeout_ms=poll_ms).values():
+                    yield from _decode(msgs)
+        else:
+            for m in drain(consumer, tps):
+                yield from _decode([m])
     finally:
         consumer.close()
+
+
+def _decode(msgs) -> Iterator[dict[str, Any]]:
+    for m in msgs:
+        try:
+            yield orjson.loads(m.value)
+        except orjson.JSONDecodeError:
+            log.warning("skipping a non-JSON message at %s:%d", m.topic, m.offset)
 
 
 COLUMNS = ("event_time", "job", "rank", "detector", "signal", "value", "threshold", "severity", "message")

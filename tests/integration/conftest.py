@@ -1,0 +1,86 @@
+"""Fixtures that start real processes: the embedded Tansu broker and the Faust worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from rankwatch.broker import EmbeddedBroker, ensure_topics, free_port
+from rankwatch.config import Settings
+from rankwatch.consume import drain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+def make_settings(bootstrap: str, partitions: int = 4) -> Settings:
+    """Settings with topic names unique to one test, so tests sharing a broker do not see each other."""
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(bootstrap=bootstrap, partitions=partitions, app_id=f"rw-test-{tag}")
+    for field in ("logs", "metrics", "ops", "gpu", "logkeys", "deadletter"):
+        setattr(s, f"topic_{field}", f"t{tag}.{field}")
+    s.topic_anomalies = f"t{tag}.anomalies"
+    ensure_topics(s)
+    return s
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("bootstrap", "app_id", "topic_logs", "topic_metrics", "topic_ops", "topic_gpu", "topic_logkeys",
+                 "topic_anomalies", "topic_deadletter", "partitions"):
+        env["RANKWATCH_" + name.upper()] = str(getattr(s, name))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture()
+def settings(broker):
+    return make_settings(broker.bootstrap)
+
+
+def read_topic(s: Settings, topic: str) -> list[dict]:
+    """Every message of a topic, decoded, from the beginning to the current end."""
+    c = KafkaConsumer(**s.kafka_kwargs(), enable_auto_commit=False, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        return [orjson.loads(m.value) for m in drain(c, tps)]
+    finally:
+        c.close()
+
+
+class WorkerProcess:
+    def __init__(self, s: Settings, *extra: str) -> None:
+        self.metrics_port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
+             str(self.metrics_port), *extra], env=settings_env(s), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out.decode(errors="replace")
+
+
+@pytest.fixture()
+def worker(settings):
+    w = WorkerProcess(settings)
+    yield w
+    w.stop()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import pytest
+from rankwatch.models.mad import RollingMAD
+from rankwatch.models.training import RankMetricsDetector, TrainingDetectorConfig
+
+DETECTOR_FACTORIES = [lambda: RollingMAD(window=20, k=4.0, min_points=10)]
+
+
+@pytest.mark.parametrize("make", DETECTOR_FACTORIES)
+def test_detector_contract_pickle_and_state_roundtrip(make):
+    rng = random.Random(1)
+    a = make()
+    for _ in range(40):
+        a.update(1.0 + rng.gauss(0, 0.05))
+    b = pickle.loads(pickle.dumps(a))
+    c = make()
+    c.load_state(a.save_state())
+    for x in (1.02, 5.0, 0.9):
+        sa, sb, sc = a.update(x), b.update(x), c.update(x)
+        assert sa == sb == sc
+
+
+def test_warm_up_gives_no_verdict():
+    d = RollingMAD(window=50, k=3, min_points=20)
+    for i in range(19):
+        s = d.update(1.0 + 0.01 * (i % 3))
+        assert not s.ready and not s.is_anomaly
+    assert not d.update(1000.0).is_anomaly  # 20th point still in warm-up when judged
+    assert d.update(1000.0).is_anomaly
+
+
+def test_threshold_is_median_plus_k_mad():
+    d = RollingMAD(window=5, k=2.0, min_points=5)
+    for x in (1, 2, 3, 4, 5):
+        d.update(x)
+    s = d.score_one(10)
+    # median 3, MAD = median(|x-3|) = 1
+    assert s.expected == 3 and s.scale == pytest.approx(1.4826)
+    assert s.threshold == pytest.approx(3 + 2 * 1.4826) and s.is_anomaly
+    assert not d.score_one(5.9).is_anomaly and d.score_one(6.0).is_anomaly
+
+
+def test_flagged_points_do_not_contaminate_until_regime_change():
+    d = RollingMAD(window=20, k=4, min_points=10, readmit_after=5)
+    rng = random.Random(0)
+    for _ in range(30):
+        d.update(1 + rng.gauss(0, 0.01))
+    med_before = d.stats()[0]
+    for _ in range(4):
+        assert d.update(3.0).is_anomaly
+    assert d.stats()[0] == med_before  # spikes not learned
+    d.update(3.0)  # fifth in a row: taken as the new level
+    for _ in range(15):
+        d.update(3.0)
+    assert not d.update(3.0).is_anomaly
+
+
+def test_admit_outliers_and_direction():
+    d = RollingMAD(window=10, k=2, min_points=5, admit_outliers=True)
+    for x in (1, 1.1, 0.9, 1, 1.05):
+        d.update(x)
+    d.update(50)
+    assert max(d._window) == 50
+    down = RollingMAD(window=10, k=3, min_points=5, direction="down")
+    for x in (10, 10.5, 9.5, 10, 10.2):
+        down.update(x)
+    assert down.update(1.0).is_anomaly and not down.update(100.0).is_anomaly
+
+
+def test_constant_signal_does_not_alarm_on_rounding():
+    d = RollingMAD(window=20, k=8, min_points=10)
+    for _ in range(30):
+        d.update(2.0)
+    assert not d.update(2.0000001).is_anomaly
+    assert d.update(2.5).is_anomaly
+
+
+def test_rank_detector_nonfinite_is_critical_and_mad_carries_context():
+    det = RankMetricsDetector(TrainingDetectorConfig(threshold_factor=6.0))
+    rng = random.Random(2)
+    for step in range(60):
+        assert det.update(step, {"loss": 2 + rng.gauss(0, 0.02), "grad_norm": 1 + rng.gauss(0, 0.05)}) == []
+    out = det.update(60, {"loss": float("nan"), "grad_norm": 10.0})
+    kinds = {(f.detector, f.signal, f.severity) for f in out}
+    assert ("nonfinite", "loss", "critical") in kinds
+    g = next(f for f in out if f.signal == "grad_norm")
+    assert g.detector == "mad" and g.context["step"] == 60
+    assert g.context["grad_norm_threshold"] == pytest.approx(g.threshold)
+    assert g.context["grad_norm_median"] == pytest.approx(1.0, abs=0.05)
+    assert math.isfinite(g.score) and g.score > 6

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankwatch.parsing import (
+    ContextResolver,
+    ParseError,
+    SourceContext,
+    parse_iso,
+    parse_line,
+    rank_from_path,
+)
+
+NCCL = ("host:615:18953 [2] NCCL INFO AllReduce: opCount 139d sendbuff 0x78d056200000 recvbuff 0x78d056200000 "
+        "count 7382228 datatype 7 op 0 root 0 comm 0x78cfda045840 [nranks=128] stream 0x78d07125e5e0")
+
+
+def ctx(rank=None):
+    return SourceContext(path="/logs/j/x.log", job="j", rank=rank)
+
+
+def test_nccl_line_is_a_collective_op_with_hex_opcount():
+    rec = parse_line(NCCL, ctx(rank=4), 10, 99.0)
+    assert rec.kind == "op"
+    assert rec.data["op"] == "AllReduce" and rec.data["op_count"] == 0x139D
+    assert rec.data["nranks"] == 128 and rec.data["stream"] == "0x78d07125e5e0"
+    assert rec.data["comm"] == "0x78cfda045840" and rec.data["count"] == 7382228 and rec.data["redop"] == 0
+    assert rec.data["host"] == "host" and rec.data["device"] == 2
+    assert rec.key() == "j/4/0x78d07125e5e0"
+    assert rec.offset == 10 and rec.ts == 99.0
+
+
+def test_send_recv_and_torchrun_prefix():
+    line = "[rank7]: h:1:2 [0] NCCL INFO Send: opCount a sendbuff 0x1 recvbuff 0x0 count 5 datatype 0 op 0 root 3 comm 0x9 [nranks=8] stream 0x5"
+    rec = parse_line(line, ctx(rank=1))
+    assert rec.kind == "op" and rec.rank == 7 and rec.data["op"] == "Send" and rec.data["op_count"] == 10
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2024-01-02T03:04:05Z", 1704164645.0),
+    ("2024-01-02 03:04:05", 1704164645.0),
+    ("2024-01-02T03:04:05.250Z", 1704164645.25),
+    ("2024-01-02 03:04:05,5", 1704164645.5),
+    ("2024-01-02T04:04:05+01:00", 1704164645.0),
+    ("2024-01-02T01:04:05-0200", 1704164645.0),
+    ("[2024-01-02T03:04:05.000001Z]", 1704164645.000001),
+])
+def test_iso_timestamps(text, expected):
+    assert parse_iso(text) == pytest.approx(expected, abs=1e-6)
+    rec = parse_line(f"{text} hello", ctx(), 0, 1.0)
+    assert rec.ts == pytest.approx(expected, abs=1e-6) and rec.data["msg"] == "hello"
+
+
+def test_line_without_time_takes_previous_time_of_file_else_arrival():
+    c = ctx()
+    assert parse_line("no time here", c, 0, 50.0).ts == 50.0
+    parse_line("2024-01-02T03:04:05Z first", c, 0, 60.0)
+    assert parse_line("later line", c, 0, 70.0).ts == 1704164645.0
+
+
+def test_json_metrics_rank_precedence_and_ts_forms():
+    c = ctx(rank=2)
+    rec = parse_line('[rank3]: {"rank": 5, "step": 10, "loss": 1.5, "ts": 100.5}', c)
+    assert rec.kind == "metrics" and rec.rank == 5 and rec.ts == 100.5
+    assert rec.data == {"step": 10, "loss": 1.5}
+    rec = parse_line('[default3]: {"step": 11, "grad_norm": 2, "timestamp": "2024-01-02T03:04:05Z"}', c)
+    assert rec.rank == 3 and rec.ts == 1704164645.0 and rec.key() == "j/3"
+    assert parse_line('{"step": 12, "throughput": 3}', c).rank == 2
+
+
+def test_nan_and_infinity_from_python_json_dumps_are_kept():
+    rec = parse_line('{"step": 3, "loss": NaN, "grad_norm": Infinity}', ctx())
+    assert math.isnan(rec.data["loss"]) and math.isinf(rec.data["grad_norm"])
+    rec = parse_line('{"step": 3, "loss": "nan"}', ctx())
+    assert math.isnan(rec.data["loss"])
+
+
+def test_gpu_sample_and_collective_json():
+    rec = parse_line('{"ts": 5, "host": "n1", "gpu": 3, "mem_used_bytes": 10, "mem_total_bytes": 80, "util_pct": 90}',
+                     ctx(rank=1))
+    assert rec.kind == "gpu" and rec.key() == "j/n1/3" and rec.data["util_pct"] == 90.0
+    rec = parse_line('{"ts": 5, "rank": 2, "stream": "s1", "op": "AllGather", "opCount": 7, "duration_s": 0.01}', ctx())
+    assert rec.kind == "op" and rec.data["op_count"] == 7 and rec.key() == "j/2/s1"
+    assert parse_line('{"ts": 5, "rank": 2, "op": "X", "opCount": "1f"}', ctx()).data["op_count"] == 31
+
+
+@pytest.mark.parametrize("line", [
+    '{"loss": 1.0}',  # metrics without step
+    '{"step": "x", "loss": 1.0}',
+    '{"step": 1, "loss": "high"}',
+    '{"step": 1, "loss": true}',
+    '{"rank": "zero", "step": 1, "loss": 1}',
+    '{"ts": 1, "op": "AllReduce", "opCount": "zz"}',
+    '{"ts": 1, "host": "h", "gpu": 0, "mem_used_bytes": "lots", "mem_total_bytes": 1}',
+    '{"unterminated": ',
+    '{not json at all}',
+    '[1, 2]',
+])
+def test_broken_structured_lines_raise_parse_error(line):
+    if not line.endswith("}"):
+        # not claimed as JSON: it is a plain log message
+        assert parse_line(line, ctx()).kind == "log"
+    else:
+        with pytest.raises(ParseError):
+            parse_line(line, ctx())
+
+
+def test_other_json_and_text_are_log_messages():
+    rec = parse_line('{"event": "started", "pid": 5}', ctx(rank=0))
+    assert rec.kind == "log" and rec.data["raw"] == '{"event": "started", "pid": 5}'
+    rec = parse_line("[rank1]: 2024-01-01 00:00:00 INFO something happened", ctx())
+    assert rec.kind == "log" and rec.rank == 1 and rec.data["msg"] == "INFO something happened"
+    assert rec.data["raw"].startswith("[rank1]:")
+
+
+def test_rank_from_path_and_job_resolution(tmp_path):
+    assert rank_from_path("/logs/job/rank_12/stdout.log") == 12
+    assert rank_from_path("/logs/job/worker-rank3.log") == 3
+    assert rank_from_path("/home/frank2/logs/out.log") is None  # "frank2" is not a rank
+    assert rank_from_path("/data/rank9/job/rank-4.log", "/data/rank9") == 4
+    (tmp_path / "myjob" / "rank5").mkdir(parents=True)
+    f = tmp_path / "myjob" / "rank5" / "a.log"
+    f.write_text("x\n")
+    r = ContextResolver([str(tmp_path / "myjob")], rank=1)
+    c = r.context("fid", str(f))
+    assert c.job == "myjob" and c.rank == 5
+    r2 = ContextResolver([str(f)], job="explicit")
+    assert r2.context("fid2", str(f)).job == "explicit"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_parses_or_raises_parse_error_only(text):
+    line = text.replace("\n", " ")
+    try:
+        rec = parse_line(line, ctx(), 0, 1.0)
+    except ParseError:
+        return
+    assert rec.kind in ("log", "metrics", "op", "gpu")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ts", "step", "loss", "grad_norm", "rank", "op", "opCount", "host", "gpu",
+                                        "mem_used_bytes", "mem_total_bytes", "timestamp", "stream"]),
+                       st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=True), st.text(max_size=8),
+                                 st.booleans(), st.none()), max_size=8))
+def test_json_fuzz_never_crashes(obj):
+    import json
+
+    try:
+        rec = parse_line(json.dumps(obj), ctx(), 0, 1.0)
+    except ParseError:
+        return
+    assert rec.kind in ("log", "metrics", "op", "gpu")
