@@ -57,9 +57,10 @@ class RankMetricsDetector:
     def update(self, step: int, metrics: dict[str, float]) -> list[Finding]:
         out: list[Finding] = []
         for signal, det in self.detectors.items():
-            if signal not in metrics:
-                continue
-            x = float(metrics[signal])
+            raw = metrics.get(signal)
+            if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+                continue  # absent or not a number: nothing to judge (the parser already dead-letters junk)
+            x = float(raw)
             if not math.isfinite(x):
                 out.append(Finding("nonfinite", signal, x, None, None, None, "critical",
                                    f"{signal} is {x} at step {step}", {"step": step}))

@@ -20,6 +20,8 @@ class Pipeline:
         self.config = config or DetectionConfig()
         self.ranks: dict[tuple[str, int | None], RankMetricsDetector] = {}
         self.events = 0
+        self.errors = 0  # records a detector could not handle (logged, skipped; the stream goes on)
+        self.last_error: str = ""
 
     def process(self, records: Iterable[Record]) -> list[Anomaly]:
         out: list[Anomaly] = []
@@ -29,8 +31,13 @@ class Pipeline:
 
     def process_one(self, rec: Record) -> list[Anomaly]:
         self.events += 1
-        if rec.kind == "metrics":
-            return self._metrics(rec)
+        try:
+            if rec.kind == "metrics":
+                return self._metrics(rec)
+        except (TypeError, ValueError, KeyError) as exc:
+            # A record that passed parsing but trips a detector must not stop the stream for every rank.
+            self.errors += 1
+            self.last_error = f"{rec.kind} record {rec.file}:{rec.offset}: {exc!r}"
         return []
 
     def _metrics(self, rec: Record) -> list[Anomaly]:

@@ -47,7 +47,9 @@ def drain(consumer: KafkaConsumer, tps: list[TopicPartition], max_idle_polls: in
 def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: bool = True,
                      poll_ms: int = 500) -> Iterator[dict[str, Any]]:
     """Anomaly dicts from the topic; without `follow`, stops at the log end as it was when called."""
-    consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None)
+    # A short fetch wait: the broker otherwise holds an empty fetch for 500 ms, which is latency for --follow.
+    consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None,
+                             fetch_max_wait_ms=50)
     try:
         parts = consumer.partitions_for_topic(settings.topic_anomalies) or set()
         tps = [TopicPartition(settings.topic_anomalies, p) for p in sorted(parts)]

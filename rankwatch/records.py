@@ -63,7 +63,20 @@ class Record:
         return f"{self.job}/{self.rank}"
 
 
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _nonfinite_text(x: float) -> str:
+    return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
+
+
 def encode_record(rec: Record) -> bytes:
+    # JSON has no NaN/Infinity (orjson would write null), yet a NaN loss is the most important value to carry:
+    # non-finite floats travel as the strings "NaN"/"Infinity"/"-Infinity" and come back as floats.
+    data = rec.data
+    if any(type(v) is float and not math.isfinite(v) for v in data.values()):
+        data = {k: _nonfinite_text(v) if type(v) is float and not math.isfinite(v) else v for k, v in data.items()}
+        rec = Record(rec.kind, rec.job, rec.rank, rec.ts, rec.file, rec.offset, data, rec.fid)
     # OPT_SERIALIZE_NUMPY lets the hook hand numpy scalars through unchanged.
     return orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -87,7 +100,8 @@ def decode_record(raw: bytes | str) -> Record:
             ts=float(d["ts"]),
             file=str(d.get("file", "")),
             offset=int(d.get("offset", -1)),
-            data=dict(d.get("data") or {}),
+            data={k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in (d.get("data") or {}).items()}
+            if kind in ("metrics", "gpu") else dict(d.get("data") or {}),
             fid=str(d.get("fid", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:

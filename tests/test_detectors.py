@@ -93,3 +93,25 @@ def test_rank_detector_nonfinite_is_critical_and_mad_carries_context():
     assert g.context["grad_norm_threshold"] == pytest.approx(g.threshold)
     assert g.context["grad_norm_median"] == pytest.approx(1.0, abs=0.05)
     assert math.isfinite(g.score) and g.score > 6
+
+
+def test_nonfinite_values_survive_the_wire():
+    from rankwatch.records import Record, decode_record, encode_record
+
+    rec = Record("metrics", "j", 1, 5.0, "f", 0, {"step": 3, "loss": float("nan"), "grad_norm": float("-inf")})
+    back = decode_record(encode_record(rec))
+    assert math.isnan(back.data["loss"]) and back.data["grad_norm"] == float("-inf") and back.data["step"] == 3
+    log = Record("log", "j", 1, 5.0, "f", 0, {"msg": "NaN", "raw": "NaN"})
+    assert decode_record(encode_record(log)).data["msg"] == "NaN"  # text stays text
+
+
+def test_pipeline_skips_records_a_detector_cannot_handle():
+    from rankwatch.processors.pipeline import Pipeline
+
+    from rankwatch.records import Record
+
+    p = Pipeline()
+    bad = Record("metrics", "j", 1, 5.0, "f", 0, {"step": "not-a-step", "loss": 1.0})
+    good = Record("metrics", "j", 1, 6.0, "f", 10, {"step": 1, "loss": None})
+    assert p.process([bad, good]) == []
+    assert p.errors == 1 and "f:0" in p.last_error
