@@ -82,30 +82,32 @@ def _detection(args: argparse.Namespace):
     return load_config(DetectionConfig, vars(args), path=getattr(args, "config", None), section="detection")
 
 
-def _wait_for_signal() -> int:
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM. Install it before announcing readiness, so no signal is missed."""
     stop = threading.Event()
-    received: list[int] = []
 
     def _handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
-    stop.wait()
-    return received[0]
+    return stop
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from rankwatch.broker import EmbeddedBroker, ensure_topics
 
     settings = _settings(args)
+    stop = _stop_on_signals()
     broker = EmbeddedBroker(port=settings.embedded_port).start()
     try:
         settings.bootstrap = broker.bootstrap
         ensure_topics(settings)
         print(broker.bootstrap, flush=True)
-        _wait_for_signal()
+        while not stop.wait(0.5):
+            if broker.proc is None or broker.proc.poll() is not None:
+                log.error("the embedded broker exited")
+                return 1
     finally:
         broker.stop()
     return 0
@@ -115,6 +117,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics
 
     settings = _settings(args)
+    stop = _stop_on_signals()
     broker = None
     worker = None
     try:
@@ -135,9 +138,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         worker = subprocess.Popen(cmd, preexec_fn=die_with_parent)
         print(f"worker pid {worker.pid}; metrics on :{settings.metrics_port}/metrics; Ctrl-C stops all",
               flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while not stop.wait(0.5):
             if worker.poll() is not None:
                 log.error("worker exited with code %s", worker.returncode)
