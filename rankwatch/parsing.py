@@ -222,7 +222,12 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
         obj = _load_json(stripped)
         if not isinstance(obj, dict):
             raise ParseError("JSON line is not an object")
-        kind, rank, ts, data = _json_record(obj, ctx, rank, ts, stripped)
+        try:
+            kind, rank, ts, data = _json_record(obj, ctx, rank, ts, stripped)
+        except (OverflowError, ValueError, TypeError) as exc:  # e.g. "step": Infinity, "gpu": 1e400
+            if isinstance(exc, ParseError):
+                raise
+            raise ParseError(f"bad field value: {exc}") from exc
         if kind == "log":
             data = {"msg": stripped, "raw": raw}
     else:

@@ -156,3 +156,11 @@ def test_json_fuzz_never_crashes(obj):
     except ParseError:
         return
     assert rec.kind in ("log", "metrics", "op", "gpu")
+
+
+@pytest.mark.parametrize("line", ['{"step": Infinity, "loss": 1}', '{"step": NaN, "loss": 1}',
+                                  '{"ts": 1, "host": "h", "gpu": Infinity, "mem_used_bytes": 1, "mem_total_bytes": 2}'])
+def test_nonfinite_integers_are_parse_errors_not_crashes(line):
+    # found by the fuzz test above
+    with pytest.raises(ParseError):
+        parse_line(line, ctx())
