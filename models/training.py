@@ -1,17 +1,29 @@
-"""Per-rank training-metric detector: one object per job/rank judges each step's metrics.
+"""Per-rank training-metric detectors. One `RankMetricsDetector` per job/rank judges each step's metrics:
 
-It wraps one RollingMAD per signal and turns verdicts into `Finding`s (detector, signal, value, expected,
-threshold, severity, message, context). It knows nothing of Kafka, files or Prometheus.
+- fixed thresholds (optional per signal) override the dynamic one when set;
+- rolling median + MAD (loss, grad_norm; step-time spikes), contamination-guarded;
+- relative change from the previous step (> 50% by default), guarded by that signal's own step-to-step jitter;
+- NaN/Inf loss or grad_norm: immediate critical;
+- throughput below its rolling P10 by a margin (data-loader or communication stalls).
+
+At most one finding per signal per step, the strongest (nonfinite > fixed > mad > relative_change). Every finding
+carries `threshold_info`. No Kafka, files or Prometheus here.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankwatch.models.base import Score
-from rankwatch.models.mad import DEFAULT_K, RollingMAD
+from rankwatch.models.mad import DEFAULT_K, MAD_TO_SIGMA, RollingMAD
+
+THRESHOLD_INFO_FIELDS = ("loss_median", "loss_mad", "loss_threshold", "grad_norm_median", "grad_norm_mad",
+                         "grad_norm_threshold", "loss_mean", "loss_std", "grad_norm_mean", "grad_norm_std",
+                         "relative_loss_change", "relative_grad_change")
+_REL_NAME = {"loss": "relative_loss_change", "grad_norm": "relative_grad_change"}
+_PRIORITY = {"nonfinite": 0, "fixed": 1, "mad": 2, "relative_change": 3, "step_time": 2, "throughput": 2}
 
 
 @dataclass
@@ -19,15 +31,21 @@ class TrainingDetectorConfig:
     window: int = 50
     min_points: int = 20
     # k in median + k * 1.4826 * MAD, per signal. Grad norms are skewed, so they need a higher k for the same
-    # false-alarm rate (measured: bench/bench_mad_threshold.py).
+    # false-alarm rate (measured: bench/bench_mad_threshold.py, docs/DETECTION.md).
     loss_threshold_factor: float = DEFAULT_K
     grad_norm_threshold_factor: float = 12.0
-    threshold_factor: float | None = None  # when set, one k for every signal (e.g. the 2.0 some users run)
-    signals: tuple[str, ...] = ("loss", "grad_norm")
+    step_time_threshold_factor: float = 10.0
+    threshold_factor: float | None = None  # when set, one k for loss and grad_norm (e.g. the 2.0 some users run)
+    fixed_loss_threshold: float | None = None
+    fixed_grad_norm_threshold: float | None = None
+    relative_change_threshold: float = 0.5  # > 50% increase over the previous step
+    relative_guard_factor: float = 20.0  # ... and beyond this many robust sigmas of its usual step-to-step change
+    throughput_drop_margin: float = 0.2  # below rolling P10 x (1 - margin)
     critical_factor: float = 2.0  # robust z above critical_factor * k is critical
+    admit_outliers: bool = False  # let flagged points into the MAD window
 
     def factor(self, signal: str) -> float:
-        if self.threshold_factor is not None:
+        if self.threshold_factor is not None and signal in ("loss", "grad_norm"):
             return self.threshold_factor
         return float(getattr(self, f"{signal}_threshold_factor", DEFAULT_K))
 
@@ -45,44 +63,169 @@ class Finding:
     context: dict[str, Any] = field(default_factory=dict)
 
 
+class _Moments:
+    """Mean and standard deviation over the same rolling window (reported, not used for verdicts)."""
+
+    def __init__(self, window: int) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+
+    def add(self, x: float) -> None:
+        if math.isfinite(x):
+            self.values.append(x)
+
+    def stats(self) -> tuple[float | None, float | None]:
+        n = len(self.values)
+        if n == 0:
+            return None, None
+        mean = sum(self.values) / n
+        var = sum((v - mean) ** 2 for v in self.values) / (n - 1) if n > 1 else 0.0
+        return mean, math.sqrt(var)
+
+
 class RankMetricsDetector:
     """Judges one rank's stream of step metrics: `update(step, metrics) -> list[Finding]`."""
 
     def __init__(self, config: TrainingDetectorConfig | None = None) -> None:
-        self.config = config or TrainingDetectorConfig()
-        c = self.config
-        self.detectors = {s: RollingMAD(window=c.window, k=c.factor(s), min_points=c.min_points)
-                          for s in c.signals}
+        self.config = c = config or TrainingDetectorConfig()
+        mk = lambda s: RollingMAD(window=c.window, k=c.factor(s), min_points=c.min_points,  # noqa: E731
+                                  admit_outliers=c.admit_outliers)
+        self.mad = {"loss": mk("loss"), "grad_norm": mk("grad_norm"), "step_time_s": mk("step_time")}
+        # robust scale of |relative change| per signal: the guard against ordinary jitter
+        self.rel = {s: RollingMAD(window=c.window, k=c.relative_guard_factor, min_points=c.min_points)
+                    for s in ("loss", "grad_norm")}
+        self.moments = {s: _Moments(c.window) for s in ("loss", "grad_norm")}
+        self.prev: dict[str, float] = {}
+        self.prev2: dict[str, float] = {}  # the value two steps back
+        self.tput: deque[float] = deque(maxlen=c.window)
 
-    def update(self, step: int, metrics: dict[str, float]) -> list[Finding]:
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def threshold_info(self, rel: dict[str, float | None]) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        for s in ("loss", "grad_norm"):
+            det = self.mad[s]
+            if det.ready:
+                med, scale = det.stats()
+                info[f"{s}_median"], info[f"{s}_mad"] = med, scale / MAD_TO_SIGMA
+                info[f"{s}_threshold"] = self._fixed(s) if self._fixed(s) is not None else med + det.k * scale
+            elif self._fixed(s) is not None:
+                info[f"{s}_threshold"] = self._fixed(s)
+            mean, std = self.moments[s].stats()
+            if mean is not None:
+                info[f"{s}_mean"], info[f"{s}_std"] = mean, std
+            if rel.get(s) is not None:
+                info[_REL_NAME[s]] = rel[s]
+        return info
+
+    def _fixed(self, signal: str) -> float | None:
+        return getattr(self.config, f"fixed_{signal}_threshold", None)
+
+    # ---- the verdicts -----------------------------------------------------------------------------------
+    def update(self, step: int, metrics: dict[str, Any]) -> list[Finding]:
+        values = {k: float(v) for k, v in metrics.items()
+                  if k in ("loss", "grad_norm", "throughput", "step_time_s") and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        rel = {s: self._relative(s, values[s]) for s in ("loss", "grad_norm") if s in values}
+        info = self.threshold_info(rel)  # thresholds as they stood when this step was judged
         out: list[Finding] = []
-        for signal, det in self.detectors.items():
-            raw = metrics.get(signal)
-            if not isinstance(raw, (int, float)) or isinstance(raw, bool):
-                continue  # absent or not a number: nothing to judge (the parser already dead-letters junk)
-            x = float(raw)
-            if not math.isfinite(x):
-                out.append(Finding("nonfinite", signal, x, None, None, None, "critical",
-                                   f"{signal} is {x} at step {step}", {"step": step}))
-                continue
-            s = det.update(x)
-            if s.is_anomaly:
-                out.append(self._mad_finding(signal, step, s))
+        for s in ("loss", "grad_norm"):
+            if s in values:
+                f = self._judge_signal(s, values[s], rel.get(s), step)
+                if f is not None:
+                    out.append(f)
+        if "step_time_s" in values:
+            sc = self.mad["step_time_s"].update(values["step_time_s"])
+            if sc.is_anomaly:
+                out.append(Finding("step_time", "step_time_s", sc.value, sc.expected, sc.threshold, sc.score,
+                                   self._severity(sc.score, self.mad["step_time_s"].k),
+                                   f"step time {sc.value:.3g}s at step {step} is a spike over its rolling median "
+                                   f"{sc.expected:.3g}s (threshold {sc.threshold:.3g}s)"))
+        if "throughput" in values:
+            f = self._throughput(values["throughput"], step)
+            if f is not None:
+                out.append(f)
+        for s, x in values.items():
+            if s in self.moments and math.isfinite(x):
+                self.moments[s].add(x)
+        for f in out:
+            f.context = {"step": step, "threshold_info": dict(info), **f.context}
         return out
 
-    def _mad_finding(self, signal: str, step: int, s: Score) -> Finding:
-        k = self.config.factor(signal)
-        severity = "critical" if s.score > self.config.critical_factor * k else "warning"
-        msg = (f"{signal} {s.value:.4g} at step {step} exceeds rolling median {s.expected:.4g} + "
-               f"{k:g} x 1.4826 x MAD (threshold {s.threshold:.4g}, robust z {s.score:.1f})")
-        ctx = {"step": step, f"{signal}_median": s.expected, f"{signal}_mad": (s.scale or 0) / 1.4826,
-               f"{signal}_threshold": s.threshold}
-        return Finding("mad", signal, s.value, s.expected, s.threshold, s.score, severity, msg, ctx)
+    def _relative(self, s: str, x: float) -> float | None:
+        prev = self.prev.get(s)
+        if math.isfinite(x):
+            if prev is not None:
+                self.prev2[s] = prev
+            self.prev[s] = x
+        if prev is None or not math.isfinite(x) or prev <= 0:
+            return None
+        return (x - prev) / prev
+
+    def _judge_signal(self, s: str, x: float, rel: float | None, step: int) -> Finding | None:
+        c = self.config
+        if not math.isfinite(x):
+            return Finding("nonfinite", s, x, None, None, None, "critical", f"{s} is {x} at step {step}")
+        det = self.mad[s]
+        score = det.update(x)  # always scored, so the window's contamination guard sees every value
+        fixed = self._fixed(s)
+        rel_guard = self.rel[s].score_one(abs(rel)) if rel is not None else None
+        if rel is not None:
+            self.rel[s].update(abs(rel))
+        if fixed is not None:
+            if x > fixed:
+                return Finding("fixed", s, x, score.expected, fixed, None, "critical",
+                               f"{s} {x:.4g} at step {step} is above the fixed threshold {fixed:.4g}")
+            return None  # a fixed threshold overrides the dynamic ones
+        if score.is_anomaly:
+            return Finding("mad", s, x, score.expected, score.threshold, score.score,
+                           self._severity(score.score, det.k),
+                           f"{s} {x:.4g} at step {step} exceeds rolling median {score.expected:.4g} + "
+                           f"{det.k:g} x 1.4826 x MAD (threshold {score.threshold:.4g}, robust z {score.score:.1f})")
+        if (rel is not None and rel > c.relative_change_threshold and rel_guard is not None
+                and rel_guard.ready and rel_guard.is_anomaly
+                and x > self.prev2.get(s, math.inf) * (1 + c.relative_change_threshold)):
+            # the last condition: also above the step before, so a bounce back from a dip is not an anomaly
+            prev = x / (1 + rel)
+            return Finding("relative_change", s, x, prev, prev * (1 + c.relative_change_threshold), rel, "warning",
+                           f"{s} rose {rel:.0%} from the previous step ({prev:.4g} -> {x:.4g}) at step {step}, "
+                           f"beyond its usual step-to-step change")
+        return None
+
+    def _throughput(self, x: float, step: int) -> Finding | None:
+        c = self.config
+        finding = None
+        if len(self.tput) >= c.min_points and math.isfinite(x):
+            s = sorted(self.tput)
+            p10 = s[int(0.1 * (len(s) - 1))]
+            limit = p10 * (1 - c.throughput_drop_margin)
+            if x < limit:
+                finding = Finding("throughput", "throughput", x, p10, limit, (p10 - x) / p10 if p10 else None,
+                                  "critical" if x < 0.5 * p10 else "warning",
+                                  f"throughput {x:.4g} at step {step} is below its rolling P10 {p10:.4g} by "
+                                  f"more than {c.throughput_drop_margin:.0%} (data-loader or communication stall?)")
+        if finding is None and math.isfinite(x):
+            self.tput.append(x)  # stalls stay out of the baseline
+        return finding
+
+    def _severity(self, score: float, k: float) -> str:
+        return "critical" if score > self.config.critical_factor * k else "warning"
 
     def save_state(self) -> dict[str, Any]:
-        return {s: d.save_state() for s, d in self.detectors.items()}
+        return {"mad": {s: d.save_state() for s, d in self.mad.items()},
+                "rel": {s: d.save_state() for s, d in self.rel.items()},
+                "moments": {s: list(m.values) for s, m in self.moments.items()},
+                "prev": dict(self.prev), "prev2": dict(self.prev2), "tput": list(self.tput)}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for s, st in state.items():
-            if s in self.detectors:
-                self.detectors[s].load_state(st)
+        for s, st in state.get("mad", {}).items():
+            self.mad[s].load_state(st)
+        for s, st in state.get("rel", {}).items():
+            self.rel[s].load_state(st)
+        for s, vals in state.get("moments", {}).items():
+            self.moments[s].values.extend(vals)
+        self.prev = dict(state.get("prev", {}))
+        self.prev2 = dict(state.get("prev2", {}))
+        self.tput.extend(state.get("tput", []))
+
+
+def priority(detector: str) -> int:
+    return _PRIORITY.get(detector, 9)

@@ -157,7 +157,7 @@ class Shipper:
             return self.topics["deadletter"], key, dead_letter(exc.reason, line.text, file=line.path,
                                                                offset=line.offset, job=ctx.job, fid=line.fid)
         self.metrics.lines.labels(rec.kind).inc()
-        return self.topics[rec.kind], rec.key().encode(), encode_record(rec)
+        return self.topics[rec.family()], rec.key().encode(), encode_record(rec)
 
     def ship_once(self) -> int:
         """Read what is there (up to batch_lines), ship it, wait for acks, checkpoint. Returns lines shipped."""

@@ -75,6 +75,21 @@ def _head(path: str, fh=None, length: int = HEAD_BYTES) -> tuple[str, int]:
     return hashlib.sha1(data).hexdigest(), len(data)
 
 
+def discover(roots: Iterable[str], exclude: Iterable[str] = DEFAULT_EXCLUDE) -> Iterable[str]:
+    """Files named by `roots`, and the files below the folders among them (hidden folders and excluded names
+    skipped), in a stable order."""
+    exclude = tuple(exclude)
+    for root in roots:
+        if os.path.isfile(root):
+            yield root
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not any(fnmatch.fnmatch(name, pat) for pat in exclude):
+                    yield os.path.join(dirpath, name)
+
+
 @dataclass
 class TailStats:
     truncated_lines: int = 0
@@ -131,19 +146,8 @@ class Tailer:
             tf.skip = {o for o in offsets if o >= tf.offset}
 
     # ---- discovery --------------------------------------------------------------------------------------
-    def _excluded(self, name: str) -> bool:
-        return any(fnmatch.fnmatch(name, pat) for pat in self.exclude)
-
     def _walk(self) -> Iterable[str]:
-        for root in self.roots:
-            if os.path.isfile(root):
-                yield root
-                continue
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for name in filenames:
-                    if not self._excluded(name):
-                        yield os.path.join(dirpath, name)
+        return discover(self.roots, self.exclude)
 
     def scan(self) -> None:
         now = self.clock()

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dir", help="where the simulated job writes its logs (default: a temp folder)")
+    p = sub.add_parser("eval", help="precision, recall and delay per fault type on labelled scenarios")
+    _common(p)
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--path", choices=("offline", "stream", "both"), default="both")
     return ap
 
 
@@ -212,8 +218,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), ranks=args.ranks, steps=args.steps, seed=args.seed, workdir=args.dir)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rankwatch.evaluate import evaluate
+
+    settings = _settings(args)
+    lines, results = evaluate(args.seeds, args.ranks, args.steps, args.path, settings.bootstrap)
+    print("\n".join(lines))
+    ok = all(q.precision >= 0.9 and q.recall >= 0.9 and (not q.delays or max(q.delays) <= 1)
+             for per_path in results.values() for q in per_path.values())
+    print("bar (precision >= 0.9, recall >= 0.9, delay <= 1 step on every fault type):", "MET" if ok else "MISSED")
+    return 0 if ok else 1
+
+
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "demo": cmd_demo}
+            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,9 @@ _NCCL_HOST = re.compile(r"^\s*(?P<host>[^\s:]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<
 _NCCL_FIELD = re.compile(r"\b(sendbuff|recvbuff|count|datatype|op|root|comm|stream) (0x[0-9a-fA-F]+|-?\d+)")
 _NRANKS = re.compile(r"\[nranks=(\d+)\]")
 _PATH_RANK = re.compile(r"(?<![A-Za-z0-9])rank[_-]?(\d+)", re.IGNORECASE)
+# "Saving checkpoint to /ckpt/run/checkpoint-100", "saved checkpoint: ...", "Checkpoint saved to ..."
+_CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)\s*(?:to|at|in|:)?\s*"
+                         r"['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
 METRIC_FIELDS = ("loss", "grad_norm", "throughput", "step_time_s", "lr")
 _GPU_OPTIONAL = ("util_pct", "temp_c", "power_w", "allocated_bytes", "reserved_bytes")
 
@@ -236,6 +239,9 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
             kind, data = "op", _nccl_fields(nm, line)
         else:
             kind, data = "log", {"msg": stripped, "raw": raw}
+            cm = _CHECKPOINT.search(stripped) if "heckpoint" in stripped else None
+            if cm:
+                data["checkpoint"] = cm.group("path")
     if ts is None:
         ts = ctx.last_ts if ctx.last_ts is not None else arrival
     ctx.last_ts = ts

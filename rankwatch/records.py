@@ -54,6 +54,13 @@ class Record:
     data: dict[str, Any]  # kind-specific parsed fields (see docs/FORMATS.md)
     fid: str = ""  # identity of the source file (dev:inode), lets the shipper reconcile after a crash
 
+    def family(self) -> str:
+        """The topic family it travels on. A checkpoint announcement rides with the rank's metrics, so the
+        worker sees it in order with that rank's steps (topics are consumed independently)."""
+        if self.kind == "log" and "checkpoint" in self.data:
+            return "metrics"
+        return self.kind
+
     def key(self) -> str:
         """Kafka record key: job/rank, job/rank/stream for collective ops, job/host/gpu for GPU samples."""
         if self.kind == "op":

@@ -81,7 +81,7 @@ def metric_rows(sc: Scenario) -> dict[int, list[dict]]:
         step_time = 256.0 / tput
         lr = 3e-4 * np.minimum(1.0, (steps + 1) / 20.0)
         for f in sc.faults:
-            if f.rank != r:
+            if f.rank not in (r, -1):  # -1: every rank (a job-wide stall)
                 continue
             sl = slice(f.step, min(sc.steps, f.step + f.length))
             if f.kind == "loss_spike":

@@ -6,7 +6,7 @@ import random
 
 import pytest
 from rankwatch.models.mad import RollingMAD
-from rankwatch.models.training import RankMetricsDetector, TrainingDetectorConfig
+from rankwatch.models.training import THRESHOLD_INFO_FIELDS, RankMetricsDetector, TrainingDetectorConfig
 
 DETECTOR_FACTORIES = [lambda: RollingMAD(window=20, k=4.0, min_points=10)]
 
@@ -90,8 +90,11 @@ def test_rank_detector_nonfinite_is_critical_and_mad_carries_context():
     assert ("nonfinite", "loss", "critical") in kinds
     g = next(f for f in out if f.signal == "grad_norm")
     assert g.detector == "mad" and g.context["step"] == 60
-    assert g.context["grad_norm_threshold"] == pytest.approx(g.threshold)
-    assert g.context["grad_norm_median"] == pytest.approx(1.0, abs=0.05)
+    info = g.context["threshold_info"]
+    assert info["grad_norm_threshold"] == pytest.approx(g.threshold)
+    assert info["grad_norm_median"] == pytest.approx(1.0, abs=0.05)
+    assert set(info) <= set(THRESHOLD_INFO_FIELDS)
+    assert {"loss_median", "loss_mad", "loss_threshold", "loss_mean", "loss_std", "relative_grad_change"} <= set(info)
     assert math.isfinite(g.score) and g.score > 6
 
 
@@ -115,3 +118,54 @@ def test_pipeline_skips_records_a_detector_cannot_handle():
     good = Record("metrics", "j", 1, 6.0, "f", 10, {"step": 1, "loss": None})
     assert p.process([bad, good]) == []
     assert p.errors == 1 and "f:0" in p.last_error
+
+
+def test_relative_change_catches_a_jump_under_the_mad_threshold_on_a_trending_signal():
+    # A smooth, fast-falling loss: the window's MAD is wide (it spans the trend), step-to-step changes are tiny.
+    det = RankMetricsDetector(TrainingDetectorConfig())
+    loss = [10.0 * 0.97**i for i in range(60)]
+    for step, x in enumerate(loss):
+        assert det.update(step, {"loss": x}) == []
+    jump = loss[-1] * 1.7  # +70% in one step, still under median + 8 x 1.4826 x MAD of the trend
+    out = det.update(60, {"loss": jump})
+    assert [(f.detector, f.signal) for f in out] == [("relative_change", "loss")]
+    info = out[0].context["threshold_info"]
+    assert info["relative_loss_change"] == pytest.approx(0.7) and jump < info["loss_threshold"]
+
+
+def test_relative_change_ignores_ordinary_jitter_and_recovery_from_a_dip():
+    rng = random.Random(4)
+    det = RankMetricsDetector(TrainingDetectorConfig())
+    findings = []
+    for step in range(3000):
+        g = math.exp(rng.gauss(0, 0.3))  # grad norm jumping 50%+ between steps is ordinary here
+        findings += [f for f in det.update(step, {"grad_norm": g}) if f.detector == "relative_change"]
+    assert findings == []
+
+
+def test_fixed_threshold_overrides_dynamic_and_throughput_drop():
+    det = RankMetricsDetector(TrainingDetectorConfig(fixed_loss_threshold=0.3))
+    for step in range(30):
+        assert det.update(step, {"loss": 0.2, "throughput": 1000.0 + step % 5}) == []
+    out = det.update(30, {"loss": 0.31, "throughput": 700.0})
+    kinds = {(f.detector, f.signal, f.severity) for f in out}
+    assert ("fixed", "loss", "critical") in kinds and ("throughput", "throughput", "warning") in kinds
+    assert det.update(31, {"loss": 0.25, "throughput": 1001.0}) == []  # 0.25 is far above median, under fixed
+
+
+def test_straggler_judged_when_complete_or_late():
+    from rankwatch.models.straggler import StepStragglerDetector
+
+    d: StepStragglerDetector[str] = StepStragglerDetector()
+    found = []
+    for step in range(5, 30):
+        for rank in range(8):
+            if rank == 6 and step >= 20:
+                continue  # rank 6 falls behind ...
+            t = 1.0 + 0.01 * ((rank * 7 + step) % 5) + (0.8 if rank == 3 and 10 <= step < 14 else 0.0)
+            found += d.add(rank, step, t, f"r{rank}s{step}")
+    for step in range(20, 30):  # ... and reports late and slow: judged against the stored statistics
+        found += d.add(6, step, 1.9, f"r6s{step}")
+    got = sorted((f.rank, f.step) for f in found)
+    assert got == [(3, s) for s in range(10, 14)] + [(6, s) for s in range(20, 30)]
+    assert all(f.ref == f"r{f.rank}s{f.step}" and f.ranks >= 7 for f in found)

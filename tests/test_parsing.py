@@ -164,3 +164,14 @@ def test_nonfinite_integers_are_parse_errors_not_crashes(line):
     # found by the fuzz test above
     with pytest.raises(ParseError):
         parse_line(line, ctx())
+
+
+@pytest.mark.parametrize(("line", "path"), [
+    ("[rank2]: 2026-01-01T00:00:00Z INFO Saving checkpoint to /ckpt/run/checkpoint-100", "/ckpt/run/checkpoint-100"),
+    ("Saved checkpoint: 's3://b/run/step_2000'", "s3://b/run/step_2000"),
+    ("checkpoint saved to /data/ckpt-7.pt, took 3s", "/data/ckpt-7.pt"),
+])
+def test_checkpoint_announcements_travel_with_the_metrics(line, path):
+    rec = parse_line(line, ctx(rank=2))
+    assert rec.kind == "log" and rec.data["checkpoint"] == path and rec.family() == "metrics"
+    assert parse_line("loading checkpoint shards", ctx()).family() == "log"

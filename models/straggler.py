@@ -1,0 +1,108 @@
+"""Cross-rank step-level straggler detection: a rank whose step time is far above its peers' at the same step.
+
+Each (step, rank, step_time) is collected per step. A step is judged once at least `min_ranks` ranks reported it
+and either every known rank has, or it is stale (half the ranks are `stale_steps` ahead): then each rank's time is compared with the median of
+all ranks at that step. A rank that reports after its step was judged (a straggler falls behind, so it often
+does) is compared with that step's stored statistics. No I/O, no Kafka.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from rankwatch.models.mad import MAD_TO_SIGMA
+
+T = TypeVar("T")  # whatever the caller needs back to build an anomaly (e.g. the record)
+
+
+@dataclass
+class StragglerConfig:
+    ratio: float = 0.3  # at least 30% slower than the median rank ...
+    k: float = 8.0  # ... and beyond k robust sigmas of the spread across ranks
+    min_ranks: int = 3
+    stale_steps: int = 5
+    min_step: int = 5  # the first steps (compilation, warm-up) are not judged
+    keep_steps: int = 2000  # judged steps whose statistics are kept for late reports
+
+
+@dataclass
+class StragglerFinding(Generic[T]):
+    rank: int
+    step: int
+    value: float
+    median: float
+    threshold: float
+    score: float
+    ranks: int
+    ref: T
+
+
+class StepStragglerDetector(Generic[T]):
+    def __init__(self, config: StragglerConfig | None = None) -> None:
+        self.config = config or StragglerConfig()
+        self.pending: dict[int, dict[int, tuple[float, T]]] = {}
+        self.judged: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # step -> (median, scale, n)
+        self.latest: dict[int, int] = {}  # rank -> latest step reported
+
+    def add(self, rank: int, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
+        c = self.config
+        self.latest[rank] = max(step, self.latest.get(rank, step))
+        out: list[StragglerFinding[T]] = []
+        if step < c.min_step:
+            return out
+        if step in self.judged:
+            med, scale, n = self.judged[step]
+            f = self._verdict(rank, step, value, ref, med, scale, n)
+            return [f] if f else []
+        bucket = self.pending.setdefault(step, {})
+        bucket[rank] = (value, ref)
+        for s in sorted(self.pending):
+            # Fewer than min_ranks: keep waiting, whatever else is true. When a worker catches up on a backlog
+            # it may read one rank's partition far ahead of the others, so "every known rank" can be one rank.
+            if len(self.pending[s]) >= c.min_ranks and self._ready(s):
+                out.extend(self._judge(s))
+        while len(self.pending) > c.keep_steps:
+            self.pending.pop(min(self.pending))  # a step that never gathered enough ranks
+        return out
+
+    def _ready(self, step: int) -> bool:
+        bucket = self.pending[step]
+        if len(bucket) >= len(self.latest):
+            return True
+        ahead = sum(1 for latest in self.latest.values() if latest >= step + self.config.stale_steps)
+        return ahead * 2 >= len(self.latest)
+
+    def _judge(self, step: int) -> list[StragglerFinding[T]]:
+        bucket = self.pending.pop(step)
+        values = sorted(v for v, _ in bucket.values())
+        n = len(values)
+        med = _median(values)
+        scale = max(MAD_TO_SIGMA * _median([abs(v - med) for v in values]), 0.01 * abs(med), 1e-12)
+        self.judged[step] = (med, scale, n)
+        while len(self.judged) > self.config.keep_steps:
+            self.judged.popitem(last=False)
+        return [f for r, (v, ref) in sorted(bucket.items())
+                if (f := self._verdict(r, step, v, ref, med, scale, n)) is not None]
+
+    def _verdict(self, rank: int, step: int, value: float, ref: T, med: float, scale: float, n: int
+                 ) -> StragglerFinding[T] | None:
+        c = self.config
+        threshold = max(med * (1 + c.ratio), med + c.k * scale)
+        if value > threshold:
+            return StragglerFinding(rank, step, value, med, threshold, (value - med) / scale, n, ref)
+        return None
+
+    def save_state(self) -> dict[str, Any]:
+        return {"judged": [[s, *v] for s, v in self.judged.items()], "latest": dict(self.latest)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.judged = OrderedDict((int(s), (m, sc, int(n))) for s, m, sc, n in state.get("judged", []))
+        self.latest = {int(r): int(s) for r, s in state.get("latest", {}).items()}
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
