@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--path", choices=("offline", "stream", "both"), default="both")
+    p = sub.add_parser("replay-anomalies", help="re-run captured batches through your model")
+    p.add_argument("--anomaly-dir", required=True, help="TrainingMonitor output_dir (or its anomalies/ folder)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--model", required=True, help="module:factory returning the model")
+    p.add_argument("--loss", help="module:fn, fn(model, batch) -> loss (default: model(**batch) or its .loss)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--step", type=int)
+    p.add_argument("--visualize", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
     return ap
 
 
@@ -230,8 +239,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rankwatch.replay import replay
+
+    summary = replay(args.anomaly_dir, args.output_dir, args.model, args.loss, args.device, args.step,
+                     args.visualize)
+    print(f"replayed {summary['count']} anomalies -> {args.output_dir} (mean loss {summary['mean_loss']}, "
+          f"mean grad norm {summary['mean_grad_norm']})")
+    return 0 if summary["count"] else 1
+
+
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval}
+            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval,
+            "replay-anomalies": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:
