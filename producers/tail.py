@@ -190,7 +190,7 @@ class Tailer:
             self.stats.copies_recognised += 1
             log.info("%s is a copy of a file seen before (copytruncate): resuming at byte %d", path, start)
         else:
-            log.info("following new file %s", path)
+            log.debug("following new file %s", path)
         self.files[fid] = tf
 
     def _copy_origin(self, path: str, size: int) -> int | None:

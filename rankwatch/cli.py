@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--path", choices=("offline", "stream", "both"), default="both")
+    p = sub.add_parser("report", help="trend plots with anomalies marked, and an index.html")
+    _common(p)
+    _detection_args(p)
+    p.add_argument("paths", nargs="*", help="log files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--from-topic", action="store_true", help="read the metrics and GPU topics instead of files")
+    p.add_argument("--per-rank", action="store_true", help="one panel per rank instead of overlaid")
     p = sub.add_parser("replay-anomalies", help="re-run captured batches through your model")
     p.add_argument("--anomaly-dir", required=True, help="TrainingMonitor output_dir (or its anomalies/ folder)")
     p.add_argument("--output-dir", required=True)
@@ -239,6 +246,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rankwatch.report import write_report
+
+    if args.from_topic:
+        from rankwatch.consume import read_records_from_topics
+
+        settings = _settings(args)
+        if not settings.bootstrap:
+            settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
+        records = read_records_from_topics(settings, [settings.topic_metrics, settings.topic_gpu])
+    elif args.paths:
+        from rankwatch.processors.offline import read_records
+
+        records = read_records(args.paths, args.job)
+    else:
+        print("rankwatch report: give log paths or --from-topic", file=sys.stderr)
+        return 2
+    res = write_report(records, args.out, args.per_rank, _detection(args))
+    for m in res["missing"]:
+        print(f"note: no {m} in the input; not plotted", file=sys.stderr)
+    print(f"{len(res['images'])} plots and {res['anomalies']} anomalies -> {os.path.join(args.out, 'index.html')}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from rankwatch.replay import replay
 
@@ -250,7 +281,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval,
+            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "replay-anomalies": cmd_replay}
 
 

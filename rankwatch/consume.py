@@ -72,6 +72,29 @@ def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: b
         consumer.close()
 
 
+def read_records_from_topics(settings: Settings, topics: list[str]) -> list:
+    """Every valid record on the given typed topics (from the beginning), in event-time order."""
+    from rankwatch.records import DecodeError, decode_record
+
+    consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None)
+    out = []
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        for m in drain(consumer, tps):
+            try:
+                out.append(decode_record(m.value))
+            except DecodeError:
+                log.warning("skipping an invalid record at %s:%d", m.topic, m.offset)
+    finally:
+        consumer.close()
+    out.sort(key=lambda r: r.ts)
+    return out
+
+
 def _decode(msgs) -> Iterator[dict[str, Any]]:
     for m in msgs:
         try:
