@@ -80,9 +80,11 @@ class Pipeline:
         for f in det.add(rec.rank, step, step_time, rec):
             msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
                    f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
+            rank_det = self.ranks.get((rec.job, f.rank))
+            info = rank_det.threshold_info({}) if rank_det is not None else {}
             finding = Finding("straggler", "step_time_s", f.value, f.median, f.threshold, f.score,
                               "critical" if f.value > 2 * f.median else "warning", msg,
-                              {"step": f.step, "ranks_compared": f.ranks})
+                              {"step": f.step, "ranks_compared": f.ranks, "threshold_info": info})
             out.append(self._anomaly(f.ref, finding))
         return out
 
