@@ -18,14 +18,15 @@ from rankwatch.config import Settings
 from rankwatch.consume import COLUMNS, _cell, follow_anomalies
 from rankwatch.simulate import FAULT_KINDS, Scenario, default_faults, write_job
 
-SPEED = 40.0  # simulated seconds per wall second
+SPEED = 20.0  # simulated seconds per wall second
 
 
-def matches(fault, anomaly: dict) -> bool:
+def matches(fault, anomaly: dict, any_signal: bool = False) -> bool:
+    """Does this anomaly report that fault? (`any_signal`: is it explained by it, e.g. a straggler's throughput)"""
     signal, detector = FAULT_KINDS[fault.kind]
     step = (anomaly.get("context") or {}).get("step")
-    return (anomaly.get("rank") == fault.rank and anomaly.get("signal") == signal and step is not None
-            and fault.step <= step <= fault.step + fault.length)
+    return (anomaly.get("rank") == fault.rank and (any_signal or anomaly.get("signal") == signal)
+            and step is not None and fault.step <= step <= fault.step + fault.length)
 
 
 def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7, workdir: str | None = None
@@ -128,7 +129,11 @@ def _summary(console: Console, sc: Scenario, seen: list[dict], shipped: int, wal
                       ", ".join(sorted({a["detector"] for a in hits})),
                       str(min((a["context"].get("step") for a in hits), default="")))
     console.print(table)
-    others = [a for a in seen if a["id"] not in explained]
+    others = [a for a in seen if a["id"] not in explained
+              and not any(matches(f, a, any_signal=True) for f in sc.labels())]
     console.print(f"{shipped} lines shipped, {len(seen)} anomalies, {len(others)} not explained by an injected "
                   f"fault; wall time {wall:.1f} s")
+    for a in others:
+        console.print(f"  unexplained: rank {a['rank']} step {a['context'].get('step')} {a['detector']} "
+                      f"{a['signal']} {a['message']}")
     return 0 if all_found else 1

@@ -56,8 +56,9 @@ class Scenario:
 
 
 def default_faults(ranks: int, steps: int, rng: np.random.Generator) -> list[Fault]:
-    """One loss spike and one grad-norm explosion on known ranks, for the demo."""
+    """For the demo: a loss spike, a grad-norm explosion and a straggler, each on a known rank."""
     return [
+        Fault("straggler", rank=6 % ranks, step=int(steps * 0.35), length=10, magnitude=1.8),
         Fault("loss_spike", rank=3 % ranks, step=int(steps * 0.55), magnitude=float(rng.uniform(2.0, 3.0))),
         Fault("grad_explosion", rank=5 % ranks, step=int(steps * 0.75), magnitude=float(rng.uniform(8, 20))),
     ]

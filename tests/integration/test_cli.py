@@ -121,3 +121,32 @@ def test_anomalies_command_prints_topic_as_json_and_table(settings, worker, tmp_
                        capture_output=True,
                        text=True, timeout=60)
     assert "grad_norm" in r.stdout and "critical" in r.stdout
+
+
+def test_report_from_topic_reads_the_metrics_and_gpu_topics(settings, tmp_path):
+    from rankwatch.producers.shipper import Shipper, ShipperConfig
+
+    job = tmp_path / "j"
+    write_job(Scenario(ranks=2, steps=100, seed=5, faults=[Fault("loss_spike", 1, 70, magnitude=3.0)]), job)
+    sh = Shipper([str(job)], settings, ShipperConfig(checkpoint=str(tmp_path / "c.json"), metrics_port=0))
+    sh.run_until_idle(0.5)
+    sh.close()
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "rankwatch.cli", "report", "--from-topic", "--out", str(out)],
+                       env=settings_env(settings), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    page = (out / "index.html").read_text()
+    assert "src='loss.png'" in page and "src='gpu_util.png'" in page
+    assert "<td>1</td><td>70</td><td>mad</td><td>loss</td>" in page
+
+
+def test_demo_detects_every_injected_fault_and_exits_zero():
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("RANKWATCH_BOOTSTRAP", None)
+    r = subprocess.run([sys.executable, "-m", "rankwatch.cli", "demo"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for fault in ("loss_spike", "grad_explosion", "straggler"):
+        row = next(line for line in r.stdout.splitlines() if f"│ {fault}" in line)
+        assert "yes" in row and "NO" not in row
+    assert "0 not explained by an injected fault" in r.stdout
