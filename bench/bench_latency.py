@@ -33,7 +33,7 @@ def main() -> None:
         s = Settings(bootstrap=broker.bootstrap, partitions=8, app_id="bench-latency")
         ensure_topics(s)
         mport = free_port()
-        env = {**os.environ, "RANKWATCH_BOOTSTRAP": s.bootstrap, "RANKWATCH_APP_ID": s.app_id}
+        env = {**os.environ, **s.env()}
         worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
                                    "--metrics-port", str(mport)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)

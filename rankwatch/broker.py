@@ -26,6 +26,18 @@ def die_with_parent() -> None:
         pass
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM, wait, then SIGKILL: the one way rankwatch stops the processes it started."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,13 +87,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5.0)
         self.proc = None
 
     def pause(self) -> None:

@@ -136,7 +136,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics
+    from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, stop_process
 
     settings = _settings(args)
     stop = _stop_on_signals()
@@ -166,13 +166,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return worker.returncode or 1
         return 0
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_process(worker, 20)
         if broker is not None:
             broker.stop()
 

@@ -63,6 +63,11 @@ class Settings:
             "deadletter": self.topic_deadletter,
         }
 
+    def env(self) -> dict[str, str]:
+        """These settings as RANKWATCH_* variables, to hand to a child process (worker, shipper)."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
     def kafka_kwargs(self) -> dict[str, Any]:
         """Connection and security arguments for kafka-python clients."""
         if not self.bootstrap:

@@ -3,6 +3,7 @@ embedded broker to the real worker, anomalies shown live, then an injected-vs-de
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import threading
@@ -13,7 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
 from rankwatch.consume import COLUMNS, _cell, follow_anomalies
 from rankwatch.simulate import FAULT_KINDS, Scenario, default_faults, write_job
@@ -57,7 +58,7 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         worker = subprocess.Popen(
             [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap, "--embedded",
              "--metrics-port", str(metrics_port)],
-            env={**__import__("os").environ, "RANKWATCH_APP_ID": settings.app_id},
+            env={**os.environ, **settings.env()},
             preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         console.print(f"[bold]worker[/] pid {worker.pid}, metrics on http://127.0.0.1:{metrics_port}/metrics")
         shipper = Shipper([str(jobdir)], settings, ShipperConfig(
@@ -104,12 +105,7 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         if shipper is not None:
             shipper.stop_event.set()
             shipper.close()
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker, 15)
         if broker is not None:
             broker.stop()
         tmp.cleanup()

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from collections import defaultdict
 
-from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
 from rankwatch.consume import follow_anomalies
 from rankwatch.simulate import Scenario
@@ -44,9 +44,7 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
         s.topic_anomalies = f"eval{tag}.anomalies"
         ensure_topics(s)
         port = free_port()
-        env = {**os.environ, **{"RANKWATCH_" + k.upper(): str(getattr(s, k)) for k in (
-            "bootstrap", "app_id", "topic_logs", "topic_metrics", "topic_ops", "topic_gpu", "topic_logkeys",
-            "topic_anomalies", "topic_deadletter")}}
+        env = {**os.environ, **s.env()}
         worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
                                    "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -70,11 +68,6 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
             found[a["job"]].append(a)
         return found
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker, 20)
         if broker is not None:
             broker.stop()

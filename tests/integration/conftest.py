@@ -11,7 +11,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from rankwatch.broker import EmbeddedBroker, ensure_topics, free_port
+from rankwatch.broker import EmbeddedBroker, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
 from rankwatch.consume import drain
 
@@ -36,12 +36,7 @@ def make_settings(bootstrap: str, partitions: int = 4) -> Settings:
 
 
 def settings_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("bootstrap", "app_id", "topic_logs", "topic_metrics", "topic_ops", "topic_gpu", "topic_logkeys",
-                 "topic_anomalies", "topic_deadletter", "partitions"):
-        env["RANKWATCH_" + name.upper()] = str(getattr(s, name))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**os.environ, **s.env(), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture()
@@ -66,17 +61,11 @@ class WorkerProcess:
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
-             str(self.metrics_port), *extra], env=settings_env(s), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT)
+             str(self.metrics_port), *extra], env=settings_env(s), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
 
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            out, _ = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out.decode(errors="replace")
+    def stop(self) -> None:
+        stop_process(self.proc, 20)
 
 
 @pytest.fixture()
