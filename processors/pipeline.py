@@ -91,6 +91,8 @@ class Pipeline:
     def _anomaly(self, rec: Record, f: Finding) -> Anomaly:
         ctx = dict(f.context)
         ctx.setdefault("step", rec.data.get("step"))
+        if isinstance(rec.data.get("lr"), float):
+            ctx["lr"] = rec.data["lr"]  # for context: was the learning rate just changed?
         ctx["model_checkpoint"] = self.checkpoints.get((rec.job, rec.rank))
         return Anomaly(detector=f.detector, signal=f.signal, job=rec.job, rank=rec.rank, event_time=rec.ts,
                        value=f.value, expected=f.expected, score=f.score, threshold=f.threshold,

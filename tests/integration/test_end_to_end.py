@@ -120,6 +120,7 @@ def test_streaming_and_offline_give_the_same_anomalies(settings, worker, tmp_pat
             k: v for k, v in b.items() if k != "detected_at"}
     found = {(a["rank"], a["signal"], a["detector"], a["context"]["step"]) for a in streamed.values()}
     assert {(1, "loss", "mad", 90), (2, "grad_norm", "mad", 120), (3, "loss", "nonfinite", 140)} <= found
+    assert all(a["context"]["lr"] == pytest.approx(3e-4) for a in streamed.values())  # lr is kept for context
     ckpt = {a["context"]["step"]: a["context"]["model_checkpoint"] for a in streamed.values()}
     assert ckpt[90] is None and ckpt[120] == ckpt[140] == "/ckpt/run/checkpoint-100"  # announced at step 100
 
