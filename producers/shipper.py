@@ -66,6 +66,26 @@ class ShipperMetrics:
         self.files = Gauge(p + "files", "Files being tracked", registry=registry)
 
 
+class TailerCollector:
+    """Exposes the tailer's own counters (rotations, truncations, ...) at scrape time."""
+
+    def __init__(self, tailer: Tailer) -> None:
+        self.tailer = tailer
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        st = self.tailer.stats
+        for name, value, doc in (
+            ("rotations", st.rotations, "Files renamed away (rotation) and drained"),
+            ("truncations", st.truncations, "Files that shrank (truncated) and were read again from 0"),
+            ("copies_recognised", st.copies_recognised, "copytruncate copies resumed at the old offset"),
+            ("deduplicated_lines", st.deduplicated, "Lines skipped after a crash: already on the broker"),
+            ("read_errors", st.read_errors, "Failed reads of tailed files"),
+        ):
+            yield CounterMetricFamily(f"rankwatch_shipper_{name}", doc, value=value)
+
+
 class StoppedWhileStalled(RuntimeError):
     """Shutdown was requested while records were still unacknowledged."""
 
@@ -86,6 +106,7 @@ class Shipper:
         self.registry = registry or CollectorRegistry()
         self.metrics = ShipperMetrics(self.registry)
         self.tailer = Tailer(self.paths, max_line=config.max_line_bytes)
+        self.registry.register(TailerCollector(self.tailer))
         self.store = CheckpointStore(config.checkpoint or default_checkpoint(self.paths, config.job))
         self.resolver = ContextResolver(self.paths, config.job, config.rank)
         self._positions: dict[str, int] = {}

@@ -98,9 +98,7 @@ class TailStats:
     copies_recognised: int = 0
     deduplicated: int = 0
     read_errors: int = 0
-    lost_bytes_by_truncation: int = 0
     unfinished_flushed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Tailer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -204,4 +204,4 @@ def dead_letter(reason: str, raw: str | bytes, *, file: str = "", offset: int = 
 
 
 __all__ = ["Record", "Anomaly", "DecodeError", "encode_record", "decode_record", "dead_letter", "iso",
-           "RECORD_KINDS", "DETECTORS", "SEVERITIES", "ANOMALY_SCHEMA", "asdict"]
+           "RECORD_KINDS", "DETECTORS", "SEVERITIES", "ANOMALY_SCHEMA"]

@@ -140,3 +140,4 @@ def test_malformed_lines_are_dead_lettered_counted_and_shipping_continues(broker
     assert any(len(r["data"]["raw"]) == 65536 for r in logs)
     text = generate_latest(sh.registry).decode()
     assert "rankwatch_shipper_parse_errors_total" in text and "rankwatch_shipper_truncated_lines_total 1.0" in text
+    assert "rankwatch_shipper_rotations_total 0.0" in text
