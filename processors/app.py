@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import faust
+import orjson
 from prometheus_client import start_http_server
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.sinks import WorkerMetrics
@@ -98,6 +99,17 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 await handle(events)
 
         app.agent(topic, name=f"rankwatch.{kind}")(agent)
+
+    @app.agent(deadletter, name="rankwatch.deadletter")
+    async def count_dead_letters(stream):
+        # Shippers parse, so their parse errors reach the worker only here: one place to see them all.
+        async for value in stream:
+            try:
+                d = orjson.loads(value)
+                stage, job = str(d.get("stage", "parse")), str(d.get("job") or "")
+            except (orjson.JSONDecodeError, AttributeError):
+                stage, job = "unknown", ""
+            metrics.parse_errors.labels(stage[:20], metrics.job_label(job)).inc()
 
     @app.timer(worker.lag_interval_s)
     async def report_lag() -> None:

@@ -21,6 +21,9 @@ class WorkerMetrics:
                                  registry=r)
         self.decode_errors = Counter("rankwatch_decode_errors", "Messages that were not valid records "
                                      "(sent to the dead-letter topic)", ["topic"], registry=r)
+        self.parse_errors = Counter("rankwatch_parse_errors", "Dead-lettered inputs seen on the dead-letter "
+                                    "topic, from every shipper (stage parse) and worker (stage decode)",
+                                    ["stage", "job"], registry=r)
         self.pipeline_errors = Counter("rankwatch_pipeline_errors", "Valid records a detector could not "
                                        "handle (skipped, logged)", registry=r)
         self.lag = Gauge("rankwatch_consumer_lag", "Messages behind the log end, by topic", ["topic"],

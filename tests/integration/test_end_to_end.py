@@ -77,16 +77,20 @@ def test_line_written_becomes_anomaly_within_seconds(settings, worker, tmp_path,
         jsonschema.validate(a, anomaly_schema)
     print(f"line-written -> anomaly-published latency: {[round(x * 1000) for x in latencies]} ms")
     assert max(latencies) < 5.0
-    sh.stop_event.set()
 
     # A message that is not a record: dead-lettered and counted, and the worker keeps going.
     p = KafkaProducer(**settings.kafka_kwargs())
     p.send(settings.topic_metrics, key=b"x/1", value=b"\x00garbage")
     p.flush()
     p.close()
+    with open(f, "a") as fh:
+        fh.write('{"step": "eleven", "loss": 1.0}\n')  # the shipper dead-letters it; the worker counts it
+
     def decode_error_counted() -> str | None:
         t = scrape(worker.metrics_port)
-        return t if metric_value(t, "rankwatch_decode_errors_total") >= 1 else None
+        ok = (metric_value(t, "rankwatch_decode_errors_total") >= 1
+              and metric_value(t, "rankwatch_parse_errors_total", 'stage="parse",job="e2e-job"') >= 1)
+        return t if ok else None
 
     text = wait_for(decode_error_counted, 30, "the decode error to be counted")
     dl = [d for d in read_topic(settings, settings.topic_deadletter) if d.get("stage") == "decode"]
@@ -95,6 +99,8 @@ def test_line_written_becomes_anomaly_within_seconds(settings, worker, tmp_path,
     assert metric_value(text, "rankwatch_processing_latency_seconds_count") >= 62
     assert 'rankwatch_latest_score{detector="mad",job="e2e-job",signal="loss"}' in text
     assert "rankwatch_consumer_lag" in text
+    assert metric_value(text, "rankwatch_parse_errors_total", 'stage="decode"') >= 1
+    sh.stop_event.set()
 
 
 def test_streaming_and_offline_give_the_same_anomalies(settings, worker, tmp_path, anomaly_schema):
