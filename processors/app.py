@@ -13,7 +13,7 @@ from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.sinks import WorkerMetrics
 
 from rankwatch.config import Settings
-from rankwatch.records import DecodeError, dead_letter, decode_record
+from rankwatch.records import dead_letter, decode_records
 
 log = logging.getLogger("rankwatch.worker")
 
@@ -69,16 +69,16 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         now = time.time()
         for ev in events:
             msg = ev.message
-            try:
-                rec = decode_record(ev.value)
-            except DecodeError as exc:
-                metrics.decode_errors.labels(msg.topic).inc()
-                await deadletter.send(key=ev.key, value=dead_letter(str(exc), ev.value or b"", stage="decode"))
-                continue
-            metrics.events.labels(rec.kind).inc()
-            if msg.timestamp:
-                metrics.latency.observe(max(0.0, now - msg.timestamp))
-            records.append(rec)
+            decoded, errors = decode_records(ev.value or b"")
+            if errors:
+                metrics.decode_errors.labels(msg.topic).inc(len(errors))
+                await deadletter.send(key=ev.key, value=dead_letter(
+                    f"{len(errors)} invalid record(s): {errors[0]}", ev.value or b"", stage="decode"))
+            for rec in decoded:
+                metrics.events.labels(rec.kind).inc()
+                if msg.timestamp:
+                    metrics.latency.observe(max(0.0, now - msg.timestamp))
+            records.extend(decoded)
         errors_before = pipeline.errors
         found = pipeline.process(records)
         if pipeline.errors > errors_before:

@@ -55,10 +55,11 @@ def shipped_since(consumer: KafkaConsumer, positions: dict[str, int], fids: set[
             d = orjson.loads(m.value)
         except orjson.JSONDecodeError:
             continue
-        fid = d.get("fid") if isinstance(d, dict) else None
-        if not fid or not fid.startswith(fid_prefix) or (fids is not None and fid not in fids):
-            continue
-        found.setdefault(fid, set()).add(int(d.get("offset", -1)))
+        for item in d if isinstance(d, list) else [d]:  # a pack of records, or one record / dead letter
+            fid = item.get("fid") if isinstance(item, dict) else None
+            if not fid or not fid.startswith(fid_prefix) or (fids is not None and fid not in fids):
+                continue
+            found.setdefault(fid, set()).add(int(item.get("offset", -1)))
     if seen >= max_records:
         log.warning("reconciliation stopped after %d records; some lines may be shipped twice", seen)
     log.info("reconciled %d records after a crash: %d files had lines past the checkpoint", seen, len(found))

@@ -74,7 +74,7 @@ def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: b
 
 def read_records_from_topics(settings: Settings, topics: list[str]) -> list:
     """Every valid record on the given typed topics (from the beginning), in event-time order."""
-    from rankwatch.records import DecodeError, decode_record
+    from rankwatch.records import decode_records
 
     consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None)
     out = []
@@ -85,10 +85,10 @@ def read_records_from_topics(settings: Settings, topics: list[str]) -> list:
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         for m in drain(consumer, tps):
-            try:
-                out.append(decode_record(m.value))
-            except DecodeError:
-                log.warning("skipping an invalid record at %s:%d", m.topic, m.offset)
+            records, errors = decode_records(m.value)
+            out.extend(records)
+            if errors:
+                log.warning("skipping %d invalid records at %s:%d", len(errors), m.topic, m.offset)
     finally:
         consumer.close()
     out.sort(key=lambda r: r.ts)

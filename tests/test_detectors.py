@@ -169,3 +169,15 @@ def test_straggler_judged_when_complete_or_late():
     got = sorted((f.rank, f.step) for f in found)
     assert got == [(3, s) for s in range(10, 14)] + [(6, s) for s in range(20, 30)]
     assert all(f.ref == f"r{f.rank}s{f.step}" and f.ranks >= 7 for f in found)
+
+
+def test_packs_decode_to_records_and_bad_members_are_reported_not_fatal():
+    from rankwatch.records import Record, decode_records, encode_pack, encode_record
+
+    good = [Record("metrics", "j", r, 1.0 + r, "f", r * 10, {"step": r, "loss": 1.0}, "h:1:2") for r in range(3)]
+    recs, errs = decode_records(encode_pack([encode_record(x) for x in good]))
+    assert recs == good and errs == []
+    recs, errs = decode_records(encode_pack([encode_record(good[0]), b'{"kind": "nope"}', b"[]"]))
+    assert recs == [good[0]] and len(errs) == 2
+    assert decode_records(encode_record(good[1])) == ([good[1]], [])
+    assert decode_records(b"\x00junk")[0] == []

@@ -45,13 +45,17 @@ def settings(broker):
 
 
 def read_topic(s: Settings, topic: str) -> list[dict]:
-    """Every message of a topic, decoded, from the beginning to the current end."""
+    """Every record of a topic, decoded (packs flattened), from the beginning to the current end."""
     c = KafkaConsumer(**s.kafka_kwargs(), enable_auto_commit=False, group_id=None)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
         c.assign(tps)
         c.seek_to_beginning(*tps)
-        return [orjson.loads(m.value) for m in drain(c, tps)]
+        out: list[dict] = []
+        for m in drain(c, tps):
+            d = orjson.loads(m.value)
+            out.extend(d if isinstance(d, list) else [d])
+        return out
     finally:
         c.close()
 
