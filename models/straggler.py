@@ -95,7 +95,8 @@ class StepStragglerDetector(Generic[T]):
         return None
 
     def save_state(self) -> dict[str, Any]:
-        return {"judged": [[s, *v] for s, v in self.judged.items()], "latest": dict(self.latest)}
+        return {"judged": [[s, *v] for s, v in self.judged.items()],
+                "latest": {str(r): s for r, s in self.latest.items()}}  # JSON keys are strings
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.judged = OrderedDict((int(s), (m, sc, int(n))) for s, m, sc, n in state.get("judged", []))

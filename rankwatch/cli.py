@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _detection_args(p)
     p.add_argument("--port", type=int, dest="embedded_port", help="embedded broker port (default 9092)")
     p.add_argument("--metrics-port", type=int, dest="metrics_port")
+    p.add_argument("--state-file", dest="state_file", help="keep detector state across restarts in this file")
     p = sub.add_parser("broker", help="run the embedded broker alone and print its address")
     _common(p)
     p.add_argument("--port", type=int, dest="embedded_port")
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _detection_args(p)
     p.add_argument("--metrics-port", type=int, dest="metrics_port")
     p.add_argument("--embedded", action="store_true", help="short group timeouts for the embedded broker")
+    p.add_argument("--state-file", dest="state_file", help="keep detector state across restarts in this file")
     p = sub.add_parser("anomalies", help="print the anomalies topic")
     _common(p)
     p.add_argument("--follow", "-f", action="store_true")
@@ -152,7 +154,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("created topics: " + ", ".join(created), flush=True)
         cmd = [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap]
         for flag, name in (("--config", "config"), ("--window", "window"),
-                           ("--threshold-factor", "threshold_factor"), ("--metrics-port", "metrics_port")):
+                           ("--threshold-factor", "threshold_factor"), ("--metrics-port", "metrics_port"),
+                           ("--state-file", "state_file")):
             if getattr(args, name, None) is not None:
                 cmd += [flag, str(getattr(args, name))]
         if broker is not None:
@@ -178,7 +181,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     embedded = args.embedded or not settings.bootstrap
     if not settings.bootstrap:
         settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
-    wcli = dict(EMBEDDED_GROUP_TIMEOUTS) if embedded else {}
+    wcli: dict = dict(EMBEDDED_GROUP_TIMEOUTS) if embedded else {}
+    wcli["state_file"] = args.state_file
     worker = load_config(WorkerConfig, wcli, path=args.config, section="worker")
     run_worker(settings, _detection(args), worker, loglevel="info" if args.verbose else "warning")
     return 0

@@ -181,3 +181,31 @@ def test_packs_decode_to_records_and_bad_members_are_reported_not_fatal():
     assert recs == [good[0]] and len(errs) == 2
     assert decode_records(encode_record(good[1])) == ([good[1]], [])
     assert decode_records(b"\x00junk")[0] == []
+
+
+def test_pipeline_state_roundtrip_gives_identical_verdicts(tmp_path):
+    from rankwatch.processors.app import load_pipeline_state, save_pipeline_state
+    from rankwatch.processors.pipeline import Pipeline
+
+    from rankwatch.records import Record
+    from rankwatch.simulate import Fault, Scenario, metric_rows
+
+    rows = metric_rows(Scenario(ranks=4, steps=200, seed=9, faults=[Fault("straggler", 2, 150, 10, 1.8),
+                                                                    Fault("loss_spike", 1, 125, magnitude=2.0)]))
+    recs = sorted((Record("metrics", "j", r, row["ts"], "f", i, row) for r, series in rows.items()
+                   for i, row in enumerate(series)), key=lambda x: x.ts)
+    first, rest = [x for x in recs if x.data["step"] < 120], [x for x in recs if x.data["step"] >= 120]
+    a = Pipeline()
+    a.process(first)
+    path = tmp_path / "state.json"
+    save_pipeline_state(a, str(path))
+    b = Pipeline()
+    load_pipeline_state(b, str(path))
+    got_a = [x.to_dict() for x in a.process(rest)]
+    got_b = [x.to_dict() for x in b.process(rest)]
+    strip = lambda xs: [{k: v for k, v in x.items() if k != "detected_at"} for x in xs]  # noqa: E731
+    assert strip(got_a) == strip(got_b) and len(got_a) >= 2
+    spike = (1, 125, "loss")
+    assert spike in {(x["rank"], x["context"]["step"], x["signal"]) for x in got_b}
+    fresh = Pipeline().process(rest)  # without the state, a restarted worker is still warming up at step 125
+    assert spike not in {(x.rank, x.context["step"], x.signal) for x in fresh}

@@ -61,12 +61,12 @@ def read_topic(s: Settings, topic: str) -> list[dict]:
 
 
 class WorkerProcess:
-    def __init__(self, s: Settings, *extra: str) -> None:
+    def __init__(self, s: Settings, *extra: str, env_extra: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
-             str(self.metrics_port), *extra], env=settings_env(s), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+             str(self.metrics_port), *extra], env={**settings_env(s), **(env_extra or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         stop_process(self.proc, 20)
