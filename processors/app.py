@@ -62,10 +62,12 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     metrics = metrics or WorkerMetrics(max_job_labels=settings.max_job_labels)
     app.rankwatch_pipeline = pipeline  # type: ignore[attr-defined]
     app.rankwatch_metrics = metrics  # type: ignore[attr-defined]
-    anomalies = app.topic(settings.topic_anomalies, key_type=bytes, value_type=bytes,
-                          key_serializer="raw", value_serializer="raw")
-    deadletter = app.topic(settings.topic_deadletter, key_type=bytes, value_type=bytes,
-                           key_serializer="raw", value_serializer="raw")
+    def raw_topic(name: str):
+        # bytes in, bytes out: decoding is ours, so a bad message is counted and dead-lettered, not fatal
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    anomalies = raw_topic(settings.topic_anomalies)
+    deadletter = raw_topic(settings.topic_deadletter)
     sources = {kind: settings.topics()[kind] for kind in ("metrics", "log", "op", "gpu")}
 
     async def handle(events) -> None:
@@ -95,8 +97,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                                     anomaly.score, time.time())
 
     for kind, topic_name in sources.items():
-        topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw",
-                          value_serializer="raw")
+        topic = raw_topic(topic_name)
 
         async def agent(stream, _kind=kind):
             async for events in stream.take_events(worker.batch_size, within=worker.batch_within_s):

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -85,6 +85,21 @@ class TailerCollector:
             ("read_errors", st.read_errors, "Failed reads of tailed files"),
         ):
             yield CounterMetricFamily(f"rankwatch_shipper_{name}", doc, value=value)
+
+
+@dataclass
+class _Pack:
+    topic: str
+    key: bytes
+    values: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, value: bytes) -> None:
+        self.values.append(value)
+        self.size += len(value) + 1
+
+    def message(self) -> tuple[str, bytes, bytes]:
+        return self.topic, self.key, self.values[0] if len(self.values) == 1 else encode_pack(self.values)
 
 
 class StoppedWhileStalled(RuntimeError):
@@ -183,21 +198,20 @@ class Shipper:
 
     def _pack(self, msgs: list[tuple[str, bytes, bytes, bool]]) -> list[tuple[str, bytes, bytes]]:
         """Records of one key read in this batch travel as one message (a JSON array), in their order; that
-        keeps per-key order and divides kafka-python's per-message cost (most of the shipper's time)."""
-        out: list = []
-        open_packs: dict[tuple[str, bytes], list] = {}
+        keeps per-key order and divides kafka-python's per-message cost (most of the shipper's time).
+        Dead letters stay single messages."""
+        out: list[tuple[str, bytes, bytes] | _Pack] = []
+        open_packs: dict[tuple[str, bytes], _Pack] = {}
         for topic, key, value, is_record in msgs:
             if not is_record:
                 out.append((topic, key, value))
                 continue
             pack = open_packs.get((topic, key))
-            if pack is None or pack[0] + len(value) > self.config.pack_bytes:
-                pack = open_packs[(topic, key)] = [0, topic, key, []]
+            if pack is None or pack.size + len(value) > self.config.pack_bytes:
+                pack = open_packs[(topic, key)] = _Pack(topic, key)
                 out.append(pack)
-            pack[0] += len(value) + 1
-            pack[3].append(value)
-        return [m if isinstance(m, tuple) else (m[1], m[2], m[3][0] if len(m[3]) == 1 else encode_pack(m[3]))
-                for m in out]
+            pack.add(value)
+        return [m.message() if isinstance(m, _Pack) else m for m in out]
 
     def ship_once(self) -> int:
         """Read what is there (up to batch_lines), ship it, wait for acks, checkpoint. Returns lines shipped."""
@@ -221,7 +235,8 @@ class Shipper:
         self._deliver(msgs)
         self._acked_files = self.tailer.positions()
         self._save(inflight=True)
-        log.debug("acknowledged; checkpoint %s", {f["path"]: f["offset"] for f in self.tailer.positions().values()})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("acknowledged; checkpoint %s", {f["path"]: f["offset"] for f in self._acked_files.values()})
         self.shipped_total += len(lines)
         return len(lines)
 

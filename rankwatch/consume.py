@@ -72,25 +72,30 @@ def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: b
         consumer.close()
 
 
+def messages_from_beginning(settings: Settings, topics: list[str]) -> Iterator:
+    """Every message of the given topics, from the beginning to the log end as it is now."""
+    consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+        if not tps:
+            return
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        yield from drain(consumer, tps)
+    finally:
+        consumer.close()
+
+
 def read_records_from_topics(settings: Settings, topics: list[str]) -> list:
     """Every valid record on the given typed topics (from the beginning), in event-time order."""
     from rankwatch.records import decode_records
 
-    consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None)
     out = []
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        for m in drain(consumer, tps):
-            records, errors = decode_records(m.value)
-            out.extend(records)
-            if errors:
-                log.warning("skipping %d invalid records at %s:%d", len(errors), m.topic, m.offset)
-    finally:
-        consumer.close()
+    for m in messages_from_beginning(settings, topics):
+        records, errors = decode_records(m.value)
+        out.extend(records)
+        if errors:
+            log.warning("skipping %d invalid records at %s:%d", len(errors), m.topic, m.offset)
     out.sort(key=lambda r: r.ts)
     return out
 

@@ -9,11 +9,10 @@ import uuid
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from rankwatch.broker import EmbeddedBroker, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
-from rankwatch.consume import drain
+from rankwatch.consume import messages_from_beginning
 
 pytestmark = pytest.mark.integration
 
@@ -46,18 +45,11 @@ def settings(broker):
 
 def read_topic(s: Settings, topic: str) -> list[dict]:
     """Every record of a topic, decoded (packs flattened), from the beginning to the current end."""
-    c = KafkaConsumer(**s.kafka_kwargs(), enable_auto_commit=False, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        out: list[dict] = []
-        for m in drain(c, tps):
-            d = orjson.loads(m.value)
-            out.extend(d if isinstance(d, list) else [d])
-        return out
-    finally:
-        c.close()
+    out: list[dict] = []
+    for m in messages_from_beginning(s, [topic]):
+        d = orjson.loads(m.value)
+        out.extend(d if isinstance(d, list) else [d])
+    return out
 
 
 class WorkerProcess:
