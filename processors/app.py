@@ -27,12 +27,14 @@ class WorkerConfig:
     rebalance_timeout_s: float = 60.0
     session_timeout_s: float = 60.0
     heartbeat_interval_s: float = 3.0
-    lag_interval_s: float = 5.0
     fetch_max_wait_ms: int = 100  # Faust hard-codes 1500 ms; a broker that holds empty fetches that long
     # (the embedded one does) adds up to 1.5 s of detection latency
     state_file: str | None = None  # detector state snapshot: loaded at start, saved periodically and at stop
     state_interval_s: float = 30.0
     start_from: str = "earliest"  # where a new consumer group starts: earliest | latest
+    tick_interval_s: float = 1.0  # how often stage 2 judges silent jobs (hangs)
+    caught_up_messages: int = 1000  # at most this many messages behind counts as live (idle time is silence)
+    lag_interval_s: float = 2.0
 
 
 EMBEDDED_GROUP_TIMEOUTS = {"rebalance_timeout_s": 5.0, "session_timeout_s": 6.0, "heartbeat_interval_s": 1.0}
@@ -68,9 +70,29 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
     anomalies = raw_topic(settings.topic_anomalies)
     deadletter = raw_topic(settings.topic_deadletter)
+    summaries_topic = raw_topic(settings.topic_summaries)
+    outbox_topics = {fam: raw_topic(name) for fam, name in settings.topics().items()}
     sources = {kind: settings.topics()[kind] for kind in ("metrics", "log", "op", "gpu")}
+    summary_partitions: dict[str, int] = {}  # job -> the summaries partition its stage-2 state belongs to
+
+    async def publish(found) -> None:
+        for anomaly in found:
+            await anomalies.send(key=anomaly.key().encode(), value=anomaly.encode())
+            metrics.observe_anomaly(anomaly.detector, anomaly.severity, anomaly.signal, anomaly.job,
+                                    anomaly.score, time.time())
+        for family, key, value in pipeline.outbox.drain():
+            await outbox_topics[family].send(key=key.encode(), value=orjson.dumps(
+                value, option=orjson.OPT_SERIALIZE_NUMPY))
+        metrics.sync_gauges(pipeline.gauges)
+
+    def count_skipped(errors_before: int) -> None:
+        if pipeline.errors > errors_before:
+            metrics.pipeline_errors.inc(pipeline.errors - errors_before)
+            log.warning("%d records skipped by the pipeline; last: %s", pipeline.errors - errors_before,
+                        pipeline.last_error)
 
     async def handle(events) -> None:
+        """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
         records = []
         now = time.time()
         for ev in events:
@@ -86,15 +108,15 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                     metrics.latency.observe(max(0.0, now - msg.timestamp))
             records.extend(decoded)
         errors_before = pipeline.errors
-        found = pipeline.process(records)
-        if pipeline.errors > errors_before:
-            metrics.pipeline_errors.inc(pipeline.errors - errors_before)
-            log.warning("%d records skipped by the pipeline; last: %s", pipeline.errors - errors_before,
-                        pipeline.last_error)
-        for anomaly in found:
-            await anomalies.send(key=anomaly.key().encode(), value=anomaly.encode())
-            metrics.observe_anomaly(anomaly.detector, anomaly.severity, anomaly.signal, anomaly.job,
-                                    anomaly.score, time.time())
+        found, summaries = pipeline.first_stage(records)
+        count_skipped(errors_before)
+        by_job: dict[str, list] = {}
+        for s in summaries:
+            by_job.setdefault(s["job"], []).append(s)
+        for job, items in by_job.items():  # one message per job and micro-batch: a pack, like the shipper's
+            await summaries_topic.send(key=job.encode(), value=orjson.dumps(
+                items, option=orjson.OPT_SERIALIZE_NUMPY))
+        await publish(found)
 
     for kind, topic_name in sources.items():
         topic = raw_topic(topic_name)
@@ -104,6 +126,45 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 await handle(events)
 
         app.agent(topic, name=f"rankwatch.{kind}")(agent)
+
+    @app.agent(summaries_topic, name="rankwatch.stage2")
+    async def second_stage(stream):
+        """Stage 2: cross-rank detectors of the jobs whose summaries partitions this worker holds."""
+        async for events in stream.take_events(worker.batch_size, within=worker.batch_within_s):
+            summaries = []
+            for ev in events:
+                try:
+                    items = orjson.loads(ev.value or b"")
+                except orjson.JSONDecodeError as exc:
+                    metrics.decode_errors.labels(ev.message.topic).inc()
+                    await deadletter.send(key=ev.key, value=dead_letter(f"not JSON: {exc}", ev.value or b"",
+                                                                        stage="decode"))
+                    continue
+                items = items if isinstance(items, list) else [items]
+                for item in items:
+                    if isinstance(item, dict) and "job" in item:
+                        summary_partitions[str(item["job"])] = ev.message.partition
+                        summaries.append(item)
+            metrics.events.labels("summary").inc(len(summaries))
+            errors_before = pipeline.errors
+            found = pipeline.second_stage(summaries, wall=time.time())
+            count_skipped(errors_before)
+            await publish(found)
+
+    @app.timer(worker.tick_interval_s)
+    async def tick_jobs() -> None:
+        """Hangs are the absence of events: judge each owned job's clock. Idle wall time advances the clocks
+        only while this worker is caught up, so replaying a backlog never looks like silence."""
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_summaries}
+        owned = [job for job, part in summary_partitions.items() if part in assigned]
+        gone = [job for job, part in summary_partitions.items() if part not in assigned]
+        if gone:  # a rebalance moved them: their state is now another worker's
+            pipeline.drop_jobs(gone)
+            for job in gone:
+                summary_partitions.pop(job, None)
+        behind = getattr(app, "rankwatch_behind", None)
+        caught_up = behind is not None and behind <= worker.caught_up_messages
+        await publish(pipeline.tick(time.time() if caught_up else None, owned))
 
     @app.agent(deadletter, name="rankwatch.deadletter")
     async def count_dead_letters(stream):
@@ -140,6 +201,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             by_topic[tp.topic] = by_topic.get(tp.topic, 0) + behind
         for topic, behind in by_topic.items():
             metrics.lag.labels(topic).set(behind)
+        app.rankwatch_behind = sum(by_topic.values()) if by_topic else None  # type: ignore[attr-defined]
 
     return app
 
@@ -158,7 +220,7 @@ def load_pipeline_state(pipeline: Pipeline, path: str) -> None:
     state = CheckpointStore(path).load()
     if state.get("pipeline"):
         pipeline.load_state(state["pipeline"])
-        log.info("restored detector state for %d ranks from %s", len(pipeline.ranks), path)
+        log.info("restored detector state (%d jobs with cross-rank state) from %s", len(pipeline.jobs), path)
 
 
 def cap_fetch_wait(max_ms: int) -> None:

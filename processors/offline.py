@@ -11,7 +11,7 @@ import heapq
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
@@ -61,7 +61,21 @@ def read_records(paths: list[str], job: str | None = None, rank: int | None = No
     return heapq.merge(*streams, key=lambda r: r.ts)
 
 
+def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 2000) -> list[Anomaly]:
+    """Micro-batches in event-time order through both stages, as the worker would see them, then the end of
+    input as the moment of judgement for whatever is still open (a hang at the end of the logs)."""
+    out: list[Anomaly] = []
+    chunk: list[Record] = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) >= batch:
+            out.extend(pipeline.process(chunk))
+            chunk = []
+    out.extend(pipeline.process(chunk))
+    out.extend(pipeline.finish())
+    return out
+
+
 def analyze(paths: list[str], job: str | None = None, rank: int | None = None,
             detection: DetectionConfig | None = None, stats: AnalyzeStats | None = None) -> list[Anomaly]:
-    pipeline = Pipeline(detection)
-    return pipeline.process(read_records(paths, job, rank, stats))
+    return run_pipeline(Pipeline(detection), read_records(paths, job, rank, stats))

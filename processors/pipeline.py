@@ -1,115 +1,175 @@
 """Records in, anomalies out. The single home of detection logic, driven by the Faust agents,
-`rankwatch analyze` and the in-training hook alike, so streaming and offline agree by construction."""
+`rankwatch analyze` and the in-training hook alike, so streaming and offline agree by construction.
+
+Two stages (docs/ARCHITECTURE.md): stage 1 runs per-key detectors by record family and emits compact summaries;
+stage 2 runs the cross-rank detectors of each job over those summaries. `process` runs both in process
+(`analyze`, the hook); the worker runs `first_stage` where a key's partition is and `second_stage` where the
+job's summaries partition is, with the job-keyed summaries topic in between.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig
-from rankwatch.models.training import Finding, RankMetricsDetector, TrainingDetectorConfig
+from rankwatch.models.training import TrainingDetectorConfig
+from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
+from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 
 from rankwatch.records import Anomaly, Record
 
 
 @dataclass
 class DetectionConfig(TrainingDetectorConfig):
-    """The pipeline's one config: per-rank training detectors plus the cross-rank straggler detector."""
+    """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
     straggler_k: float = 8.0
     straggler_min_ranks: int = 3
 
 
+class FirstStageHandler(Protocol):
+    """Per-key detectors of one record family."""
+
+    def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]: ...
+
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+class StageContext:
+    """What handlers and job detectors share: the config, the gauges, the outbox and the error count."""
+
+    def __init__(self, config: DetectionConfig, wanted: set[str]) -> None:
+        self.config = config
+        self.gauges = Gauges()
+        self.outbox = Outbox()
+        self.wanted = wanted
+        self.errors = 0  # records a detector could not handle (logged, skipped; the stream goes on)
+        self.last_error = ""
+
+    def wants(self, summary_type: str) -> bool:
+        """Emit this summary type only if a stage-2 detector consumes it (summaries cost a topic hop)."""
+        return summary_type in self.wanted
+
+    def skip(self, rec: Record, exc: Exception) -> None:
+        # A record that passed parsing but trips a detector must not stop the stream for every rank.
+        self.errors += 1
+        self.last_error = f"{rec.kind} record {rec.file}:{rec.offset}: {exc!r}"
+
+
+# Stage 1: record family (Record.family()) -> handler class. Stage 2: job detector classes.
+FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler}
+JOB_DETECTORS: list[type] = [StepStragglerJob]
+
+
 class Pipeline:
-    """Holds per-key detector state (job/rank for training metrics, job for cross-rank checks).
+    """Holds per-key detector state (stage 1) and per-job cross-rank state (stage 2).
     No Kafka, files or Prometheus here."""
 
     def __init__(self, config: DetectionConfig | None = None) -> None:
         self.config = config or DetectionConfig()
-        self.ranks: dict[tuple[str, int | None], RankMetricsDetector] = {}
-        self.stragglers: dict[str, StepStragglerDetector[Record]] = {}
-        self.checkpoints: dict[tuple[str, int | None], str] = {}
+        wanted = {t for cls in JOB_DETECTORS for t in cls.summary_types}
+        self.ctx = StageContext(self.config, wanted)
+        self.handlers: dict[str, FirstStageHandler] = {fam: cls(self.ctx) for fam, cls in FIRST_STAGE.items()}
+        self.jobs: dict[str, JobStage] = {}
         self.events = 0
-        self.errors = 0  # records a detector could not handle (logged, skipped; the stream goes on)
-        self.last_error: str = ""
+
+    # ---- shared state, as properties so callers need not know where it lives --------------------------
+    @property
+    def gauges(self) -> Gauges:
+        return self.ctx.gauges
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.ctx.outbox
+
+    @property
+    def errors(self) -> int:
+        return self.ctx.errors
+
+    @property
+    def last_error(self) -> str:
+        return self.ctx.last_error
+
+    @property
+    def checkpoints(self) -> dict[tuple[str, int | None], str]:
+        return self.handlers["metrics"].checkpoints  # type: ignore[attr-defined]
+
+    # ---- the stages --------------------------------------------------------------------------------------
+    def first_stage(self, records: Iterable[Record]) -> tuple[list[Anomaly], list[Summary]]:
+        """Per-key detectors. Records are grouped by family (order kept within each), so a handler can batch
+        across keys (one LSTM forward pass for every stream in the micro-batch)."""
+        by_family: dict[str, list[Record]] = defaultdict(list)
+        for rec in records:
+            self.events += 1
+            by_family[rec.family()].append(rec)
+        out: list[Anomaly] = []
+        summaries: list[Summary] = []
+        for family, recs in by_family.items():
+            handler = self.handlers.get(family)
+            if handler is not None:
+                found, summ = handler.process(recs)
+                out.extend(found)
+                summaries.extend(summ)
+        return out, summaries
+
+    def job_stage(self, job: str) -> JobStage:
+        stage = self.jobs.get(job)
+        if stage is None:
+            stage = self.jobs[job] = JobStage(job, [cls(job, self.ctx) for cls in JOB_DETECTORS])
+        return stage
+
+    def second_stage(self, summaries: Iterable[Summary], wall: float | None = None) -> list[Anomaly]:
+        """Cross-rank detectors, per job. `wall`: the stream's processing time (advances idle job clocks)."""
+        by_job: dict[str, list[Summary]] = defaultdict(list)
+        for s in summaries:
+            by_job[str(s.get("job", ""))].append(s)
+        out: list[Anomaly] = []
+        for job, items in by_job.items():
+            out.extend(self.job_stage(job).process(items, wall))
+        return out
 
     def process(self, records: Iterable[Record]) -> list[Anomaly]:
-        out: list[Anomaly] = []
-        for rec in records:
-            out.extend(self.process_one(rec))
-        return out
+        found, summaries = self.first_stage(records)
+        return found + self.second_stage(summaries)
 
     def process_one(self, rec: Record) -> list[Anomaly]:
-        self.events += 1
-        try:
-            if rec.kind == "metrics":
-                return self._metrics(rec)
-            if rec.kind == "log":
-                self._log(rec)
-        except (TypeError, ValueError, KeyError) as exc:
-            # A record that passed parsing but trips a detector must not stop the stream for every rank.
-            self.errors += 1
-            self.last_error = f"{rec.kind} record {rec.file}:{rec.offset}: {exc!r}"
-        return []
+        return self.process([rec])
 
-    def _log(self, rec: Record) -> None:
-        if "checkpoint" in rec.data:  # recognised by the parser: "Saving checkpoint to ..."
-            self.checkpoints[(rec.job, rec.rank)] = str(rec.data["checkpoint"])
-
-    def _metrics(self, rec: Record) -> list[Anomaly]:
-        key = (rec.job, rec.rank)
-        det = self.ranks.get(key)
-        if det is None:
-            det = self.ranks[key] = RankMetricsDetector(self.config)
-        step = int(rec.data["step"])
-        out = [self._anomaly(rec, f) for f in det.update(step, rec.data)]
-        st = rec.data.get("step_time_s")
-        if rec.rank is not None and isinstance(st, (int, float)) and st == st:
-            out.extend(self._straggler(rec, step, float(st)))
+    def tick(self, wall: float | None = None, jobs: Iterable[str] | None = None) -> list[Anomaly]:
+        """Judge the absence of events (hangs): each job's clock, advanced by idle wall time when given."""
+        out: list[Anomaly] = []
+        for job in list(self.jobs) if jobs is None else jobs:
+            if job in self.jobs:
+                out.extend(self.jobs[job].tick(wall))
         return out
 
-    def _straggler(self, rec: Record, step: int, step_time: float) -> list[Anomaly]:
-        c = self.config
-        det = self.stragglers.get(rec.job)
-        if det is None:
-            det = self.stragglers[rec.job] = StepStragglerDetector(
-                StragglerConfig(ratio=c.straggler_ratio, k=c.straggler_k, min_ranks=c.straggler_min_ranks))
-        out = []
-        for f in det.add(rec.rank, step, step_time, rec):
-            msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
-                   f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
-            rank_det = self.ranks.get((rec.job, f.rank))
-            info = rank_det.threshold_info({}) if rank_det is not None else {}
-            finding = Finding("straggler", "step_time_s", f.value, f.median, f.threshold, f.score,
-                              "critical" if f.value > 2 * f.median else "warning", msg,
-                              {"step": f.step, "ranks_compared": f.ranks, "threshold_info": info})
-            out.append(self._anomaly(f.ref, finding))
+    def finish(self) -> list[Anomaly]:
+        """End of input (offline): the moment of judgement for whatever is still open."""
+        out: list[Anomaly] = []
+        for stage in self.jobs.values():
+            out.extend(stage.finish())
         return out
 
-    def _anomaly(self, rec: Record, f: Finding) -> Anomaly:
-        ctx = dict(f.context)
-        ctx.setdefault("step", rec.data.get("step"))
-        if isinstance(rec.data.get("lr"), float):
-            ctx["lr"] = rec.data["lr"]  # for context: was the learning rate just changed?
-        ctx["model_checkpoint"] = self.checkpoints.get((rec.job, rec.rank))
-        return Anomaly(detector=f.detector, signal=f.signal, job=rec.job, rank=rec.rank, event_time=rec.ts,
-                       value=f.value, expected=f.expected, score=f.score, threshold=f.threshold,
-                       severity=f.severity, message=f.message, context=ctx, source_file=rec.file,
-                       source_offset=rec.offset)
+    def drop_jobs(self, jobs: Iterable[str]) -> None:
+        """Forget the stage-2 state of jobs this worker no longer owns (their summaries partition moved)."""
+        for job in jobs:
+            self.jobs.pop(job, None)
 
+    # ---- persistence ----------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
-        return {"ranks": [[job, rank, d.save_state()] for (job, rank), d in self.ranks.items()],
-                "stragglers": {job: d.save_state() for job, d in self.stragglers.items()},
-                "checkpoints": [[job, rank, path] for (job, rank), path in self.checkpoints.items()]}
+        return {"handlers": {fam: h.save_state() for fam, h in self.handlers.items()},
+                "jobs": {job: st.save_state() for job, st in self.jobs.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for job, rank, st in state.get("ranks", []):
-            det = self.ranks[(job, rank)] = RankMetricsDetector(self.config)
-            det.load_state(st)
-        for job, st in state.get("stragglers", {}).items():
-            self.stragglers[job] = StepStragglerDetector()
-            self.stragglers[job].load_state(st)
-        for job, rank, path in state.get("checkpoints", []):
-            self.checkpoints[(job, rank)] = path
+        if "ranks" in state:  # snapshots written before the two stages: the metrics handler's state
+            state = {"handlers": {"metrics": state}, "jobs": {}}
+        for fam, st in state.get("handlers", {}).items():
+            if fam in self.handlers:
+                self.handlers[fam].load_state(st)
+        for job, st in state.get("jobs", {}).items():
+            self.job_stage(job).load_state(st)

@@ -5,9 +5,18 @@ are reported as "other"); rank, host and stream never become labels, so cardinal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+if TYPE_CHECKING:
+    from rankwatch.processors.stages import Gauges
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Gauges that detectors set through `Pipeline.gauges` (no Prometheus import in detectors): name -> (help,
+# label names). The first label is always `job` (capped like every job label); the others must be bounded.
+DETECTOR_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
 class WorkerMetrics:
@@ -36,6 +45,21 @@ class WorkerMetrics:
         self.last_anomaly = Gauge("rankwatch_last_anomaly_timestamp_seconds",
                                   "When the latest anomaly was published", ["detector", "severity", "job"],
                                   registry=r)
+
+        self.detector_gauges = {name: Gauge(name, doc, list(labels), registry=r)
+                                for name, (doc, labels) in DETECTOR_GAUGES.items()}
+        self._gauge_series: dict[str, set[tuple[str, ...]]] = {name: set() for name in DETECTOR_GAUGES}
+
+    def sync_gauges(self, gauges: Gauges) -> None:
+        """Mirror the detectors' current values; series a detector removed are removed here too."""
+        for name, gauge in self.detector_gauges.items():
+            current = {(self.job_label(labels[0]), *labels[1:]): v
+                       for labels, v in gauges.values.get(name, {}).items()}
+            for labels in self._gauge_series[name] - current.keys():
+                gauge.remove(*labels)
+            for labels, v in current.items():
+                gauge.labels(*labels).set(v)
+            self._gauge_series[name] = set(current)
 
     def job_label(self, job: str) -> str:
         if job in self._jobs:

@@ -41,6 +41,7 @@ class Settings:
     topic_ops: str = "rankwatch.ops"
     topic_gpu: str = "rankwatch.gpu"
     topic_logkeys: str = "rankwatch.logkeys"
+    topic_summaries: str = "rankwatch.summaries"  # stage 1 -> stage 2, keyed by job (docs/ARCHITECTURE.md)
     topic_anomalies: str = "anomalies"
     topic_deadletter: str = "rankwatch.deadletter"
     partitions: int = 8
@@ -59,9 +60,16 @@ class Settings:
             "op": self.topic_ops,
             "gpu": self.topic_gpu,
             "logkey": self.topic_logkeys,
+            "summaries": self.topic_summaries,
             "anomaly": self.topic_anomalies,
             "deadletter": self.topic_deadletter,
         }
+
+    def use_topic_prefix(self, prefix: str) -> None:
+        """Name every topic `<prefix>.<family>`: isolated topics for a test or an evaluation run."""
+        for f in fields(self):
+            if f.name.startswith("topic_"):
+                setattr(self, f.name, f"{prefix}.{f.name[len('topic_'):]}")
 
     def env(self) -> dict[str, str]:
         """These settings as RANKWATCH_* variables, to hand to a child process (worker, shipper)."""

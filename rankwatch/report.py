@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import html
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rankwatch.processors.offline import run_pipeline
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.records import Anomaly, Record
 
@@ -19,20 +20,22 @@ def collect(records: Iterable[Record], detection: DetectionConfig | None = None
             ) -> tuple[dict[str, dict[int, list[tuple[int, float]]]], dict[str, list[tuple[float, float]]],
                        list[Anomaly]]:
     """Run the pipeline while gathering series: metric -> rank -> [(step, value)], gpu -> [(ts, util)]."""
-    pipeline = Pipeline(detection)
     series: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     gpu: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    anomalies: list[Anomaly] = []
-    for rec in records:
-        anomalies.extend(pipeline.process_one(rec))
-        if rec.kind == "metrics":
-            for name in ("loss", "throughput", "step_time_s", "lr"):
-                v = rec.data.get(name)
-                if isinstance(v, (int, float)):
-                    series[name][rec.rank if rec.rank is not None else -1].append((rec.data["step"], v))
-        elif rec.kind == "gpu" and "util_pct" in rec.data:
-            label = f"rank {rec.rank}" if rec.rank is not None else f"{rec.data['host']}/{rec.data['gpu']}"
-            gpu[label].append((rec.ts, rec.data["util_pct"]))
+
+    def gather(records: Iterable[Record]) -> Iterator[Record]:
+        for rec in records:
+            if rec.kind == "metrics":
+                for name in ("loss", "throughput", "step_time_s", "lr"):
+                    v = rec.data.get(name)
+                    if isinstance(v, (int, float)):
+                        series[name][rec.rank if rec.rank is not None else -1].append((rec.data["step"], v))
+            elif rec.kind == "gpu" and "util_pct" in rec.data:
+                label = f"rank {rec.rank}" if rec.rank is not None else f"{rec.data['host']}/{rec.data['gpu']}"
+                gpu[label].append((rec.ts, rec.data["util_pct"]))
+            yield rec
+
+    anomalies = run_pipeline(Pipeline(detection), gather(records))
     return series, gpu, anomalies
 
 

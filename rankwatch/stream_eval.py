@@ -39,9 +39,7 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
             bootstrap = broker.bootstrap
         s = Settings(bootstrap=bootstrap, app_id=f"rankwatch-eval-{int(time.time())}")
         tag = s.app_id.rsplit("-", 1)[1]
-        for name in ("logs", "metrics", "ops", "gpu", "logkeys", "deadletter"):
-            setattr(s, f"topic_{name}", f"eval{tag}.{name}")
-        s.topic_anomalies = f"eval{tag}.anomalies"
+        s.use_topic_prefix(f"eval{tag}")
         ensure_topics(s)
         port = free_port()
         env = {**os.environ, **s.env()}

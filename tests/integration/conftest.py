@@ -27,9 +27,7 @@ def make_settings(bootstrap: str, partitions: int = 4) -> Settings:
     """Settings with topic names unique to one test, so tests sharing a broker do not see each other."""
     tag = uuid.uuid4().hex[:8]
     s = Settings(bootstrap=bootstrap, partitions=partitions, app_id=f"rw-test-{tag}")
-    for field in ("logs", "metrics", "ops", "gpu", "logkeys", "deadletter"):
-        setattr(s, f"topic_{field}", f"t{tag}.{field}")
-    s.topic_anomalies = f"t{tag}.anomalies"
+    s.use_topic_prefix(f"t{tag}")
     ensure_topics(s)
     return s
 

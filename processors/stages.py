@@ -1,0 +1,146 @@
+"""The second stage: cross-rank detectors per job, fed by compact summaries from the first stage.
+
+Per-key detectors (one rank's loss, one rank/stream's op intervals, one GPU's memory) run where their key's
+partition is. Checks that compare the ranks of a job cannot: a job's ranks land on many partitions and workers.
+The first stage therefore emits small `Summary` dicts (e.g. `{type: "op", job, rank, comm_id, op_count, ts}`),
+which reach one `JobStage` per job: in process for `rankwatch analyze` and the hook, through the job-keyed
+summaries topic in the stream. Same code, so the verdicts agree whatever the number of workers.
+
+Time: a `JobStage` keeps the job's clock, the latest event time it has seen. Detectors that judge the absence
+of events (a hang) are ticked with that clock whenever it advances by `tick_every_s`; the stream also ticks on a
+timer, advancing the clock by the wall time spent idle (only while the worker is caught up, so a backlog being
+replayed never looks like silence). Offline, the end of input is the moment of judgement (`finish`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from rankwatch.records import Anomaly
+
+Summary = dict[str, Any]  # JSON-able; keys: type, job, ts, and type-specific fields (rank, file, offset, ...)
+
+
+class JobDetector(Protocol):
+    """A cross-rank detector of one job. Plain object: no Kafka, files or Prometheus."""
+
+    summary_types: tuple[str, ...]
+
+    def process(self, summaries: list[Summary]) -> list[Anomaly]: ...
+
+    def tick(self, now: float) -> list[Anomaly]: ...
+
+    def finish(self) -> list[Anomaly]: ...
+
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Gauges:
+    """Current values the worker exports as Prometheus gauges: name -> label values -> value. Detectors write
+    here instead of importing prometheus_client; the worker declares each name's labels (processors/sinks.py)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+
+    def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        self.values[name][labels] = float(value)
+
+    def remove(self, name: str, labels: tuple[str, ...]) -> None:
+        self.values.get(name, {}).pop(labels, None)
+
+    def get(self, name: str, labels: tuple[str, ...]) -> float | None:
+        return self.values.get(name, {}).get(labels)
+
+
+class Outbox:
+    """Messages a detector wants published besides anomalies (e.g. a new log template to the log-keys topic):
+    (topic family as in Settings.topics(), key, JSON-able value). The worker drains and sends them; offline
+    they are kept for inspection (`drain`)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, Any]] = []
+
+    def put(self, family: str, key: str, value: Any) -> None:
+        self.items.append((family, key, value))
+
+    def drain(self) -> list[tuple[str, str, Any]]:
+        out, self.items = self.items, []
+        return out
+
+
+JobDetectorFactory = Callable[[str], JobDetector]  # job name -> detector
+
+
+class JobStage:
+    """The second stage of one job: routes summaries to its detectors by type and keeps the job's clock."""
+
+    def __init__(self, job: str, detectors: Iterable[JobDetector], tick_every_s: float = 1.0) -> None:
+        self.job = job
+        self.detectors = list(detectors)
+        self.tick_every_s = tick_every_s
+        self.routes: dict[str, list[JobDetector]] = defaultdict(list)
+        for det in self.detectors:
+            for t in det.summary_types:
+                self.routes[t].append(det)
+        self.event_time = -math.inf  # the latest event time seen in this job's summaries
+        self.seen_at: float | None = None  # wall time when event_time last advanced (stream only)
+        self.last_tick = -math.inf
+
+    def process(self, summaries: list[Summary], wall: float | None = None) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        by_detector: dict[int, list[Summary]] = defaultdict(list)
+        for s in summaries:
+            for det in self.routes.get(s.get("type", ""), ()):
+                by_detector[id(det)].append(s)
+        for det in self.detectors:
+            batch = by_detector.get(id(det))
+            if batch:
+                out.extend(det.process(batch))
+        latest = max((s["ts"] for s in summaries if isinstance(s.get("ts"), (int, float))), default=None)
+        if latest is not None and latest > self.event_time:
+            self.event_time = float(latest)
+            self.seen_at = wall
+        if self.event_time - self.last_tick >= self.tick_every_s:
+            out.extend(self._tick(self.event_time))
+        return out
+
+    def now(self, wall: float | None) -> float:
+        """The job's clock: the latest event time, plus the wall time since it was seen when `wall` is given."""
+        if wall is None or self.seen_at is None:
+            return self.event_time
+        return self.event_time + max(0.0, wall - self.seen_at)
+
+    def tick(self, wall: float | None = None) -> list[Anomaly]:
+        now = self.now(wall)
+        return self._tick(now) if math.isfinite(now) else []
+
+    def _tick(self, now: float) -> list[Anomaly]:
+        self.last_tick = now
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            out.extend(det.tick(now))
+        return out
+
+    def finish(self) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            out.extend(det.finish())
+        return out
+
+    def save_state(self) -> dict[str, Any]:
+        return {"event_time": self.event_time if math.isfinite(self.event_time) else None,
+                "detectors": {type(d).__name__: d.save_state() for d in self.detectors}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("event_time") is not None:
+            self.event_time = float(state["event_time"])
+            self.last_tick = self.event_time
+        saved = state.get("detectors", {})
+        for det in self.detectors:
+            if type(det).__name__ in saved:
+                det.load_state(saved[type(det).__name__])

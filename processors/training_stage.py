@@ -1,0 +1,127 @@
+"""Training metrics in the two stages: per-rank detectors (stage 1) and the step-time straggler (stage 2).
+
+Stage 1 judges each rank's loss, grad norm, throughput and step time (models/training.py) and remembers the
+checkpoint each rank last announced. It summarises each step as `{type: "step", rank, step, value}` for stage 2.
+
+Stage 2's step-time straggler compares ranks at the same step. In synchronous training every rank waits for the
+slowest at each collective, so logged step times grow together and this check is blind to such a straggler:
+collective timing finds it (processors/collective_stage.py). It still earns its place where a rank's step time
+is its own: asynchronous or pipeline schedules, and jobs that log per-rank compute time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig
+from rankwatch.models.training import Finding, RankMetricsDetector
+from rankwatch.processors.stages import Summary
+
+from rankwatch.records import Anomaly, Record
+
+if TYPE_CHECKING:
+    from rankwatch.processors.pipeline import StageContext
+
+
+def anomaly_from(rec: Record, f: Finding, checkpoint: str | None) -> Anomaly:
+    ctx = dict(f.context)
+    ctx.setdefault("step", rec.data.get("step"))
+    if isinstance(rec.data.get("lr"), float):
+        ctx["lr"] = rec.data["lr"]  # for context: was the learning rate just changed?
+    ctx["model_checkpoint"] = checkpoint
+    return Anomaly(detector=f.detector, signal=f.signal, job=rec.job, rank=rec.rank, event_time=rec.ts,
+                   value=f.value, expected=f.expected, score=f.score, threshold=f.threshold,
+                   severity=f.severity, message=f.message, context=ctx, source_file=rec.file,
+                   source_offset=rec.offset)
+
+
+class MetricsHandler:
+    """Stage 1 for the metrics family (step metrics and checkpoint announcements), keyed by job/rank."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.ranks: dict[tuple[str, int | None], RankMetricsDetector] = {}
+        self.checkpoints: dict[tuple[str, int | None], str] = {}
+
+    def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
+        out: list[Anomaly] = []
+        summaries: list[Summary] = []
+        for rec in records:
+            try:
+                if rec.kind == "metrics":
+                    out.extend(self._metrics(rec, summaries))
+                elif "checkpoint" in rec.data:  # recognised by the parser: "Saving checkpoint to ..."
+                    self.checkpoints[(rec.job, rec.rank)] = str(rec.data["checkpoint"])
+            except (TypeError, ValueError, KeyError) as exc:
+                self.ctx.skip(rec, exc)
+        return out, summaries
+
+    def _metrics(self, rec: Record, summaries: list[Summary]) -> list[Anomaly]:
+        key = (rec.job, rec.rank)
+        det = self.ranks.get(key)
+        if det is None:
+            det = self.ranks[key] = RankMetricsDetector(self.ctx.config)
+        step = int(rec.data["step"])
+        checkpoint = self.checkpoints.get(key)
+        found = [anomaly_from(rec, f, checkpoint) for f in det.update(step, rec.data)]
+        st = rec.data.get("step_time_s")
+        if rec.rank is not None and isinstance(st, (int, float)) and st == st and self.ctx.wants("step"):
+            s: Summary = {"type": "step", "job": rec.job, "rank": rec.rank, "ts": rec.ts, "step": step,
+                          "value": float(st), "file": rec.file, "offset": rec.offset}
+            if isinstance(rec.data.get("lr"), float):
+                s["lr"] = rec.data["lr"]
+            if checkpoint:
+                s["model_checkpoint"] = checkpoint
+            summaries.append(s)
+        return found
+
+    def save_state(self) -> dict[str, Any]:
+        return {"ranks": [[job, rank, d.save_state()] for (job, rank), d in self.ranks.items()],
+                "checkpoints": [[job, rank, path] for (job, rank), path in self.checkpoints.items()]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for job, rank, st in state.get("ranks", []):
+            det = self.ranks[(job, rank)] = RankMetricsDetector(self.ctx.config)
+            det.load_state(st)
+        for job, rank, path in state.get("checkpoints", []):
+            self.checkpoints[(job, rank)] = path
+
+
+class StepStragglerJob:
+    """Stage 2: a rank whose step time is far above its peers' at the same step (models/straggler.py)."""
+
+    summary_types = ("step",)
+
+    def __init__(self, job: str, ctx: StageContext) -> None:
+        c = ctx.config
+        self.job = job
+        self.detector: StepStragglerDetector[Summary] = StepStragglerDetector(
+            StragglerConfig(ratio=c.straggler_ratio, k=c.straggler_k, min_ranks=c.straggler_min_ranks))
+
+    def process(self, summaries: list[Summary]) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for s in summaries:
+            for f in self.detector.add(int(s["rank"]), int(s["step"]), float(s["value"]), s):
+                ref = f.ref
+                msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
+                       f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
+                ctx = {"step": f.step, "ranks_compared": f.ranks, "model_checkpoint": ref.get("model_checkpoint")}
+                if "lr" in ref:
+                    ctx["lr"] = ref["lr"]
+                out.append(Anomaly("straggler", "step_time_s", self.job, f.rank, float(ref["ts"]), f.value,
+                                   f.median, f.score, f.threshold, "critical" if f.value > 2 * f.median else
+                                   "warning", msg, ctx, source_file=str(ref.get("file", "")),
+                                   source_offset=int(ref.get("offset", -1))))
+        return out
+
+    def tick(self, now: float) -> list[Anomaly]:
+        return []
+
+    def finish(self) -> list[Anomaly]:
+        return []
+
+    def save_state(self) -> dict[str, Any]:
+        return self.detector.save_state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.detector.load_state(state)
