@@ -97,6 +97,7 @@ class RankMetricsDetector:
         self.prev: dict[str, float] = {}
         self.prev2: dict[str, float] = {}  # the value two steps back
         self.tput: deque[float] = deque(maxlen=c.window)
+        self.flagged: dict[str, int] = {}  # detector -> last step it flagged (throughput, step time episodes)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def threshold_info(self, rel: dict[str, float | None]) -> dict[str, Any]:
@@ -134,14 +135,14 @@ class RankMetricsDetector:
                     out.append(f)
         if "step_time_s" in values:
             sc = self.mad["step_time_s"].update(values["step_time_s"])
-            if sc.is_anomaly:
+            if sc.is_anomaly and self._episode_start("step_time", step):
                 out.append(Finding("step_time", "step_time_s", sc.value, sc.expected, sc.threshold, sc.score,
                                    self._severity(sc.score, self.mad["step_time_s"].k),
                                    f"step time {sc.value:.3g}s at step {step} is a spike over its rolling median "
                                    f"{sc.expected:.3g}s (threshold {sc.threshold:.3g}s)"))
         if "throughput" in values:
             f = self._throughput(values["throughput"], step)
-            if f is not None:
+            if f is not None and self._episode_start("throughput", step):
                 out.append(f)
         for s, x in values.items():
             if s in self.moments and math.isfinite(x):
@@ -149,6 +150,13 @@ class RankMetricsDetector:
         for f in out:
             f.context = {"step": step, "threshold_info": dict(info), **f.context}
         return out
+
+    def _episode_start(self, detector: str, step: int) -> bool:
+        """A slowdown lasts: one finding when it starts, not one per step (a straggler or a slow data source
+        would otherwise raise one per step on every rank)."""
+        last = self.flagged.get(detector)
+        self.flagged[detector] = step
+        return last is None or step - last > 1
 
     def _relative(self, s: str, x: float) -> float | None:
         prev = self.prev.get(s)
@@ -213,7 +221,8 @@ class RankMetricsDetector:
         return {"mad": {s: d.save_state() for s, d in self.mad.items()},
                 "rel": {s: d.save_state() for s, d in self.rel.items()},
                 "moments": {s: list(m.values) for s, m in self.moments.items()},
-                "prev": dict(self.prev), "prev2": dict(self.prev2), "tput": list(self.tput)}
+                "prev": dict(self.prev), "prev2": dict(self.prev2), "tput": list(self.tput),
+                "flagged": dict(self.flagged)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for s, st in state.get("mad", {}).items():
@@ -225,6 +234,7 @@ class RankMetricsDetector:
         self.prev = dict(state.get("prev", {}))
         self.prev2 = dict(state.get("prev2", {}))
         self.tput.extend(state.get("tput", []))
+        self.flagged = {k: int(v) for k, v in state.get("flagged", {}).items()}
 
 
 def priority(detector: str) -> int:

@@ -33,7 +33,7 @@ class WorkerConfig:
     state_interval_s: float = 30.0
     start_from: str = "earliest"  # where a new consumer group starts: earliest | latest
     tick_interval_s: float = 1.0  # how often stage 2 judges silent jobs (hangs)
-    caught_up_messages: int = 1000  # at most this many messages behind counts as live (idle time is silence)
+    caught_up_messages: int = 200  # a topic at most this many messages behind is live (its idle time is silence)
     lag_interval_s: float = 2.0
 
 
@@ -163,8 +163,10 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             for job in gone:
                 summary_partitions.pop(job, None)
         behind = getattr(app, "rankwatch_behind", None)
-        caught_up = behind is not None and behind <= worker.caught_up_messages
-        await publish(pipeline.tick(time.time() if caught_up else None, owned))
+        if behind is None:
+            return  # no lag measured yet: whether idle time is silence cannot be told
+        lagging = {fam for fam, topic in sources.items() if behind.get(topic, 0) > worker.caught_up_messages}
+        await publish(pipeline.tick(time.time(), owned, lagging))
 
     @app.agent(deadletter, name="rankwatch.deadletter")
     async def count_dead_letters(stream):
@@ -201,7 +203,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             by_topic[tp.topic] = by_topic.get(tp.topic, 0) + behind
         for topic, behind in by_topic.items():
             metrics.lag.labels(topic).set(behind)
-        app.rankwatch_behind = sum(by_topic.values()) if by_topic else None  # type: ignore[attr-defined]
+        app.rankwatch_behind = by_topic  # type: ignore[attr-defined]
 
     return app
 

@@ -14,7 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rankwatch.models.collective import CollectiveConfig
+from rankwatch.models.op_timing import OpTimingConfig
 from rankwatch.models.training import TrainingDetectorConfig
+from rankwatch.processors.collective_stage import CollectiveJob, NcclEventHandler, OpHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 
@@ -22,7 +25,7 @@ from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig):
+class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -61,9 +64,14 @@ class StageContext:
         self.last_error = f"{rec.kind} record {rec.file}:{rec.offset}: {exc!r}"
 
 
-# Stage 1: record family (Record.family()) -> handler class. Stage 2: job detector classes.
-FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler}
-JOB_DETECTORS: list[type] = [StepStragglerJob]
+# Stage 1: record family (Record.family()) -> handler classes, each sees every record of its family.
+# Stage 2: job detector classes, one instance of each per job.
+FIRST_STAGE: dict[str, list[type]] = {
+    "metrics": [MetricsHandler],
+    "op": [OpHandler],
+    "log": [NcclEventHandler],
+}
+JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob]
 
 
 class Pipeline:
@@ -74,7 +82,10 @@ class Pipeline:
         self.config = config or DetectionConfig()
         wanted = {t for cls in JOB_DETECTORS for t in cls.summary_types}
         self.ctx = StageContext(self.config, wanted)
-        self.handlers: dict[str, FirstStageHandler] = {fam: cls(self.ctx) for fam, cls in FIRST_STAGE.items()}
+        self.handlers: dict[str, FirstStageHandler] = {
+            f"{fam}/{cls.__name__}": cls(self.ctx) for fam, classes in FIRST_STAGE.items() for cls in classes}
+        self.by_family = {fam: [self.handlers[f"{fam}/{cls.__name__}"] for cls in classes]
+                          for fam, classes in FIRST_STAGE.items()}
         self.jobs: dict[str, JobStage] = {}
         self.events = 0
 
@@ -97,21 +108,27 @@ class Pipeline:
 
     @property
     def checkpoints(self) -> dict[tuple[str, int | None], str]:
-        return self.handlers["metrics"].checkpoints  # type: ignore[attr-defined]
+        return self.handlers["metrics/MetricsHandler"].checkpoints  # type: ignore[attr-defined]
 
     # ---- the stages --------------------------------------------------------------------------------------
     def first_stage(self, records: Iterable[Record]) -> tuple[list[Anomaly], list[Summary]]:
         """Per-key detectors. Records are grouped by family (order kept within each), so a handler can batch
         across keys (one LSTM forward pass for every stream in the micro-batch)."""
         by_family: dict[str, list[Record]] = defaultdict(list)
+        clocks: dict[tuple[str, str], float] = {}
         for rec in records:
             self.events += 1
-            by_family[rec.family()].append(rec)
+            family = rec.family()
+            by_family[family].append(rec)
+            if rec.ts > clocks.get((rec.job, family), float("-inf")):
+                clocks[(rec.job, family)] = rec.ts
         out: list[Anomaly] = []
-        summaries: list[Summary] = []
+        # every record advances its job's clock in stage 2, whatever summaries the handlers emit: a hang is
+        # judged against the time the job's other records (GPU samples, other ranks) say it is
+        summaries: list[Summary] = [{"type": "clock", "job": job, "family": fam, "ts": ts}
+                                    for (job, fam), ts in clocks.items()]
         for family, recs in by_family.items():
-            handler = self.handlers.get(family)
-            if handler is not None:
+            for handler in self.by_family.get(family, ()):
                 found, summ = handler.process(recs)
                 out.extend(found)
                 summaries.extend(summ)
@@ -140,12 +157,14 @@ class Pipeline:
     def process_one(self, rec: Record) -> list[Anomaly]:
         return self.process([rec])
 
-    def tick(self, wall: float | None = None, jobs: Iterable[str] | None = None) -> list[Anomaly]:
-        """Judge the absence of events (hangs): each job's clock, advanced by idle wall time when given."""
+    def tick(self, wall: float | None = None, jobs: Iterable[str] | None = None,
+             lagging: set[str] | frozenset[str] = frozenset()) -> list[Anomaly]:
+        """Judge the absence of events (hangs) on each job's clock (processors/stages.py: `JobStage.now`).
+        `lagging`: the record families whose topics this worker is behind on."""
         out: list[Anomaly] = []
         for job in list(self.jobs) if jobs is None else jobs:
             if job in self.jobs:
-                out.extend(self.jobs[job].tick(wall))
+                out.extend(self.jobs[job].tick(wall, lagging))
         return out
 
     def finish(self) -> list[Anomaly]:
@@ -167,7 +186,7 @@ class Pipeline:
 
     def load_state(self, state: dict[str, Any]) -> None:
         if "ranks" in state:  # snapshots written before the two stages: the metrics handler's state
-            state = {"handlers": {"metrics": state}, "jobs": {}}
+            state = {"handlers": {"metrics/MetricsHandler": state}, "jobs": {}}
         for fam, st in state.get("handlers", {}).items():
             if fam in self.handlers:
                 self.handlers[fam].load_state(st)

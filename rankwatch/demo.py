@@ -17,14 +17,27 @@ from rich.table import Table
 from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
 from rankwatch.consume import COLUMNS, _cell, follow_anomalies
-from rankwatch.simulate import FAULT_KINDS, Scenario, default_faults, write_job
+from rankwatch.parsing import parse_iso
+from rankwatch.sim_collectives import build_timeline
+from rankwatch.simulate import FAULT_KINDS, Fault, Scenario, default_faults, write_job
 
 SPEED = 20.0  # simulated seconds per wall second
 
 
-def matches(fault, anomaly: dict, any_signal: bool = False) -> bool:
-    """Does this anomaly report that fault? (`any_signal`: is it explained by it, e.g. a straggler's throughput)"""
+COLLECTIVE = ("straggler", "slow_stream", "hang")
+
+
+def matches(fault, anomaly: dict, window: tuple[float, float] | None = None, any_signal: bool = False) -> bool:
+    """Does this anomaly report that fault? (`any_signal`: is it explained by it; a straggler slows every rank,
+    so it explains every rank's step time and throughput in its window.) Collective faults match by time,
+    since collectives carry no step number."""
     signal, detector = FAULT_KINDS[fault.kind]
+    if fault.kind in COLLECTIVE and window is not None:
+        t = parse_iso(anomaly["event_time"])
+        in_time = window[0] - 1.0 <= t <= window[1] + 5.0
+        if any_signal:
+            return in_time
+        return in_time and anomaly.get("rank") == fault.rank and anomaly.get("signal") == signal
     step = (anomaly.get("context") or {}).get("step")
     return (anomaly.get("rank") == fault.rank and (any_signal or anomaly.get("signal") == signal)
             and step is not None and fault.step <= step <= fault.step + fault.length)
@@ -46,6 +59,8 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
     jobdir.mkdir(parents=True, exist_ok=True)
     sc = Scenario(ranks=ranks, steps=steps, seed=seed)
     sc.faults = default_faults(ranks, steps, np.random.default_rng(seed))
+    windows = build_timeline(sc).windows
+    labelled = [(f, windows.get(i)) for i, f in enumerate(sc.faults) if FAULT_KINDS[f.kind][1]]
     shipper = None
     try:
         if not settings.bootstrap:
@@ -92,7 +107,7 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         console.print(f"job finished: {n} lines written; waiting for the pipeline to drain")
         deadline = time.monotonic() + 45
         while time.monotonic() < deadline and not ship_errors:
-            if all(any(matches(f, a) for a in seen) for f in sc.labels()) and shipper.tailer.lag_bytes() == 0:
+            if all(any(matches(f, a, w) for a in seen) for f, w in labelled) and shipper.tailer.lag_bytes() == 0:
                 time.sleep(1.0)  # let trailing anomalies arrive
                 break
             time.sleep(0.2)
@@ -100,7 +115,7 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         if ship_errors:
             console.print(f"[red]the shipper failed: {ship_errors[0]!r}[/]")
             return 1
-        return _summary(console, sc, seen, shipper.shipped_total, time.monotonic() - t_start)
+        return _summary(console, labelled, seen, shipper.shipped_total, time.monotonic() - t_start)
     finally:
         if shipper is not None:
             shipper.stop_event.set()
@@ -111,22 +126,23 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         tmp.cleanup()
 
 
-def _summary(console: Console, sc: Scenario, seen: list[dict], shipped: int, wall: float) -> int:
+def _summary(console: Console, labelled: list[tuple[Fault, tuple[float, float] | None]], seen: list[dict],
+             shipped: int, wall: float) -> int:
     table = Table(title="injected vs detected")
-    for col in ("fault", "rank", "step", "detected", "by", "first seen at step"):
+    for col in ("fault", "rank", "step", "detected", "by", "first seen (event time)"):
         table.add_column(col)
     all_found = True
     explained = set()
-    for f in sc.labels():
-        hits = [a for a in seen if matches(f, a)]
+    for f, w in labelled:
+        hits = [a for a in seen if matches(f, a, w)]
         explained.update(a["id"] for a in hits)
         all_found &= bool(hits)
+        first = min((a["event_time"] for a in hits), default="")
         table.add_row(f.kind, str(f.rank), str(f.step), "[green]yes[/]" if hits else "[red]NO[/]",
-                      ", ".join(sorted({a["detector"] for a in hits})),
-                      str(min((a["context"].get("step") for a in hits), default="")))
+                      ", ".join(sorted({a["detector"] for a in hits})), first[11:23])
     console.print(table)
     others = [a for a in seen if a["id"] not in explained
-              and not any(matches(f, a, any_signal=True) for f in sc.labels())]
+              and not any(matches(f, a, w, any_signal=True) for f, w in labelled)]
     console.print(f"{shipped} lines shipped, {len(seen)} anomalies, {len(others)} not explained by an injected "
                   f"fault; wall time {wall:.1f} s")
     for a in others:

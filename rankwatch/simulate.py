@@ -2,7 +2,8 @@
 
 Used by `rankwatch demo`, the tests, the quality evaluation and the benchmarks. Noise is realistic rather
 than Gaussian: multiplicative Student-t (df=6) jitter on loss, log-normal grad norms, so thresholds chosen on
-it hold on real curves.
+it hold on real curves. Timing comes from a synchronous job's timeline (rankwatch/sim_collectives.py): every
+rank's step time is the job's, a straggler shows in collective enqueue times, not in its own step time.
 """
 
 from __future__ import annotations
@@ -18,14 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
+from rankwatch.sim_collectives import (
+    RankIdentity,
+    Timeline,
+    build_timeline,
+    coll_line,
+    identities,
+    init_line,
+    watchdog_line,
+)
+
 # fault kind -> (signal it shows in, detector expected to catch it)
 FAULT_KINDS = {
     "loss_spike": ("loss", "mad"),
     "grad_explosion": ("grad_norm", "mad"),
     "throughput_drop": ("throughput", "throughput"),
-    "straggler": ("step_time_s", "straggler"),
     "nonfinite": ("loss", "nonfinite"),
     "drift": ("loss", None),  # a slow upward drift: must NOT be flagged
+    # collective timing (magnitude: straggler = lag in seconds on every op; slow_stream = interval factor)
+    "straggler": ("collective_enqueue", "straggler"),
+    "slow_stream": ("op_interval", "op_timing"),
+    "hang": ("collective_progress", "hang"),
 }
 
 
@@ -36,6 +50,7 @@ class Fault:
     step: int
     length: int = 1
     magnitude: float = 2.0
+    stream: str = ""  # slow_stream: "tp" or "dp"
 
 
 @dataclass
@@ -48,8 +63,16 @@ class Scenario:
     step_s: float = 0.5
     loss_noise: float = 0.03
     grad_noise: float = 0.12
-    ops_per_step: int = 2  # per stream; two streams
     checkpoint_every: int = 100
+    tp: int = 2  # tensor-parallel group size (TP comms of `tp` ranks, DP comms of ranks / tp)
+    tp_ops: int = 4  # tensor-parallel all-reduces per step (half in forward, half in backward)
+    dp_buckets: int = 3  # data-parallel gradient buckets per step
+    nccl_style: str = "2.18"  # NCCL init-line form: "2.14" (no commId), "2.18", "2.19" (ncclCommInitRank)
+    step_drift: float = 0.0  # relative step-time growth over the run (normal drift)
+    pauses: dict[int, float] = field(default_factory=dict)  # step -> seconds every rank pauses after it (eval)
+    hiccups: list[Fault] = field(default_factory=list)  # one-off data-loader delays (must not alarm)
+    watchdog_s: float = 600.0  # PyTorch's NCCL timeout: the watchdog lines come this long after a hang
+    gpu_interval_s: float = 1.0  # GPU sampler period while the job hangs
 
     def labels(self) -> list[Fault]:
         return [f for f in self.faults if FAULT_KINDS[f.kind][1] is not None]
@@ -58,7 +81,7 @@ class Scenario:
 def default_faults(ranks: int, steps: int, rng: np.random.Generator) -> list[Fault]:
     """For the demo: a loss spike, a grad-norm explosion and a straggler, each on a known rank."""
     return [
-        Fault("straggler", rank=6 % ranks, step=int(steps * 0.35), length=10, magnitude=1.8),
+        Fault("straggler", rank=6 % ranks, step=int(steps * 0.35), length=30, magnitude=0.25),
         Fault("loss_spike", rank=3 % ranks, step=int(steps * 0.55), magnitude=float(rng.uniform(2.0, 3.0))),
         Fault("grad_explosion", rank=5 % ranks, step=int(steps * 0.75), magnitude=float(rng.uniform(8, 20))),
     ]
@@ -69,17 +92,21 @@ def _t_noise(rng: np.random.Generator, size: int, df: float = 6.0) -> np.ndarray
     return rng.standard_t(df, size) / math.sqrt(df / (df - 2))
 
 
-def metric_rows(sc: Scenario) -> dict[int, list[dict]]:
-    """rank -> per-step metric dicts (ts, step, loss, grad_norm, throughput, step_time_s, lr)."""
+def metric_rows(sc: Scenario, timeline: Timeline | None = None) -> dict[int, list[dict]]:
+    """rank -> per-step metric dicts (ts, step, loss, grad_norm, throughput, step_time_s, lr). Step times and
+    times come from the job's synchronous timeline: every rank's step time is the job's."""
+    tl = timeline or build_timeline(sc)
     rng = np.random.default_rng(sc.seed)
     steps = np.arange(sc.steps)
+    done = tl.last_step + 1  # a hang ends the job: no step completes after it
+    step_time = np.diff(tl.release)[:done]
     out: dict[int, list[dict]] = {}
     for r in range(sc.ranks):
         base_loss = 2.0 + 1.5 * (1 + steps / 60.0) ** -0.7
         loss = base_loss * (1 + sc.loss_noise * _t_noise(rng, sc.steps))
         grad = 1.2 * (1 + steps / 200.0) ** -0.3 * np.exp(sc.grad_noise * _t_noise(rng, sc.steps))
-        tput = 1000.0 * (1 + 0.02 * _t_noise(rng, sc.steps))
-        step_time = 256.0 / tput
+        measured = step_time * (1 + 0.003 * _t_noise(rng, sc.steps)[:done])  # each rank's own timer
+        tput = 256.0 / measured
         lr = 3e-4 * np.minimum(1.0, (steps + 1) / 20.0)
         for f in sc.faults:
             if f.rank not in (r, -1):  # -1: every rank (a job-wide stall)
@@ -89,39 +116,36 @@ def metric_rows(sc: Scenario) -> dict[int, list[dict]]:
                 loss[sl] *= f.magnitude
             elif f.kind == "grad_explosion":
                 grad[sl] *= f.magnitude
-            elif f.kind == "throughput_drop":
-                tput[sl] /= f.magnitude
-                step_time[sl] *= f.magnitude
-            elif f.kind == "straggler":
-                step_time[sl] *= f.magnitude
-                tput[sl] /= f.magnitude
             elif f.kind == "nonfinite":
                 loss[sl] = np.nan
             elif f.kind == "drift":
                 ramp = np.linspace(0, f.magnitude - 1.0, sc.steps - f.step)
                 loss[f.step:] *= 1 + ramp
-        # wall clock advances by each step's duration, so a straggler's lines arrive later
-        ts = sc.start_ts + np.cumsum(step_time) * sc.step_s / (256.0 / 1000.0)
+        ts = tl.release[1:done + 1]
         out[r] = [{"ts": round(float(ts[i]), 6), "step": int(i), "loss": float(loss[i]),
                    "grad_norm": float(grad[i]), "throughput": round(float(tput[i]), 3),
-                   "step_time_s": round(float(step_time[i]), 6), "lr": float(lr[i])} for i in range(sc.steps)]
+                   "step_time_s": round(float(measured[i]), 6), "lr": float(lr[i])} for i in range(done)]
     return out
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def _iso(ts: float, digits: int = 3) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:20 + digits] + "Z"
 
 
 def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
     """All lines of the job as (event time, relative path, line), in time order."""
-    rows = metric_rows(sc)
+    tl = build_timeline(sc)
+    rows = metric_rows(sc, tl)
+    ids = identities(sc)
     lines: list[tuple[float, str, str]] = []
-    streams = ("0x7f3a1c000000", "0x7f3a1c100000")
     for r, steps in rows.items():
-        host, gpu = f"node{r // 8:03d}", r % 8
+        ident = ids[r]
+        train, nccl = f"rank{r}/train.log", f"rank{r}/nccl.log"
+        t_init = sc.start_ts - 5.0
+        for role in ("world", "dp", "tp"):
+            lines.append((t_init, nccl, f"{_iso(t_init)} {init_line(sc, ident, role)}"))
         for row in steps:
             ts, step = row["ts"], row["step"]
-            train = f"rank{r}/train.log"
             lines.append((ts, train, json.dumps(row)))
             if step % 10 == 0:
                 lines.append((ts, train, f"[rank{r}]: {_iso(ts)} INFO trainer: step {step} "
@@ -129,21 +153,41 @@ def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
             if sc.checkpoint_every and step and step % sc.checkpoint_every == 0:
                 lines.append((ts, train, f"[rank{r}]: {_iso(ts)} INFO checkpoint: Saving checkpoint to "
                               f"/ckpt/run/checkpoint-{step}"))
-            for s, stream in enumerate(streams):
-                for k in range(sc.ops_per_step):
-                    op_count = step * sc.ops_per_step + k
-                    name = "AllReduce" if s == 0 else ("AllGather" if k % 2 else "ReduceScatter")
-                    lines.append((ts + 0.001 * (k + 1), f"rank{r}/nccl.log",
-                                  f"{_iso(ts + 0.001 * (k + 1))} {host}:{4100 + r}:{4200 + r} [{gpu}] NCCL INFO "
-                                  f"{name}: opCount {op_count:x} sendbuff 0x7f3b00000000 recvbuff 0x7f3b00000000 "
-                                  f"count 7382228 datatype 7 op 0 root 0 comm 0x7f3a00000000 "
-                                  f"[nranks={sc.ranks}] stream {stream}"))
-            used = 30e9 + 1e9 * math.sin(step / 25.0) + r * 1e8
-            lines.append((ts, f"rank{r}/gpu.jsonl", json.dumps(
-                {"ts": ts, "host": host, "gpu": gpu, "rank": r, "mem_used_bytes": int(used),
-                 "mem_total_bytes": 80 * 1024**3, "util_pct": 97.0, "temp_c": 64.0, "power_w": 610.0})))
+            lines.append((ts, f"rank{r}/gpu.jsonl", _gpu_line(ts, ident, r, step)))
+    for e in tl.ops:
+        lines.append((e.ts, f"rank{e.rank}/nccl.log", f"{_iso(e.ts, 6)} {coll_line(ids[e.rank], e)}"))
+    if tl.hang_at is not None:
+        lines.extend(_hang_lines(sc, tl, ids))
     lines.sort(key=lambda x: x[0])
     return lines
+
+
+def _gpu_line(ts: float, ident: RankIdentity, r: int, step: float) -> str:
+    used = 30e9 + 1e9 * math.sin(step / 25.0) + r * 1e8
+    return json.dumps({"ts": round(ts, 6), "host": ident.host, "gpu": ident.gpu, "rank": r,
+                       "mem_used_bytes": int(used), "mem_total_bytes": 80 * 1024**3, "util_pct": 97.0,
+                       "temp_c": 64.0, "power_w": 610.0})
+
+
+def _hang_lines(sc: Scenario, tl: Timeline, ids: dict[int, RankIdentity]) -> list[tuple[float, str, str]]:
+    """The silence after a hang: GPU samples go on (the GPUs spin in NCCL), then the watchdog fires on the
+    waiting ranks and the job dies."""
+    assert tl.hang_at is not None
+    out: list[tuple[float, str, str]] = []
+    end = tl.hang_at + sc.watchdog_s
+    t = tl.hang_at + sc.gpu_interval_s
+    frozen_step = tl.last_step + 1
+    while t < end + 2.0:
+        for r, ident in ids.items():
+            out.append((t, f"rank{r}/gpu.jsonl", _gpu_line(t, ident, r, frozen_step)))
+        t += sc.gpu_interval_s
+    seq = (tl.last_step + 2) * (sc.tp_ops + sc.dp_buckets)
+    for r in ids:
+        if r in tl.stopped:
+            continue
+        out.append((end, f"rank{r}/train.log", f"{_iso(end)} " + watchdog_line(
+            r, seq, int(sc.watchdog_s * 1000), int(sc.watchdog_s * 1000) + 85)))
+    return out
 
 
 def write_job(sc: Scenario, directory: str | os.PathLike[str], speed: float | None = None,

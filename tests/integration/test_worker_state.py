@@ -47,7 +47,7 @@ def test_restarted_worker_detects_at_once_with_its_saved_state(settings, tmp_pat
              60, "the first worker to learn 60 steps")
     first.stop()  # SIGTERM: the state is saved on the way out
     saved = json.loads(state.read_text())
-    assert saved["pipeline"]["handlers"]["metrics"]["ranks"][0][:2] == ["restart-job", 0]
+    assert saved["pipeline"]["handlers"]["metrics/MetricsHandler"]["ranks"][0][:2] == ["restart-job", 0]
 
     # A new consumer group that starts at the log end sees none of the 60 steps: only the state can help it.
     settings.app_id += "-restarted"

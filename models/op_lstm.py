@@ -1,0 +1,200 @@
+"""The LSTM that predicts a collective's next interval from the last `sequence_length` standardised intervals.
+
+One network per job (shared weights), not one per rank/stream: 4,096 ranks x 4 streams would otherwise be 16k
+networks of ~50k parameters each (GBs of weights and optimizer state). Every key brings its own normalisation
+(models/op_timing.py), so the shared network sees each stream in its own units. Each time step's input is
+[z, s]: the standardised log interval and the standardised seasonal reference for the *next* position (the same
+phase of the previous steps), so a step boundary, which is periodic, is expected rather than surprising.
+
+Training is online: windows that were just scored go into a reservoir; a round of a few Adam steps runs every
+`train_every` new windows, on a separate copy of the weights, optionally on a background thread (the worker) so it
+never blocks the event loop; the inference copy takes the new weights between micro-batches.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+try:  # torch is a dependency, but the moving-average predictor must work without it (seed semantics)
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - exercised by tests that hide torch
+    torch = None  # type: ignore[assignment]
+    nn = None  # type: ignore[assignment]
+
+N_FEATURES = 2
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def torch_available() -> bool:
+    return torch is not None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankwatch-op-train")
+    return _EXECUTOR
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+    return name
+
+
+if nn is not None:
+
+    class IntervalNet(nn.Module):
+        def __init__(self, hidden_size: int = 64, num_layers: int = 2) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(N_FEATURES, hidden_size, num_layers, batch_first=True)
+            self.head = nn.Linear(hidden_size, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1]).squeeze(-1)
+
+
+class SharedIntervalModel:
+    """Shared weights for the keys of one job: batched prediction, reservoir, training rounds."""
+
+    def __init__(self, seed: int, hidden_size: int = 64, num_layers: int = 2, buffer: int = 8192,
+                 train_every: int = 2000, train_steps: int = 20, train_batch: int = 128, lr: float = 1e-3,
+                 background: bool = False, device: str = "auto", budget: int = 600) -> None:
+        if torch is None:
+            raise RuntimeError("torch is not installed")
+        # Small batches on a small LSTM: more intra-op threads only contend (measured 0.36 s per training round
+        # on one thread, 11-20 s on two, on the 2-core CI machine). This runs in the worker and `analyze`,
+        # never in a training process (the hook sees no collective ops).
+        if torch.get_num_threads() > 1:
+            torch.set_num_threads(1)
+        self.args = {"hidden_size": hidden_size, "num_layers": num_layers}
+        self.device = pick_device(device)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            self.net = IntervalNet(hidden_size, num_layers).to(self.device).eval()
+            self.trainer = IntervalNet(hidden_size, num_layers).to(self.device)
+        self.trainer.load_state_dict(self.net.state_dict())
+        self.optim = torch.optim.Adam(self.trainer.parameters(), lr=lr)
+        self.rng = np.random.default_rng(seed)
+        self.buffer = buffer
+        self.train_every, self.train_steps, self.train_batch = train_every, train_steps, train_batch
+        self.background = background
+        self.budget = budget  # training steps until the model has converged; then rounds are 10x rarer
+        self.seen = 0  # windows offered to the reservoir
+        self.since_round = 0
+        self.steps_trained = 0
+        self.bx: np.ndarray | None = None  # reservoir of windows [buffer, L, 2] (per window length)
+        self.by: np.ndarray | None = None
+        self._pending: dict[str, Any] | None = None  # weights a background round finished with
+        self._lock = threading.Lock()
+        self._round: Future | None = None
+
+    # ---- inference -----------------------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """x: [B, L, 2] float32 -> predicted standardised next value [B]."""
+        self._take_pending()
+        with torch.inference_mode():
+            out = self.net(torch.from_numpy(x).to(self.device))
+        return out.float().cpu().numpy()
+
+    # ---- training -------------------------------------------------------------------------------------
+    def offer(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Scored windows join the reservoir (uniform sample of everything seen), then maybe a round."""
+        n = len(x)
+        if n == 0:
+            return
+        if self.bx is None or self.bx.shape[1] != x.shape[1]:
+            self.bx = np.zeros((self.buffer, *x.shape[1:]), np.float32)
+            self.by = np.zeros(self.buffer, np.float32)
+            self.seen = 0
+        assert self.by is not None
+        for i in range(n):
+            if self.seen < self.buffer:
+                slot = self.seen
+            else:
+                slot = int(self.rng.integers(0, self.seen + 1))
+                if slot >= self.buffer:
+                    self.seen += 1
+                    continue
+            self.bx[slot], self.by[slot] = x[i], y[i]
+            self.seen += 1
+        self.since_round += n
+        every = self.train_every if self.steps_trained < self.budget else 10 * self.train_every
+        if self.since_round >= every and min(self.seen, self.buffer) >= self.train_batch:
+            self.since_round = 0
+            self._start_round()
+
+    def _start_round(self) -> None:
+        assert self.bx is not None and self.by is not None
+        filled = min(self.seen, self.buffer)
+        idx = self.rng.integers(0, filled, (self.train_steps, self.train_batch))
+        xs, ys = self.bx[idx], self.by[idx]  # copies: the round never reads the live reservoir
+        if not self.background:
+            self._train(xs, ys)
+            self._take_pending()
+        elif self._round is None or self._round.done():
+            self._round = _executor().submit(self._train, xs, ys)
+
+    def _train(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        self.trainer.train()
+        loss_fn = nn.SmoothL1Loss()  # heavy-tailed intervals: robust to the rare huge gap
+        for x, y in zip(xs, ys, strict=True):
+            xb = torch.from_numpy(x).to(self.device)
+            yb = torch.from_numpy(y).to(self.device)
+            self.optim.zero_grad(set_to_none=True)
+            loss = loss_fn(self.trainer(xb), yb)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.trainer.parameters(), 1.0)
+            self.optim.step()
+        weights = {k: v.detach().clone() for k, v in self.trainer.state_dict().items()}
+        with self._lock:
+            self._pending = weights
+            self.steps_trained += len(xs)
+
+    def _take_pending(self) -> None:
+        if self._pending is None:
+            return
+        with self._lock:
+            weights, self._pending = self._pending, None
+        if weights is not None:
+            self.net.load_state_dict(weights)
+
+    def wait(self) -> None:
+        """Finish a background round (tests, shutdown)."""
+        if self._round is not None:
+            self._round.result()
+        self._take_pending()
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        from rankwatch.models.tensor_state import state_dict_to_json
+
+        self.wait()
+        return {"args": dict(self.args), "weights": state_dict_to_json(self.trainer.state_dict()),
+                "steps_trained": self.steps_trained}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        from rankwatch.models.tensor_state import state_dict_from_json
+
+        weights = state_dict_from_json(state["weights"])
+        self.trainer.load_state_dict(weights)
+        self.net.load_state_dict(weights)
+        self.steps_trained = int(state.get("steps_trained", 0))
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (detector contract): no lock, no future
+        self.wait()
+        d = dict(self.__dict__)
+        d["_lock"] = None
+        d["_round"] = None
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()

@@ -1,0 +1,410 @@
+"""Per rank/stream collective timing: continuous runs, interval prediction, calibrated verdicts.
+
+For every key (job/rank/stream) the modelled series is the interval between consecutive ops of a continuous run
+(opCount +1 on the same communicator, same or continuing save_count). Intervals are heavy-tailed and periodic
+(bucket gaps inside a step, then the gap to the next step), so the model works on y = log(interval) and keeps,
+per key:
+- its normalisation (EWMA mean/sd of y), so one shared network serves streams of any speed;
+- its period p (ops per step, re-estimated from its own history) and the seasonal reference
+  median(y[-p], y[-2p], y[-3p]): the moving-average predictor that answers during warm-up and without torch;
+- a residual window per predictor, recalibrated every 16 ops: an op is anomalous when its residual exceeds the
+  key's own median + k * 1.4826 * MAD *and* the interval is at least `min_ratio` times the prediction. k is
+  chosen by measurement (bench/bench_op_timing.py, docs/DETECTION.md). The seed tool's fixed rule (relative
+  error > threshold) stays available with `op_verdict = "relative"`.
+
+The LSTM (models/op_lstm.py, shared per job) is used for a job's verdicts once it predicts that job's intervals
+better than the seasonal predictor does (both are scored on every op, before either learns from it).
+Consecutive anomalous ops of a key form one episode: one finding at its onset, not one per op.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rankwatch.models.op_lstm import SharedIntervalModel, torch_available
+
+EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
+_RECALIBRATE = 16  # ops between threshold recomputations per key (amortises the medians)
+
+
+@dataclass
+class OpTimingConfig:
+    op_sequence_length: int = 10  # LSTM input window (seed default)
+    op_hidden_size: int = 64
+    op_num_layers: int = 2
+    op_verdict: str = "calibrated"  # calibrated | relative (the seed's rule)
+    op_threshold: float = 2.0  # relative rule: |actual - predicted| / predicted > threshold
+    op_k: float = 8.0  # calibrated: residual above median + k * 1.4826 * MAD of the key's own residuals ...
+    op_min_ratio: float = 1.3  # ... and actual >= min_ratio x predicted
+    op_residual_window: int = 128
+    op_min_history: int = 48  # ops of a run before its first verdict
+    op_max_period: int = 64  # longest step pattern (ops per step per stream) the seasonal reference follows
+    op_episode_gap: int = 16  # anomalous ops fewer than this many ops apart form one episode
+    op_train_every: int = 2000  # new windows per job between training rounds
+    op_train_steps: int = 20
+    op_train_batch: int = 128
+    op_train_budget: int = 600  # training steps per job before rounds become 10x rarer
+    op_buffer: int = 8192  # reservoir of training windows per job
+    op_background_training: bool = False  # the worker sets it: training rounds on a thread
+    op_device: str = "auto"  # auto | cpu | cuda
+    op_use_lstm: bool = True  # False: the seasonal moving-average predictor only
+    op_stream_params: dict = field(default_factory=dict)  # {"0x1234": {"sequence_length": 8, "threshold": 1.5}}
+
+    def for_stream(self, stream: str, name: str) -> Any:
+        override = (self.op_stream_params.get(stream) or {}).get(name)
+        return getattr(self, f"op_{name}") if override is None else override
+
+
+@dataclass(slots=True)
+class OpVerdict:
+    ready: bool
+    is_anomaly: bool = False
+    onset: bool = False  # first anomalous op of an episode
+    actual_s: float = 0.0
+    predicted_s: float = 0.0
+    deviation: float = 0.0  # the seed's score: |actual - predicted| / predicted
+    score: float = 0.0  # robust z of the residual on the key's own residuals
+    threshold_s: float | None = None  # interval above which this op would have been anomalous
+    predictor: str = ""
+    run: int = 0  # run number within the key
+    index: int = 0  # op index within the run (the seed report's anomaly_indices)
+    new_run: bool = False
+
+
+class _Ring:
+    """Fixed-size float window, O(1) append, contiguous tail reads."""
+
+    __slots__ = ("buf", "n", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = np.zeros(2 * size, np.float32)
+        self.n = 0
+
+    def append(self, x: float) -> None:
+        if self.n == 2 * self.size:
+            self.buf[: self.size] = self.buf[self.size:]
+            self.n = self.size
+        self.buf[self.n] = x
+        self.n += 1
+
+    def tail(self, k: int) -> np.ndarray:
+        return self.buf[max(0, self.n - k): self.n]
+
+    def __len__(self) -> int:
+        return min(self.n, self.size)
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def to_list(self) -> list[float]:
+        return [float(v) for v in self.tail(self.size)]
+
+    def extend(self, values: list[float]) -> None:
+        for v in values:
+            self.append(v)
+
+
+class _Calibration:
+    """Residuals of one predictor on one key -> threshold on the residual (robust, recomputed every 16 ops)."""
+
+    __slots__ = ("res", "threshold", "median", "scale", "since", "flagged_run")
+
+    def __init__(self, window: int) -> None:
+        self.res = _Ring(window)
+        self.threshold = math.inf
+        self.median = 0.0
+        self.scale = 1.0
+        self.since = 0
+        self.flagged_run = 0
+
+    def judge(self, r: float, k: float, min_points: int) -> tuple[bool, float]:
+        if len(self.res) < min_points:
+            self.learn(r, False)
+            return False, 0.0
+        z = (r - self.median) / self.scale
+        hit = r > self.threshold
+        self.learn(r, hit)
+        return hit, z
+
+    def learn(self, r: float, hit: bool) -> None:
+        # flagged residuals stay out (a slow episode must not widen its own threshold), unless the new level
+        # persists for a whole window: then it is the new normal
+        self.flagged_run = self.flagged_run + 1 if hit else 0
+        if not hit or self.flagged_run > self.res.size:
+            self.res.append(r)
+            self.since += 1
+
+    def recalibrate(self, k: float, floor: float) -> None:
+        if self.since < _RECALIBRATE and math.isfinite(self.threshold):
+            return
+        values = self.res.tail(self.res.size)
+        if len(values) == 0:
+            return
+        med = float(np.median(values))
+        mad = float(np.median(np.abs(values - med)))
+        self.median, self.scale = med, max(1.4826 * mad, floor)
+        self.threshold = med + k * self.scale
+        self.since = 0
+
+
+class KeyState:
+    """Everything one rank/stream needs: run position, history, normalisation, period, calibration, episode."""
+
+    def __init__(self, cfg: OpTimingConfig, stream: str) -> None:
+        self.seq_len = int(cfg.for_stream(stream, "sequence_length"))
+        self.threshold = float(cfg.for_stream(stream, "threshold"))
+        self.k = float(cfg.for_stream(stream, "k"))
+        hist = max(self.seq_len + 1, 3 * cfg.op_max_period + 1)
+        self.y = _Ring(hist)  # log intervals of the current run
+        self.sref = _Ring(hist)  # seasonal reference that was predicted for each of them
+        self.last_ts: float | None = None
+        self.last_count: dict[str, int] = {}
+        self.last_save: Any = None
+        self.mean = 0.0
+        self.var = 1.0
+        self.n_norm = 0
+        self.period = 0
+        self.since_period = 0
+        self.cal = {"seasonal": _Calibration(cfg.op_residual_window), "lstm": _Calibration(cfg.op_residual_window)}
+        self.run = 0
+        self.index = 0  # ops in the current run
+        self.last_flag = -10**9
+        self.total = 0
+
+    # ---- runs ---------------------------------------------------------------------------------------------
+    def continues(self, comm: str, op_count: int, save: Any) -> bool:
+        prev = self.last_count.get(comm)
+        if prev is None:
+            return self.last_ts is not None and (save is None or save == self.last_save)
+        return op_count == prev + 1
+
+    def new_run(self) -> None:
+        self.run += 1
+        self.index = 0
+        self.y.clear()
+        self.sref.clear()
+        self.last_ts = None
+        self.period = 0
+        self.since_period = 0
+
+    # ---- normalisation and the seasonal reference ------------------------------------------------------
+    def z(self, y: float | np.ndarray) -> Any:
+        return (y - self.mean) / math.sqrt(self.var)
+
+    def learn_norm(self, y: float) -> None:
+        self.n_norm += 1
+        a = max(1.0 / self.n_norm, 0.01)
+        d = y - self.mean
+        self.mean += a * d
+        self.var = max((1 - a) * (self.var + a * d * d), 1e-4)
+
+    def seasonal(self) -> float | None:
+        """Prediction of the next log interval from the same phase of the previous steps."""
+        p = self.period
+        n = len(self.y)
+        if p == 0 or n < 3 * p:
+            return None
+        t = self.y.tail(3 * p)
+        a, b, c = float(t[0]), float(t[p]), float(t[2 * p])
+        return max(min(a, b), min(max(a, b), c))  # median of three
+
+    def update_period(self, max_period: int) -> None:
+        self.since_period += 1
+        n = len(self.y)
+        if (self.period and self.since_period < 64) or n < 24:
+            return
+        self.since_period = 0
+        h = self.y.tail(min(n, 4 * max_period))
+        best_p, best = 1, math.inf
+        scores = []
+        for p in range(1, min(max_period, len(h) // 3) + 1):
+            s = float(np.mean(np.abs(h[p:] - h[:-p])))
+            scores.append((p, s))
+            best = min(best, s)
+        # the shortest lag nearly as good as the best: multiples of the true period score the same
+        best_p = next(p for p, s in scores if s <= best * 1.1 + 1e-3)
+        self.period = best_p
+
+    # ---- persistence ------------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        return {"y": self.y.to_list(), "sref": self.sref.to_list(), "last_ts": self.last_ts,
+                "last_count": dict(self.last_count), "last_save": self.last_save, "mean": self.mean,
+                "var": self.var, "n_norm": self.n_norm, "period": self.period, "run": self.run,
+                "index": self.index, "last_flag": self.last_flag, "total": self.total,
+                "res": {name: c.res.to_list() for name, c in self.cal.items()}}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.y.extend(st.get("y", []))
+        self.sref.extend(st.get("sref", []))
+        for name in ("last_ts", "last_save", "mean", "var", "n_norm", "period", "run", "index", "last_flag",
+                     "total"):
+            if name in st:
+                setattr(self, name, st[name])
+        self.last_count = {str(k): int(v) for k, v in st.get("last_count", {}).items()}
+        for name, values in st.get("res", {}).items():
+            if name in self.cal:
+                self.cal[name].res.extend(values)
+
+
+@dataclass(slots=True)
+class OpInput:
+    key: tuple[str, int | None, str]  # job, rank, stream
+    ts: float
+    op_count: int
+    comm: str = ""
+    save_count: Any = None
+
+
+class OpTimingDetector:
+    """All keys of a worker (or of an `analyze` run): `update(batch) -> [OpVerdict]`, one per input, in order.
+    LSTM predictions for the whole batch come from one forward pass per job."""
+
+    def __init__(self, config: OpTimingConfig | None = None) -> None:
+        self.config = config or OpTimingConfig()
+        self.keys: dict[tuple[str, int | None, str], KeyState] = {}
+        self.models: dict[str, SharedIntervalModel] = {}
+        self.error = {}  # job -> [ewma |residual| seasonal, ewma |residual| lstm]
+
+    def key_state(self, key: tuple[str, int | None, str]) -> KeyState:
+        st = self.keys.get(key)
+        if st is None:
+            st = self.keys[key] = KeyState(self.config, key[2])
+        return st
+
+    def model(self, job: str) -> SharedIntervalModel | None:
+        c = self.config
+        if not (c.op_use_lstm and torch_available()):
+            return None
+        m = self.models.get(job)
+        if m is None:
+            m = self.models[job] = SharedIntervalModel(
+                seed=zlib.crc32(job.encode()), hidden_size=c.op_hidden_size, num_layers=c.op_num_layers,
+                buffer=c.op_buffer, train_every=c.op_train_every, train_steps=c.op_train_steps,
+                train_batch=c.op_train_batch, background=c.op_background_training, device=c.op_device,
+                budget=c.op_train_budget)
+        return m
+
+    def lstm_active(self, job: str) -> bool:
+        """The LSTM judges a job once it has trained and predicts its ops better than the seasonal reference."""
+        m = self.models.get(job)
+        err = self.error.get(job)
+        return bool(m is not None and m.steps_trained >= 200 and err and err[1] <= err[0])
+
+    # ---- the batch update ---------------------------------------------------------------------------------
+    def update(self, items: list[OpInput]) -> list[OpVerdict]:
+        c = self.config
+        verdicts: list[OpVerdict | None] = [None] * len(items)
+        pending: list[tuple[int, KeyState, float, float, float | None]] = []  # (i, state, y, actual, season)
+        windows: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+        for i, it in enumerate(items):
+            st = self.key_state(it.key)
+            new_run = False
+            if not st.continues(it.comm, it.op_count, it.save_count):
+                if st.last_ts is not None or st.total:
+                    new_run = True
+                st.new_run()
+            st.last_count[it.comm] = it.op_count
+            st.last_save = it.save_count
+            st.total += 1
+            if st.last_ts is None:
+                st.last_ts = it.ts
+                verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
+                continue
+            actual = max(it.ts - st.last_ts, 0.0)
+            st.last_ts = it.ts
+            st.index += 1
+            y = math.log(actual + EPS)
+            season = st.seasonal()
+            if season is not None and len(st.y) >= st.seq_len:
+                w = np.empty((st.seq_len, 2), np.float32)
+                w[:, 0] = st.z(st.y.tail(st.seq_len))
+                w[:-1, 1] = st.z(st.sref.tail(st.seq_len - 1)) if st.seq_len > 1 else 0.0
+                w[-1, 1] = st.z(season)
+                windows.setdefault((it.key[0], st.seq_len), []).append((len(pending), w))
+            pending.append((i, st, y, actual, season))
+            st.y.append(y)
+            st.sref.append(season if season is not None else y)
+            st.update_period(c.op_max_period)
+            verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
+        lstm_pred = self._predict(windows, pending)
+        for j, (i, st, y, actual, season) in enumerate(pending):
+            verdicts[i] = self._judge(items[i].key[0], st, y, actual, season, lstm_pred.get(j), verdicts[i])
+            st.learn_norm(y)
+        return verdicts  # type: ignore[return-value]
+
+    def _predict(self, windows: dict[tuple[str, int], list[tuple[int, np.ndarray]]],
+                 pending: list[tuple[int, KeyState, float, float, float | None]]) -> dict[int, float]:
+        """One forward pass per job (and window length); the scored windows then train the job's model."""
+        out: dict[int, float] = {}
+        for (job, _), group in windows.items():
+            model = self.model(job)
+            if model is None:
+                continue
+            x = np.stack([w for _, w in group])
+            pred_z = model.predict(x)
+            for (j, _), pz in zip(group, pred_z, strict=True):
+                st = pending[j][1]
+                out[j] = float(pz) * math.sqrt(st.var) + st.mean
+            targets = np.array([pending[j][1].z(pending[j][2]) for j, _ in group], np.float32)
+            model.offer(x, targets)
+        return out
+
+    def _judge(self, job: str, st: KeyState, y: float, actual: float, season: float | None,
+               lstm: float | None, v: OpVerdict) -> OpVerdict:
+        c = self.config
+        if season is None:
+            return v
+        err = self.error.setdefault(job, [0.0, 0.0])
+        verdicts = {}
+        for name, pred in (("seasonal", season), ("lstm", lstm)):
+            if pred is None:
+                continue
+            r = y - pred
+            cal = st.cal[name]
+            cal.recalibrate(st.k, 0.05)
+            hit, z = cal.judge(r, st.k, 32)
+            verdicts[name] = (pred, r, hit, z, cal.threshold)
+            if lstm is not None:
+                idx = 0 if name == "seasonal" else 1
+                err[idx] += 0.01 * (abs(r) - err[idx])
+        name = "lstm" if lstm is not None and self.lstm_active(job) else "seasonal"
+        pred, r, hit, z, thr = verdicts[name]
+        predicted = max(math.exp(pred) - EPS, 0.0)
+        deviation = abs(actual - predicted) / max(predicted, EPS)
+        if c.op_verdict == "relative":
+            hit = deviation > st.threshold
+        else:
+            hit = hit and actual >= c.op_min_ratio * predicted
+        ready = st.index >= c.op_min_history
+        hit = hit and ready
+        v.ready, v.is_anomaly, v.actual_s, v.predicted_s = ready, hit, actual, predicted
+        v.deviation, v.score, v.predictor = deviation, z, name
+        if c.op_verdict == "relative":
+            v.threshold_s = predicted * (1 + st.threshold)
+        elif math.isfinite(thr):
+            v.threshold_s = max(math.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
+        if hit:
+            v.onset = st.index - st.last_flag > c.op_episode_gap
+            st.last_flag = st.index
+        return v
+
+    # ---- persistence ------------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        return {"keys": [[list(k), st.save_state()] for k, st in self.keys.items()],
+                "models": {job: m.save_state() for job, m in self.models.items()},
+                "error": {job: list(e) for job, e in self.error.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for key, st in state.get("keys", []):
+            k = (str(key[0]), None if key[1] is None else int(key[1]), str(key[2]))
+            self.key_state(k).load_state(st)
+        for job, ms in state.get("models", {}).items():
+            m = self.model(job)
+            if m is not None:
+                m.load_state(ms)
+        self.error = {job: [float(a), float(b)] for job, (a, b) in state.get("error", {}).items()}

@@ -1,0 +1,307 @@
+"""Collective ops in the two stages.
+
+Stage 1, per rank/stream (`OpHandler`): the op-timing model (models/op_timing.py) judges each op's interval; a
+finding goes on to stage 2 as a candidate, with every op's compact summary (rank, comm, opCount, enqueue time).
+`NcclEventHandler` forwards NCCL communicator-init lines (which tie a process's comm pointer to the commId all
+its ranks share) and PyTorch watchdog timeouts.
+
+Stage 2, per job (`CollectiveJob`): lateness per (comm, opCount), stragglers, hangs (models/collective.py), and
+the victim test: an op-timing candidate on a rank that was not late itself while another rank was late by a
+comparable amount, just before, is a victim waiting at the collective; it is counted, not reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
+from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector, OpVerdict
+from rankwatch.processors.stages import Summary
+
+from rankwatch.records import Anomaly, Record
+
+if TYPE_CHECKING:
+    from rankwatch.processors.pipeline import StageContext
+
+HANG_GAUGE = "rankwatch_hang_active"
+STRAGGLER_GAUGE = "rankwatch_straggler_lag_seconds"
+
+
+def shared_comm(data: dict[str, Any]) -> str:
+    """The identity of an op's communicator that every rank shares, when the record has it: NCCL's commId
+    (attached by the parser from the init line of the same process), or a JSON event's own `comm`. NCCL COLL
+    lines' `comm 0x...` is a per-process pointer: resolved in stage 2."""
+    if data.get("comm_id"):
+        return f"id:{data['comm_id']}"
+    if data.get("comm") and "datatype" not in data:  # a JSON op event: its comm is already shared
+        return f"json:{data['comm']}"
+    return ""
+
+
+class OpHandler:
+    """Stage 1 for collective ops, keyed by job/rank/stream."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.detector = OpTimingDetector(ctx.config)
+
+    def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
+        items, kept = [], []
+        for rec in records:
+            try:
+                d = rec.data
+                stream = str(d.get("stream", "default"))
+                items.append(OpInput((rec.job, rec.rank, stream), float(rec.ts), int(d["op_count"]),
+                                     str(d.get("comm") or d.get("comm_id") or ""), d.get("save_count")))
+                kept.append(rec)
+            except (TypeError, ValueError, KeyError) as exc:
+                self.ctx.skip(rec, exc)
+        verdicts = self.detector.update(items)
+        out: list[Anomaly] = []
+        summaries: list[Summary] = []
+        to_stage2 = self.ctx.wants("op_flag")
+        for rec, v in zip(kept, verdicts, strict=True):
+            summary = op_summary(rec) if rec.rank is not None else None
+            if summary is not None and self.ctx.wants("op"):
+                summaries.append(summary)
+            if v.is_anomaly and v.onset:
+                a = op_timing_anomaly(rec, v)
+                if to_stage2 and summary is not None:
+                    summaries.append({**summary, "type": "op_flag", "anomaly": anomaly_fields(a)})
+                else:
+                    out.append(a)
+        return out, summaries
+
+    def save_state(self) -> dict[str, Any]:
+        return self.detector.save_state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.detector.load_state(state)
+
+
+def op_summary(rec: Record) -> Summary:
+    d = rec.data
+    return {"type": "op", "job": rec.job, "rank": rec.rank, "ts": rec.ts, "comm": shared_comm(d),
+            "ptr": str(d.get("comm") or ""), "n": int(d["op_count"]), "op": str(d.get("op", "")),
+            "nranks": d.get("nranks"), "count": d.get("count"), "file": rec.file, "offset": rec.offset}
+
+
+def op_timing_anomaly(rec: Record, v: OpVerdict) -> Anomaly:
+    d = rec.data
+    stream = str(d.get("stream", "default"))
+    ratio = v.actual_s / v.predicted_s if v.predicted_s > 0 else float("inf")
+    op = str(d.get("op", ""))
+    msg = (f"rank {rec.rank} stream {stream}: {op} opCount {d.get('op_count')} came {v.actual_s:.3g}s after the "
+           f"previous op, {ratio:.1f}x the {v.predicted_s:.3g}s predicted ({v.predictor} model)")
+    ctx = {"stream": stream, "comm": d.get("comm_id") or d.get("comm"), "op": op, "op_count": d.get("op_count"),
+           "save_count": d.get("save_count"), "predicted_s": v.predicted_s, "actual_s": v.actual_s,
+           "deviation": v.deviation, "predictor": v.predictor, "run": v.run, "index": v.index,
+           "role": op.lower() or "unknown"}
+    return Anomaly("op_timing", "op_interval", rec.job, rec.rank, rec.ts, v.actual_s, v.predicted_s, v.score,
+                   v.threshold_s, "critical" if ratio >= 3 else "warning", msg, ctx, source_file=rec.file,
+                   source_offset=rec.offset, stream=stream)
+
+
+def anomaly_fields(a: Anomaly) -> dict[str, Any]:
+    d = asdict(a)
+    d.pop("detected_at", None)
+    return d
+
+
+class NcclEventHandler:
+    """Stage 1 for log lines that carry NCCL facts the cross-rank view needs (the parser recognised them)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
+        summaries: list[Summary] = []
+        for rec in records:
+            event = rec.data.get("event")
+            fields = rec.data.get("fields")
+            if not isinstance(fields, dict) or rec.rank is None:
+                continue
+            if event == "nccl_comm_init" and self.ctx.wants("nccl_init") and fields.get("comm"):
+                summaries.append({"type": "nccl_init", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
+                                  "ptr": str(fields["comm"]), "comm_id": fields.get("comm_id"),
+                                  "nranks": fields.get("nranks"), "comm_rank": fields.get("comm_rank")})
+            elif event == "nccl_watchdog_timeout" and self.ctx.wants("nccl_timeout"):
+                summaries.append({"type": "nccl_timeout", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
+                                  "file": rec.file, "offset": rec.offset,
+                                  **{k: fields.get(k) for k in ("seq_num", "op_type", "timeout_ms", "ran_for_ms")}})
+        return [], summaries
+
+    def save_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class CollectiveJob:
+    """Stage 2 for one job: lateness, stragglers, hangs, and the victim test for op-timing candidates."""
+
+    summary_types = ("op", "op_flag", "nccl_init", "nccl_timeout")
+
+    def __init__(self, job: str, ctx: StageContext) -> None:
+        self.job = job
+        self.ctx = ctx
+        self.config: CollectiveConfig = ctx.config
+        self.tracker = CollectiveTracker(ctx.config)
+        self.comm_ids: dict[tuple[int, str], str] = {}  # (rank, comm pointer) -> shared identity
+        self.signatures: dict[tuple[int, str], str] = {}  # fallback identity when no init line was seen
+        self.last_ref: dict[int, tuple[str, int]] = {}  # rank -> (file, offset) of its latest op
+        self.held: list[dict[str, Any]] = []  # op-timing candidates waiting for the cross-rank view
+        self.clock = float("-inf")
+        self.victims = 0
+        self.paused = 0  # op-timing candidates explained by a pause of every rank
+        ctx.gauges.set(HANG_GAUGE, (job,), 0)
+
+    # ---- input ------------------------------------------------------------------------------------------
+    def process(self, summaries: list[Summary]) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for s in summaries:
+            t = s.get("type")
+            ts = float(s.get("ts", self.clock))
+            self.clock = max(self.clock, ts)
+            if t == "op":
+                rank = int(s["rank"])
+                for ev in self.tracker.add(self._comm(s, rank), rank, int(s["n"]), ts, str(s.get("op", ""))):
+                    out.append(self._straggler_anomaly(ev))
+                self.last_ref[rank] = (str(s.get("file", "")), int(s.get("offset", -1)))
+            elif t == "op_flag":
+                self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
+                                  "n": int(s["n"])})
+            elif t == "nccl_init" and s.get("comm_id"):
+                self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
+            elif t == "nccl_timeout":
+                h = self.tracker.hang_from_evidence(
+                    {k: s.get(k) for k in ("rank", "seq_num", "op_type", "timeout_ms", "ran_for_ms")}, ts)
+                if h is not None:
+                    out.append(self._hang_anomaly(h, (str(s.get("file", "")), int(s.get("offset", -1)))))
+        out.extend(self._judge(self.clock))
+        return out
+
+    def _comm(self, s: Summary, rank: int) -> str:
+        if s.get("comm"):
+            return str(s["comm"])
+        ptr = str(s.get("ptr", ""))
+        known = self.comm_ids.get((rank, ptr))
+        if known:
+            return known
+        sig = self.signatures.get((rank, ptr))
+        if sig is None:  # ranks create communicators in the same program order: same size, same first op
+            sig = self.signatures[(rank, ptr)] = f"sig:n{s.get('nranks')}:{s.get('op')}:{s.get('count')}"
+        return sig
+
+    # ---- judgement -------------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Anomaly]:
+        self.clock = max(self.clock, now)
+        out = self._judge(now)
+        h = self.tracker.check_hang(now)
+        if h is not None:
+            out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
+        return out
+
+    def finish(self) -> list[Anomaly]:
+        out = self.tick(self.clock)
+        out.extend(self._release(float("inf")))
+        return out
+
+    def _judge(self, now: float) -> list[Anomaly]:
+        out = []
+        events, ended = self.tracker.judge(now)
+        for ev in events:
+            out.append(self._straggler_anomaly(ev))
+        for r in ended:
+            self.ctx.gauges.remove(STRAGGLER_GAUGE, (self.job, str(r)))
+        out.extend(self._release(now))
+        return out
+
+    def _release(self, now: float) -> list[Anomaly]:
+        """Candidates whose op the cross-rank view has judged (or whose hold expired): a rank that only paused
+        with all the others, or waited for a late peer, is not reported; the rest are."""
+        out, keep = [], []
+        for h in self.held:
+            a = h["anomaly"]
+            t = float(a["event_time"])
+            if not self.tracker.passed(h["comm"], h["n"]) and t + self.config.victim_hold_s > now:
+                keep.append(h)
+                continue
+            actual, predicted = float(a["value"] or 0.0), float(a["expected"] or 0.0)
+            common = self.tracker.common_gap(h["comm"], h["n"])
+            if common is not None and actual <= self.config.op_min_ratio * common:
+                self.paused += 1
+                continue
+            late = self.tracker.late_near(t - actual - 0.5, t + 0.5)
+            own = late.get(a["rank"], 0.0)
+            waited_for = {r: lag for r, lag in late.items() if r != a["rank"] and lag >= 0.5 * (actual - predicted)}
+            if own == 0.0 and waited_for:
+                self.victims += 1
+                continue
+            if own:
+                a["context"]["late_by_s"] = own
+            if common is not None:
+                a["context"]["peers_gap_s"] = common
+            out.append(Anomaly(**a))
+        self.held = keep
+        return out
+
+    # ---- anomalies -------------------------------------------------------------------------------------
+    def _straggler_anomaly(self, ev: StragglerEvent) -> Anomaly:
+        self.ctx.gauges.set(STRAGGLER_GAUGE, (self.job, str(ev.rank)), ev.lag)
+        file, offset = self.last_ref.get(ev.rank, ("", -1))
+        msg = (f"rank {ev.rank} enqueues collectives {ev.lag:.3g}s after the median rank: late on {ev.late_ops} of "
+               f"the last {ev.window} ops of comm {ev.comm}; {ev.peers} peers wait for it at each one")
+        ctx = {"lag_s": ev.lag, "late_ops": ev.late_ops, "window": ev.window, "comm": ev.comm,
+               "op_count": ev.op_count, "peers_waiting": ev.peers, "update": not ev.first,
+               "victims_suppressed": self.victims}
+        return Anomaly("straggler", "collective_enqueue", self.job, ev.rank, ev.ts, ev.lag, 0.0, None,
+                       self.config.straggler_min_lag_s, "critical" if ev.lag >= 1.0 else "warning", msg, ctx,
+                       source_file=file, source_offset=offset)
+
+    def _hang_anomaly(self, h: HangEvent, ref: tuple[str, int]) -> Anomaly:
+        self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if h.kind == "hang" else 0)
+        stalled = sorted(h.stalled)
+        if h.kind == "resolved":
+            msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
+            severity = "info"
+        elif stalled:
+            msg = (f"hang: comm {h.comm} has not advanced for {h.silent_s:.0f}s (threshold {h.threshold_s:.0f}s); "
+                   f"rank(s) {stalled} never reached {h.op or 'op'} opCount {h.op_count} that the others are "
+                   f"stuck in")
+            severity = "critical"
+        else:
+            msg = f"hang: PyTorch watchdog timeout ({h.evidence[-1] if h.evidence else ''})"
+            severity = "critical"
+        ctx = {"stalled_ranks": stalled, "last_op_count": {str(r): n for r, n in h.stalled.items()},
+               "op": h.op, "op_count": h.op_count, "comm": h.comm, "silent_s": h.silent_s,
+               "threshold_s": h.threshold_s, "evidence": h.evidence[-8:]}
+        return Anomaly("hang", "collective_progress", self.job, stalled[0] if len(stalled) == 1 else None, h.ts,
+                       h.silent_s, None, None, h.threshold_s, severity, msg, ctx, source_file=ref[0],
+                       source_offset=ref[1])
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.save_state(),
+                "comm_ids": [[r, p, c] for (r, p), c in self.comm_ids.items()],
+                "signatures": [[r, p, c] for (r, p), c in self.signatures.items()],
+                "last_ref": {str(r): list(v) for r, v in self.last_ref.items()}, "held": self.held,
+                "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
+                "paused": self.paused}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state(state.get("tracker", {}))
+        self.comm_ids = {(int(r), str(p)): c for r, p, c in state.get("comm_ids", [])}
+        self.signatures = {(int(r), str(p)): c for r, p, c in state.get("signatures", [])}
+        self.last_ref = {int(r): (str(v[0]), int(v[1])) for r, v in state.get("last_ref", {}).items()}
+        self.held = list(state.get("held", []))
+        if state.get("clock") is not None:
+            self.clock = float(state["clock"])
+        self.victims = int(state.get("victims", 0))
+        self.paused = int(state.get("paused", 0))
+        self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if self.tracker.hang else 0)
+
+
+__all__ = ["OpHandler", "NcclEventHandler", "CollectiveJob", "OpTimingConfig", "CollectiveConfig"]

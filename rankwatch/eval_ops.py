@@ -1,0 +1,185 @@
+"""Measured collective-timing quality: stragglers, slow streams, hangs, and false alarms on long normal runs.
+
+`rankwatch eval --suite ops`. Per seed three jobs of the simulator's synchronous DP x TP timeline
+(rankwatch/sim_collectives.py): one with a straggler (0.1-0.4 s late on every op for 30-60 steps) and a slow
+stream (x1.5-3 intervals for ~50 ops) on other ranks and times, one that hangs, and one long normal run with
+drift and evaluation pauses. Faults are matched by rank and time, not step: collectives carry no step number.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rankwatch.sim_collectives import build_timeline
+from rankwatch.simulate import Fault, Scenario, write_job
+
+KINDS = {"straggler": {"straggler"}, "slow_stream": {"op_timing"}, "hang": {"hang"}}
+TIERS = {"straggler": ((0.1, 0.2), (0.2, 0.4)), "slow_stream": ((1.5, 2.0), (2.0, 3.0))}
+
+
+@dataclass
+class OpsQuality:
+    faults: int = 0
+    detected: int = 0
+    tp: int = 0
+    fp: int = 0
+    named: int = 0  # straggler/hang: the right rank named
+    delays: list[float] = field(default_factory=list)
+    by_tier: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.detected / self.faults if self.faults else 1.0
+
+
+@dataclass
+class LabelledJob:
+    name: str
+    scenario: Scenario
+    windows: dict[int, tuple[float, float]]  # fault index -> (start, end) event time
+    normal: bool = False
+
+
+def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1200) -> list[LabelledJob]:
+    rng = np.random.default_rng(20_000 + seed)
+    tier = seed % 2  # half the seeds subtle, half obvious
+    lag = float(rng.uniform(*TIERS["straggler"][tier]))
+    factor = float(rng.uniform(*TIERS["slow_stream"][tier]))
+    straggler_rank, slow_rank = (int(x) for x in rng.choice(ranks, 2, replace=False))
+    stream = "tp" if rng.random() < 0.5 else "dp"
+    ops_per_step = 4 if stream == "tp" else 3
+    s1 = int(rng.integers(80, 140))
+    s2 = int(rng.integers(s1 + 90, steps - 40))
+    common: dict[str, Any] = {"ranks": ranks, "seed": seed, "step_drift": float(rng.uniform(0.0, 0.1)),
+                              "nccl_style": ("2.14", "2.18", "2.19")[seed % 3], "watchdog_s": 120.0}
+    faulty = Scenario(steps=steps, faults=[
+        Fault("straggler", straggler_rank, s1, int(rng.integers(30, 61)), lag),
+        Fault("slow_stream", slow_rank, s2, max(50 // ops_per_step, 1), factor, stream=stream)], **common)
+    hang = Scenario(steps=steps, faults=[Fault("hang", int(rng.integers(0, ranks)), int(rng.integers(150, 350)))],
+                    pauses={int(rng.integers(60, 140)): float(rng.uniform(5, 20))}, **common)
+    normal = Scenario(steps=normal_steps, faults=[], **{**common, "seed": seed + 50_000},
+                      pauses={int(s): float(rng.uniform(5, 30)) for s in rng.integers(100, normal_steps - 50, 3)})
+    out = []
+    for name, sc, is_normal in (("faulty", faulty, False), ("hang", hang, False), ("normal", normal, True)):
+        out.append(LabelledJob(f"ops-seed{seed}-{name}", sc, build_timeline(sc).windows, is_normal))
+    return out
+
+
+def _match(f: Fault, window: tuple[float, float], a: dict[str, Any], hang_slack: float) -> bool:
+    t = a["event_time_s"]
+    if f.kind == "hang":
+        return window[0] <= t <= window[0] + hang_slack
+    return a.get("rank") == f.rank and window[0] - 1.0 <= t <= window[1] + 5.0
+
+
+def score(jobs: list[LabelledJob], found: dict[str, list[dict]], hang_threshold_s: float = 30.0
+          ) -> tuple[dict[str, OpsQuality], dict[str, Any]]:
+    q = {k: OpsQuality() for k in KINDS}
+    normal = {"op_records": 0, "alarms": defaultdict(int), "victim_alarms": 0}
+    slack = 2 * hang_threshold_s
+    for job in jobs:
+        anomalies = found.get(job.name, [])
+        if job.normal:
+            normal["op_records"] += job.scenario.ranks * job.scenario.steps * (job.scenario.tp_ops +
+                                                                               job.scenario.dp_buckets)
+            for a in anomalies:
+                if a["detector"] in ("op_timing", "straggler", "hang"):
+                    normal["alarms"][a["detector"]] += 1
+            continue
+        for i, f in enumerate(job.scenario.faults):
+            win = job.windows[i]
+            hits = [a for a in anomalies if a["detector"] in KINDS[f.kind] and a.get("severity") != "info"
+                    and _match(f, win, a, slack)]
+            qq = q[f.kind]
+            qq.faults += 1
+            tier = "-".join(map(str, next((t for t in TIERS.get(f.kind, ()) if t[0] <= f.magnitude <= t[1]),
+                                          ("all",))))
+            qq.by_tier[tier][0] += 1
+            if hits:
+                qq.detected += 1
+                qq.by_tier[tier][1] += 1
+                qq.delays.append(min(a["event_time_s"] for a in hits) - win[0])
+                if f.kind == "hang":
+                    qq.named += any(f.rank in (a["context"].get("stalled_ranks") or []) for a in hits)
+                else:
+                    qq.named += any(a.get("rank") == f.rank for a in hits)
+            if f.kind == "straggler":  # the victims: every other rank waits for the straggler
+                normal["victim_alarms"] += sum(1 for a in anomalies if a["detector"] == "op_timing"
+                                               and a.get("rank") != f.rank and win[0] <= a["event_time_s"]
+                                               <= win[1] + 5.0)
+        for a in anomalies:
+            if a.get("severity") == "info":
+                continue  # a hang's "resolved" note
+            for kind, dets in KINDS.items():
+                if a["detector"] not in dets:
+                    continue
+                explained = [f for i, f in enumerate(job.scenario.faults) if _match(f, job.windows[i], a, slack)]
+                if any(f.kind == kind for f in explained):
+                    q[kind].tp += 1
+                elif not explained:
+                    q[kind].fp += 1
+    return q, normal
+
+
+def run_offline(jobs: list[LabelledJob], root: str) -> dict[str, list[dict]]:
+    from rankwatch.processors.offline import analyze
+
+    return {j.name: [_with_time(a.to_dict(), a.event_time) for a in analyze([os.path.join(root, j.name)])]
+            for j in jobs}
+
+
+def _with_time(d: dict[str, Any], t: float) -> dict[str, Any]:
+    d["event_time_s"] = t
+    return d
+
+
+def report(title: str, q: dict[str, OpsQuality], normal: dict[str, Any]) -> list[str]:
+    lines = [title, f"{'fault type':<12} {'faults':>6} {'precision':>9} {'recall':>7} {'named':>6} "
+                    f"{'delay mean/max (s)':>19}  recall by magnitude"]
+    for kind, x in q.items():
+        delay = f"{np.mean(x.delays):.1f} / {max(x.delays):.1f}" if x.delays else "-"
+        tiers = "  ".join(f"{t}: {d}/{n}" for t, (n, d) in sorted(x.by_tier.items()))
+        named = f"{x.named / x.detected:.2f}" if x.detected else "-"
+        lines.append(f"{kind:<12} {x.faults:>6} {x.precision:>9.3f} {x.recall:>7.3f} {named:>6} {delay:>19}  {tiers}")
+    per10k = {k: v / max(normal["op_records"], 1) * 1e4 for k, v in normal["alarms"].items()}
+    lines.append(f"normal runs: {normal['op_records']} op records, alarms {dict(normal['alarms']) or 0} "
+                 f"({', '.join(f'{k} {v:.2f}' for k, v in per10k.items()) or '0'} per 10k ops); "
+                 f"op-timing alarms on straggler victims: {normal['victim_alarms']}")
+    return lines
+
+
+def evaluate_ops(seeds: int = 20, path: str = "offline", bootstrap: str | None = None, ranks: int = 8,
+                 steps: int = 400, normal_steps: int = 1200) -> tuple[list[str], dict[str, Any]]:
+    jobs = [j for s in range(seeds) for j in scenarios(s, ranks, steps, normal_steps)]
+    out: list[str] = []
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rankwatch-eval-ops-") as root:
+        for j in jobs:
+            write_job(j.scenario, os.path.join(root, j.name))
+        if path in ("offline", "both"):
+            q, normal = score(jobs, run_offline(jobs, root))
+            results["offline"] = (q, normal)
+            out += report(f"collective timing, rankwatch analyze: {seeds} seeds x {ranks} ranks", q, normal)
+        if path in ("stream", "both"):
+            from rankwatch.stream_eval import run_stream_jobs
+
+            found = run_stream_jobs([j.name for j in jobs], root, bootstrap)
+            for items in found.values():
+                for a in items:
+                    from rankwatch.records import parse_iso_z
+
+                    a["event_time_s"] = parse_iso_z(a["event_time"])
+            q, normal = score(jobs, found)
+            results["stream"] = (q, normal)
+            out += [""] + report(f"collective timing, streaming: {seeds} seeds", q, normal)
+    return out, results
