@@ -113,6 +113,7 @@ class _Calibration:
     """Residuals of one predictor on one key -> threshold on the residual (robust, recomputed every 16 ops)."""
 
     __slots__ = ("res", "threshold", "median", "scale", "since", "flagged_run")
+    _saved = ("threshold", "median", "scale", "since", "flagged_run")
 
     def __init__(self, window: int) -> None:
         self.res = _Ring(window)
@@ -138,6 +139,17 @@ class _Calibration:
         if not hit or self.flagged_run > self.res.size:
             self.res.append(r)
             self.since += 1
+
+    def save_state(self) -> dict[str, Any]:
+        d = {name: getattr(self, name) for name in self._saved}
+        d["threshold"] = d["threshold"] if math.isfinite(d["threshold"]) else None
+        return {"res": self.res.to_list(), **d}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.res.extend(st.get("res", []))
+        for name in self._saved:
+            if st.get(name) is not None:
+                setattr(self, name, st[name])
 
     def recalibrate(self, k: float, floor: float) -> None:
         if self.since < _RECALIBRATE and math.isfinite(self.threshold):
@@ -171,9 +183,9 @@ class KeyState:
         self.period = 0
         self.since_period = 0
         self.cal = {"seasonal": _Calibration(cfg.op_residual_window), "lstm": _Calibration(cfg.op_residual_window)}
-        self.run = 0
+        self.run = -1  # the first op starts run 0
         self.index = 0  # ops in the current run
-        self.last_flag = -10**9
+        self.last_flag = [-1, 0]  # (run, index) of the key's last anomalous op
         self.total = 0
 
     # ---- runs ---------------------------------------------------------------------------------------------
@@ -234,21 +246,23 @@ class KeyState:
     def save_state(self) -> dict[str, Any]:
         return {"y": self.y.to_list(), "sref": self.sref.to_list(), "last_ts": self.last_ts,
                 "last_count": dict(self.last_count), "last_save": self.last_save, "mean": self.mean,
-                "var": self.var, "n_norm": self.n_norm, "period": self.period, "run": self.run,
-                "index": self.index, "last_flag": self.last_flag, "total": self.total,
-                "res": {name: c.res.to_list() for name, c in self.cal.items()}}
+                "var": self.var, "n_norm": self.n_norm, "period": self.period, "since_period": self.since_period,
+                "run": self.run, "index": self.index, "last_flag": self.last_flag, "total": self.total,
+                "cal": {name: c.save_state() for name, c in self.cal.items()}}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.y.extend(st.get("y", []))
         self.sref.extend(st.get("sref", []))
-        for name in ("last_ts", "last_save", "mean", "var", "n_norm", "period", "run", "index", "last_flag",
+        for name in ("last_ts", "last_save", "mean", "var", "n_norm", "period", "since_period", "run", "index",
                      "total"):
             if name in st:
                 setattr(self, name, st[name])
         self.last_count = {str(k): int(v) for k, v in st.get("last_count", {}).items()}
-        for name, values in st.get("res", {}).items():
+        if isinstance(st.get("last_flag"), list):
+            self.last_flag = [int(x) for x in st["last_flag"]]
+        for name, cal in st.get("cal", {}).items():
             if name in self.cal:
-                self.cal[name].res.extend(values)
+                self.cal[name].load_state(cal)
 
 
 @dataclass(slots=True)
@@ -380,7 +394,7 @@ class OpTimingDetector:
             hit = deviation > st.threshold
         else:
             hit = hit and actual >= c.op_min_ratio * predicted
-        ready = st.index >= c.op_min_history
+        ready = v.index >= c.op_min_history  # the op's own position: the key may have moved on in this batch
         hit = hit and ready
         v.ready, v.is_anomaly, v.actual_s, v.predicted_s = ready, hit, actual, predicted
         v.deviation, v.score, v.predictor = deviation, z, name
@@ -389,8 +403,8 @@ class OpTimingDetector:
         elif math.isfinite(thr):
             v.threshold_s = max(math.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
         if hit:
-            v.onset = st.index - st.last_flag > c.op_episode_gap
-            st.last_flag = st.index
+            v.onset = (v.run, v.index - c.op_episode_gap) > tuple(st.last_flag)
+            st.last_flag = [v.run, v.index]
         return v
 
     # ---- persistence ------------------------------------------------------------------------------------

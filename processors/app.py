@@ -13,7 +13,7 @@ from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.sinks import WorkerMetrics
 
 from rankwatch.config import Settings
-from rankwatch.records import dead_letter, decode_records
+from rankwatch.records import dead_letter, decode_records, encode_pack
 
 log = logging.getLogger("rankwatch.worker")
 
@@ -113,9 +113,9 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         by_job: dict[str, list] = {}
         for s in summaries:
             by_job.setdefault(s["job"], []).append(s)
-        for job, items in by_job.items():  # one message per job and micro-batch: a pack, like the shipper's
-            await summaries_topic.send(key=job.encode(), value=orjson.dumps(
-                items, option=orjson.OPT_SERIALIZE_NUMPY))
+        for job, items in by_job.items():  # packs per job, like the shipper's, within the message size limit
+            for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
+                await summaries_topic.send(key=job.encode(), value=pack)
         await publish(found)
 
     for kind, topic_name in sources.items():
@@ -206,6 +206,23 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         app.rankwatch_behind = by_topic  # type: ignore[attr-defined]
 
     return app
+
+
+def packs(encoded: list[bytes], limit: int = 256 * 1024) -> list[bytes]:
+    """JSON arrays of the encoded items, each at most `limit` bytes (one item alone may exceed it): a pack per
+    message divides the producer's per-message cost, and Kafka refuses messages over ~1 MB."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for item in encoded:
+        if group and size + len(item) + 1 > limit:
+            out.append(encode_pack(group))
+            group, size = [], 0
+        group.append(item)
+        size += len(item) + 1
+    if group:
+        out.append(encode_pack(group))
+    return out
 
 
 def save_pipeline_state(pipeline: Pipeline, path: str) -> None:

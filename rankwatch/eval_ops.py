@@ -164,21 +164,19 @@ def evaluate_ops(seeds: int = 20, path: str = "offline", bootstrap: str | None =
     out: list[str] = []
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rankwatch-eval-ops-") as root:
-        for j in jobs:
-            write_job(j.scenario, os.path.join(root, j.name))
+        lines = sum(write_job(j.scenario, os.path.join(root, j.name)) for j in jobs)
         if path in ("offline", "both"):
             q, normal = score(jobs, run_offline(jobs, root))
             results["offline"] = (q, normal)
             out += report(f"collective timing, rankwatch analyze: {seeds} seeds x {ranks} ranks", q, normal)
         if path in ("stream", "both"):
+            from rankwatch.parsing import parse_iso
             from rankwatch.stream_eval import run_stream_jobs
 
-            found = run_stream_jobs([j.name for j in jobs], root, bootstrap)
+            found = run_stream_jobs(root, lines, bootstrap, settle_s=4.0)
             for items in found.values():
                 for a in items:
-                    from rankwatch.records import parse_iso_z
-
-                    a["event_time_s"] = parse_iso_z(a["event_time"])
+                    a["event_time_s"] = parse_iso(a["event_time"])
             q, normal = score(jobs, found)
             results["stream"] = (q, normal)
             out += [""] + report(f"collective timing, streaming: {seeds} seeds", q, normal)

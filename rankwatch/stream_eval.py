@@ -13,22 +13,34 @@ from collections import defaultdict
 from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
 from rankwatch.config import Settings
 from rankwatch.consume import follow_anomalies
-from rankwatch.simulate import Scenario
+from rankwatch.simulate import Scenario, metric_rows
 
 
-def _events(port: int) -> float:
+def _events(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return 0.0
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith('rankwatch_events_total{kind="metrics"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if any(line.startswith(f'rankwatch_events_total{{kind="{k}"}}') for k in kinds):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = None,
                timeout: float = 600.0) -> dict[str, list[dict]]:
+    """The training-metric scenarios: done once the worker has processed every metrics record."""
+    return run_stream_jobs(root, sum(len(rows) for sc in scenarios for rows in metric_rows(sc).values()),
+                           bootstrap, timeout, kinds=("metrics",))
+
+
+def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, timeout: float = 600.0,
+                    kinds: tuple[str, ...] = ("metrics", "log", "op", "gpu"), settle_s: float = 1.0
+                    ) -> dict[str, list[dict]]:
+    """Ship every job folder under `root` (one job per folder) through a fresh broker and worker, wait until
+    the worker has processed `expected` records of `kinds`, give the stage-2 timers `settle_s` to judge what the
+    end of the input left open (a hang), and return the anomalies per job."""
     from rankwatch.producers.shipper import Shipper, ShipperConfig
 
     broker = None
@@ -54,13 +66,12 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
             sh.resolver.roots = [os.path.join(root, d) for d in sorted(os.listdir(root))]
             sh.run_until_idle(1.0)
             sh.close()
-        want = sum(sc.ranks * sc.steps for sc in scenarios)
         deadline = time.monotonic() + timeout
-        while _events(port) < want:
+        while _events(port, kinds) < expected:
             if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"worker processed {_events(port):.0f} of {want} metric records")
+                raise RuntimeError(f"worker processed {_events(port, kinds):.0f} of {expected} records")
             time.sleep(0.5)
-        time.sleep(1.0)
+        time.sleep(settle_s)
         found: dict[str, list[dict]] = defaultdict(list)
         for a in follow_anomalies(s):
             found[a["job"]].append(a)

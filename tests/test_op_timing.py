@@ -1,0 +1,136 @@
+"""Per rank/stream op-interval model: runs, the periodic step pattern, slow streams, the seed's rule, state."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from rankwatch.models import op_lstm
+from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector
+
+KEY = ("job", 3, "0xs1")
+
+
+def periodic_times(n_steps: int, seed: int = 0, slow: tuple[int, int, float] | None = None,
+                   gaps=(0.06, 0.05, 0.07, 0.3)) -> list[float]:
+    """Enqueue times of one stream: per step a few short bucket gaps, then the long gap to the next step.
+    `slow`: (first op, last op, factor) stretches those ops' intervals."""
+    rng = np.random.default_rng(seed)
+    t, out = 1000.0, []
+    for i in range(n_steps * len(gaps)):
+        g = gaps[i % len(gaps)] * (1 + 0.04 * rng.standard_t(5))
+        if slow and slow[0] <= i < slow[1]:
+            g *= slow[2]
+        t += max(g, 1e-4)
+        out.append(t)
+    return out
+
+
+def run(det: OpTimingDetector, times: list[float], key=KEY, start: int = 0, batch: int = 37):
+    items = [OpInput(key, t, start + i, "0xc") for i, t in enumerate(times)]
+    out = []
+    for i in range(0, len(items), batch):  # micro-batches, as the worker hands them over
+        out.extend(det.update(items[i:i + batch]))
+    return out
+
+
+def seasonal_only(**kw) -> OpTimingDetector:
+    return OpTimingDetector(OpTimingConfig(op_use_lstm=False, **kw))
+
+
+def test_step_boundary_is_learned_not_flagged():
+    verdicts = run(seasonal_only(), periodic_times(1500, seed=1))
+    ready = [v for v in verdicts if v.ready]
+    assert len(ready) > 5000
+    assert sum(v.is_anomaly for v in ready) <= 1  # 6,000 ops of heavy-tailed jitter, boundary every 4th op
+
+
+def test_slow_stream_is_one_episode_at_its_onset():
+    verdicts = run(seasonal_only(), periodic_times(600, seed=2, slow=(1200, 1250, 2.0)))
+    flagged = [i for i, v in enumerate(verdicts) if v.is_anomaly]
+    onsets = [i for i, v in enumerate(verdicts) if v.onset]
+    assert flagged and 1200 <= flagged[0] <= 1204
+    assert onsets == [flagged[0]]  # consecutive anomalous ops: one finding
+    v = verdicts[flagged[0]]
+    assert v.actual_s > 1.3 * v.predicted_s and v.predictor == "seasonal"
+    assert v.deviation == pytest.approx(abs(v.actual_s - v.predicted_s) / v.predicted_s)
+    assert not any(v.is_anomaly for v in verdicts[:1200])
+
+
+def test_seed_relative_rule_flags_exactly_deviation_over_threshold():
+    det = seasonal_only(op_verdict="relative", op_threshold=0.5)
+    verdicts = run(det, periodic_times(400, seed=3, slow=(900, 905, 3.0)))
+    for v in verdicts:
+        if v.ready:
+            assert v.is_anomaly == (v.deviation > 0.5)
+    assert any(v.is_anomaly for v in verdicts[900:906])
+
+
+def test_runs_split_on_gap_restart_and_new_save_count():
+    det = seasonal_only()
+    items = [OpInput(KEY, 1.0 + i, n, "0xc", save) for i, (n, save) in enumerate(
+        [(0, 1), (1, 1), (2, 1), (5, 1), (6, 1), (0, 1), (1, 1), (2, 2), (3, 2)])]
+    v = det.update(items)
+    assert [x.new_run for x in v] == [False, False, False, True, False, True, False, False, False]
+    assert [x.run for x in v] == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert [x.index for x in v] == [0, 1, 2, 0, 1, 0, 1, 2, 3]  # a continuing save_count keeps the run
+    assert not v[3].ready and v[3].actual_s == 0.0  # no interval across the gap
+
+
+def test_per_stream_overrides():
+    cfg = OpTimingConfig(op_use_lstm=False, op_stream_params={"0xs1": {"sequence_length": 8, "threshold": 1.5}})
+    det = OpTimingDetector(cfg)
+    st = det.key_state(KEY)
+    other = det.key_state(("job", 3, "0xs2"))
+    assert (st.seq_len, st.threshold) == (8, 1.5) and (other.seq_len, other.threshold) == (10, 2.0)
+
+
+def test_lstm_trains_in_rounds_and_state_roundtrips_exactly(tmp_path):
+    cfg = OpTimingConfig(op_train_every=500, op_train_steps=5, op_train_batch=64)
+    det = OpTimingDetector(cfg)
+    times = periodic_times(500, seed=4)
+    run(det, times[:1500])
+    model = det.models["job"]
+    assert model.steps_trained >= 10
+    state = det.save_state()
+    import orjson
+
+    back = OpTimingDetector(cfg)
+    back.load_state(orjson.loads(orjson.dumps(state)))  # JSON-safe: no pickle in the state file
+    for name, t in model.net.state_dict().items():
+        assert np.array_equal(t.numpy(), back.models["job"].net.state_dict()[name].numpy())
+    a = seasonal_only()
+    run(a, times[:1500])
+    b = seasonal_only()
+    b.load_state(orjson.loads(orjson.dumps(a.save_state())))
+    rest_a, rest_b = run(a, times[1500:], start=1500), run(b, times[1500:], start=1500)
+    assert [(v.is_anomaly, round(v.predicted_s, 9)) for v in rest_a] == \
+        [(v.is_anomaly, round(v.predicted_s, 9)) for v in rest_b]
+
+
+def test_picklable_detector_contract():
+    det = OpTimingDetector(OpTimingConfig(op_train_every=300, op_train_steps=2, op_train_batch=32))
+    run(det, periodic_times(200, seed=5))
+    clone = pickle.loads(pickle.dumps(det))
+    times = periodic_times(220, seed=5)[800:]
+    va, vb = run(det, times, start=800), run(clone, times, start=800)
+    assert [(v.is_anomaly, v.predictor) for v in va] == [(v.is_anomaly, v.predictor) for v in vb]
+
+
+def test_works_without_torch(monkeypatch):
+    monkeypatch.setattr(op_lstm, "torch", None)
+    det = OpTimingDetector(OpTimingConfig())  # LSTM wanted, torch missing: the moving average answers
+    verdicts = run(det, periodic_times(500, seed=6, slow=(1500, 1550, 2.5)))
+    assert det.models == {}
+    assert any(v.onset for v in verdicts[1500:1510]) and {v.predictor for v in verdicts if v.ready} == {"seasonal"}
+
+
+def test_equal_timestamps_and_out_of_order_times_do_not_break_it():
+    det = seasonal_only()
+    times = periodic_times(100, seed=7)
+    times[50] = times[49]  # millisecond-resolution logs print the same time twice
+    times[60] = times[58]  # and clocks step back
+    verdicts = run(det, times)
+    assert all(math.isfinite(v.predicted_s) and v.actual_s >= 0 for v in verdicts)
