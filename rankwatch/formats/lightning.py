@@ -15,6 +15,7 @@ counter). A row with only validation/test values is a log record with event `eva
 from __future__ import annotations
 
 import csv
+import math
 from typing import Any
 
 from rankwatch.formats.base import Parsed, SourceContext, key_name, need_int, need_number, number
@@ -68,8 +69,9 @@ def parse(body: str, ctx: SourceContext) -> Parsed | None:
             return Parsed("log", {"event": "csv_row", "fields": {"format": NAME, **{key_name(k): number(v)
                                                                                      for k, v in row.items()}}})
         fields = {"format": NAME, **evals}
-        if "step" in row:
-            fields["step"] = number(row["step"])
+        step = number(row["step"]) if "step" in row else None
+        if step is not None and math.isfinite(step) and step == int(step):
+            fields["step"] = int(step)
         return Parsed("log", {"event": "eval", "fields": fields})
     data["step"] = need_int(row["step"], "step", NAME) if "step" in row else ctx.next_step()
     if "epoch" in row:

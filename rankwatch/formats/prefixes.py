@@ -3,7 +3,8 @@
 Recognised, in this order (each optional):
 - ANSI colour/style codes anywhere (torchtitan, rich, colorlog) are removed first;
 - the torchrun prefix `[rank3]:` / `[default3]:` (`--tee`/`--log-dir` output), which gives the global rank;
-- a logger tag without time: `[titan] ` (torchtitan), `[INFO|trainer.py:2035] ` (transformers' logging);
+- a logger tag before the time: `[titan] ` (torchtitan), `[INFO|trainer.py:2035] ` (transformers' logging),
+  `[INFO 2020-06-08 05:26:19]` (early DeepSpeed);
 - the time: ISO 8601 (`T` or space, `.`/`,` fraction, `Z`/offset, optionally in `[...]`) as written by Python
   logging, DeepSpeed, Megatron (`[2024-04-06 03:02:12]`), nanoGPT forks and NCCL >= 2.23's
   NCCL_DEBUG_TIMESTAMP_FORMAT default (`[%F %T] `); or the glog form PyTorch's C++ side (c10) writes,
@@ -20,7 +21,7 @@ from rankwatch.formats.base import SourceContext
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 TORCHRUN = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
-_TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\|[^\]\s]+\]\s)")
+_TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\|[^\]\s]+\]\s| (?=\d{4}-)))")
 TS = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:[.,](\d+))?\s?(Z|[+-]\d{2}:?\d{2})?\]?\s*")
 # c10/glog: level letter, month (c10 does not zero-pad it: E626 is June 26) and day, time with up to 9 fraction digits, optional thread id, source file:line
 GLOG = re.compile(r"^\[?([IWEF])(\d{1,2}?)(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?: +\d+)? [^\]\s]+:\d+\]\s?")
@@ -67,6 +68,8 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     """line (ANSI already removed) -> (body, torchrun rank, event time). Times that do not exist (month 13) stay
     part of the body."""
     rank = None
+    if line[:1] in " \t":  # Megatron's " [2024-04-06 03:02:12] iteration ...", indented pastes
+        line = line.lstrip()
     if line[:1] == "[":
         m = TORCHRUN.match(line)
         if m:
