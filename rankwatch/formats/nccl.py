@@ -5,7 +5,8 @@ pdsh's `host: `), optionally with a source location, then `NCCL INFO` / `NCCL WA
 
 - COLL (NCCL_DEBUG_SUBSYS=COLL), an `op` record:
   `AllReduce: opCount 139d sendbuff 0x.. recvbuff 0x.. count 7382228 datatype 7 op 0 root 0 comm 0x..
-  [nranks=128] stream 0x..` (NCCL 2.x; RCCL adds `task N globalrank N`; Send/Recv print `(nil)` buffers).
+  [nranks=128] stream 0x..` (NCCL 2.x; RCCL adds `task N globalrank N`; Send/Recv print `(nil)` buffers; some
+  builds print `NCCL INFO [2] AllReduce: ...`).
 - communicator init, a log record with event `nccl_comm_init`: `comm 0x.. rank R nranks N cudaDev D busId B -
   Init COMPLETE` (old, no commId), `... nvmlDev D busId B commId 0x.. - Init COMPLETE`, `ncclCommInitRank` /
   `ncclCommInitRankConfig` / `ncclCommSplit ... parent 0x.. color C key K commId 0x..` forms (START and
@@ -25,7 +26,7 @@ from typing import Any
 from rankwatch.formats.base import Parsed, SourceContext
 
 NAME = "nccl"
-_COLL = re.compile(r"NCCL INFO (?P<op>[A-Za-z]+): opCount (?P<count>[0-9a-fA-F]+)\b(?P<rest>.*)$")
+_COLL = re.compile(r"NCCL INFO (?:\[\d+\] )?(?P<op>[A-Za-z]+): opCount (?P<count>[0-9a-fA-F]+)\b(?P<rest>.*)$")
 _HOST = re.compile(r"(?P<host>[^\s:()]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<dev>\d+)\](?: (?P<src>[\w./-]+:\d+))? NCCL")
 _COLL_FIELD = re.compile(r"\b(sendbuff|recvbuff|count|datatype|op|root|comm|stream|task|globalrank)[ =]"
                          r"(0x[0-9a-fA-F]+|-?\d+)")
