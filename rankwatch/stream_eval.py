@@ -28,7 +28,9 @@ def _events(port: int) -> float:
 
 
 def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = None,
-               timeout: float = 600.0) -> dict[str, list[dict]]:
+               timeout: float = 600.0, expected_metrics: int | None = None) -> dict[str, list[dict]]:
+    """Ship every job folder below `root` through a real broker and worker; anomalies by job. The worker is done
+    when it has seen `expected_metrics` metrics records (default: one per rank and step of the scenarios)."""
     from rankwatch.producers.shipper import Shipper, ShipperConfig
 
     broker = None
@@ -56,15 +58,25 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
             sh.resolver.roots = [os.path.join(root, d) for d in sorted(os.listdir(root))]
             sh.run_until_idle(1.0)
             sh.close()
-        want = sum(sc.ranks * sc.steps for sc in scenarios)
+        want = expected_metrics if expected_metrics is not None else sum(sc.ranks * sc.steps for sc in scenarios)
         deadline = time.monotonic() + timeout
         while _events(port) < want:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"worker processed {_events(port):.0f} of {want} metric records")
             time.sleep(0.5)
+        # The counter moves when a batch is decoded; its anomalies are produced after detection and flushed by
+        # Faust's producer later. Read until two reads a second apart agree, so a busy worker is not cut short.
         time.sleep(1.0)
         found: dict[str, list[dict]] = defaultdict(list)
-        for a in follow_anomalies(s):
+        previous = -1
+        settle_until = time.monotonic() + 60.0
+        while True:
+            anomalies = list(follow_anomalies(s))
+            if len(anomalies) == previous or time.monotonic() > settle_until:
+                break
+            previous = len(anomalies)
+            time.sleep(1.0)
+        for a in anomalies:
             found[a["job"]].append(a)
         return found
     finally:

@@ -138,6 +138,17 @@ def test_glog_time_takes_the_year_of_the_file_and_rolls_back_over_new_year():
     assert rec.data["msg"] == "[Rank 0] x"
 
 
+@pytest.mark.parametrize(("line", "path"), [
+    ("saving checkpoint at iteration     100 to /ckpt/run", "/ckpt/run"),
+    ("  successfully saved checkpoint from iteration     200 to /ckpt/run [ t 1/1, p 1/1 ]", "/ckpt/run"),
+    ("[2024-01-01 00:00:00,000] [INFO] [logging.py:96:log_dist] [Rank 0] Saving model checkpoint: "
+     "/ck/global_step10/mp_rank_00_model_states.pt", "/ck/global_step10/mp_rank_00_model_states.pt"),
+    ("Saving model checkpoint to /ckpt/run/checkpoint-500", "/ckpt/run/checkpoint-500"),
+])
+def test_framework_checkpoint_lines(line, path):
+    assert parse_line(line, ctx()).data["checkpoint"] == path
+
+
 def test_checkpoint_announcements_still_ride_with_the_metrics():
     rec = parse_line("[rank0]:[titan] 2025-06-16 22:30:50,758 - root - INFO - Saving checkpoint to /ck/step-200",
                      ctx())

@@ -112,8 +112,9 @@ def size_bytes(text: str) -> int | None:
 
 # "Saving checkpoint to /ckpt/run/checkpoint-100", "saved checkpoint: ...", "Checkpoint saved to ..."
 CHECKPOINT_HINT = "heckpoint"
-_CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)\s*(?:to|at|in|:)?\s*"
-                         r"['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
+# Megatron: "saving checkpoint at iteration     100 to /ckpt/run", "successfully saved checkpoint from iteration ..."
+_CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)(?:\s+(?:at|from)\s+iteration\s+"
+                         r"\d+)?\s*(?:to|at|in|:)?\s*['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
 
 
 def checkpoint_path(msg: str) -> str | None:
