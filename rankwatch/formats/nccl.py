@@ -65,7 +65,41 @@ def _host(body: str, data: dict[str, Any], with_pid: bool) -> None:
         data["device"] = int(hm.group("dev"))
 
 
+# NCCL 2.x's own order, the line a job prints thousands of times a second: one match, no field scan
+_COLL_STD = re.compile(r"NCCL INFO (?:\[\d+\] )?([A-Za-z]+): opCount ([0-9a-fA-F]+) sendbuff (\S+) recvbuff (\S+) "
+                       r"count (\d+) datatype (\d+) op (\d+) root (-?\d+) comm (0x[0-9a-fA-F]+) \[nranks=(\d+)\] "
+                       r"stream (0x[0-9a-fA-F]+)\s*$")
+
+
+def _coll_std(body: str, ctx: SourceContext) -> Parsed | None:
+    m = _COLL_STD.search(body)
+    if m is None:
+        return None
+    op, count, send, recv, n, dtype, redop, root, comm, nranks, stream = m.groups()
+    data: dict[str, Any] = {"op": op, "op_count": int(count, 16)}
+    if send != "(nil)":
+        data["sendbuff"] = send
+    if recv != "(nil)":
+        data["recvbuff"] = recv
+    data.update(count=int(n), datatype=int(dtype), redop=int(redop), root=int(root), comm=comm, stream=stream,
+                nranks=int(nranks))
+    hm = _HOST.match(body) or _HOST.search(body, 0, m.start() + 10)
+    if hm:
+        data["host"] = hm.group("host")
+        data["device"] = int(hm.group("dev"))
+    if ctx.comms:
+        known = ctx.comms.get(comm)
+        if known:
+            for k in ("comm_id", "comm_rank"):
+                if k in known:
+                    data[k] = known[k]
+    return Parsed("op", data)
+
+
 def parse_coll(body: str, ctx: SourceContext) -> Parsed | None:
+    fast = _coll_std(body, ctx)
+    if fast is not None:
+        return fast
     m = _COLL.search(body)
     if m is None:
         return None

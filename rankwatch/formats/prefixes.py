@@ -31,16 +31,25 @@ def strip_ansi(line: str) -> str:
     return ANSI.sub("", line) if "\x1b" in line else line
 
 
+_last_second: tuple[tuple[str, str, str | None], float] = (("", "", None), 0.0)
+
+
 def ts_from_iso_match(m: re.Match[str]) -> float:
+    global _last_second
     date, clock, frac, tz = m.group(1), m.group(2), m.group(3), m.group(4)
-    dt = datetime.fromisoformat(f"{date}T{clock}")
-    if tz and tz != "Z":
-        sign = 1 if tz[0] == "+" else -1
-        digits = tz[1:].replace(":", "")
-        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    key = (date, clock, tz)
+    if _last_second[0] == key:  # consecutive lines share their second: skip the calendar arithmetic
+        base = _last_second[1]
     else:
-        offset = 0
-    base = dt.replace(tzinfo=timezone.utc).timestamp() - offset
+        dt = datetime.fromisoformat(f"{date}T{clock}")
+        if tz and tz != "Z":
+            sign = 1 if tz[0] == "+" else -1
+            digits = tz[1:].replace(":", "")
+            offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        else:
+            offset = 0
+        base = dt.replace(tzinfo=timezone.utc).timestamp() - offset
+        _last_second = (key, base)
     return base + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 

@@ -25,8 +25,38 @@ class ReprError(ValueError):
     """Not a Python literal dict."""
 
 
+# Fast path for the common case, a flat dict of quoted keys and scalars: one regex validates the whole text, a
+# second walks its pairs. Anything else (nesting, wrappers, odd spacing) takes the tokenizer below.
+_SCALAR = r"[-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)|'[^'\\]*'|True|False|None"
+_ITEM = r"'[^'\\]*'\s*:\s*(?:" + _SCALAR + r")\s*"
+_FLAT = re.compile(r"\s*\{\s*(?:" + _ITEM + r",\s*)*" + _ITEM + r",?\s*\}\s*")
+_PAIR = re.compile(r"'([^'\\]*)'\s*:\s*(" + _SCALAR + ")")
+
+
+def _flat(text: str, start: int) -> dict[str, Any] | None:
+    if _FLAT.fullmatch(text, start) is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, raw in _PAIR.findall(text, start):
+        c = raw[0]
+        if c == "'":
+            out[key] = raw[1:-1]
+        elif raw in _CONST:
+            out[key] = _CONST[raw]
+        else:
+            raw = raw.replace("_", "")
+            if raw.lstrip("+-").isdigit():
+                out[key] = int(raw)
+            else:
+                out[key] = float(raw)
+    return out
+
+
 def parse_dict(text: str, start: int = 0) -> dict[str, Any]:
     """`text[start:]` must be exactly one dict literal (whitespace around allowed)."""
+    flat = _flat(text, start)
+    if flat is not None:
+        return flat
     value, pos = _value(text, _WS.match(text, start).end(), 0)
     if not isinstance(value, dict):
         raise ReprError("not a dict")

@@ -102,11 +102,18 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
             path = checkpoint_path(stripped)
             if path:
                 data["checkpoint"] = path
-        return _record(ctx, "log", _rank(ctx, rank, None), ts, data, offset, arrival)
-    parsed, name = found
-    ctx.last_format = name
-    data = {"msg": stripped, "raw": raw, **parsed.data} if parsed.kind == "log" else parsed.data
-    return _record(ctx, parsed.kind, _rank(ctx, rank, parsed.line_rank), ts, data, offset, arrival)
+        kind, line_rank = "log", None
+    else:
+        parsed, ctx.last_format = found
+        kind, line_rank = parsed.kind, parsed.line_rank
+        data = {"msg": stripped, "raw": raw, **parsed.data} if kind == "log" else parsed.data
+    # rank: torchrun prefix > the path > a rank printed in the line ([Rank 3], RCCL globalrank) > --rank
+    if rank is None:
+        rank = ctx.rank if line_rank is None or ctx.rank_from_path else line_rank
+    if ts is None:
+        ts = ctx.last_ts if ctx.last_ts is not None else arrival
+    ctx.last_ts = ts
+    return Record(kind, ctx.job, rank, ts, ctx.path, offset, data, ctx.fid)
 
 
 def _json(text: str, raw: str, ctx: SourceContext, rank: int | None, ts: float | None, offset: int,
@@ -120,15 +127,6 @@ def _json(text: str, raw: str, ctx: SourceContext, rank: int | None, ts: float |
     kind, rank, ts, data = json_record(obj, rank if rank is not None else ctx.rank, ts)
     ctx.last_format = "json" if data is not None else ""
     return _record(ctx, kind, rank, ts, data if data is not None else {"msg": text, "raw": raw}, offset, arrival)
-
-
-def _rank(ctx: SourceContext, torchrun_rank: int | None, line_rank: int | None) -> int | None:
-    """torchrun prefix > the path > a rank printed in the line ([Rank 3], RCCL globalrank) > --rank."""
-    if torchrun_rank is not None:
-        return torchrun_rank
-    if line_rank is None or ctx.rank_from_path:
-        return ctx.rank
-    return line_rank
 
 
 def _record(ctx: SourceContext, kind: str, rank: int | None, ts: float | None, data: dict, offset: int,
