@@ -16,15 +16,24 @@ from rankwatch.consume import follow_anomalies
 from rankwatch.simulate import Scenario
 
 
-def _events(port: int) -> float:
+def _scrape(port: int) -> str:
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
-        return 0.0
-    for line in text.splitlines():
+        return ""
+
+
+def _events(port: int) -> float:
+    for line in _scrape(port).splitlines():
         if line.startswith('rankwatch_events_total{kind="metrics"}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _published(port: int) -> float:
+    """Anomalies the worker has handed to its producer (they reach the topic later, when flushed)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _scrape(port).splitlines()
+               if line.startswith("rankwatch_anomalies_total{"))
 
 
 def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = None,
@@ -65,17 +74,16 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
                 raise RuntimeError(f"worker processed {_events(port):.0f} of {want} metric records")
             time.sleep(0.5)
         # The counter moves when a batch is decoded; its anomalies are produced after detection and flushed by
-        # Faust's producer later. Read until two reads a second apart agree, so a busy worker is not cut short.
-        time.sleep(1.0)
+        # Faust's producer later (slowly on a busy machine): read the topic until it holds every anomaly the
+        # worker published, and the worker has stopped publishing.
         found: dict[str, list[dict]] = defaultdict(list)
-        previous = -1
-        settle_until = time.monotonic() + 60.0
+        settle_until = time.monotonic() + 180.0
         while True:
-            anomalies = list(follow_anomalies(s))
-            if len(anomalies) == previous or time.monotonic() > settle_until:
-                break
-            previous = len(anomalies)
             time.sleep(1.0)
+            published = _published(port)
+            anomalies = list(follow_anomalies(s))
+            if (len(anomalies) >= published and _published(port) == published) or time.monotonic() > settle_until:
+                break
         for a in anomalies:
             found[a["job"]].append(a)
         return found

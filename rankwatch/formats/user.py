@@ -109,10 +109,10 @@ def compile_format(spec: Any, index: int) -> UserFormat:
     try:
         pattern = re.compile(regex)
     except re.error as exc:
-        raise ConfigError(f"{label}: bad regex {regex!r}: {exc}") from exc
+        raise ConfigError(f"{label}: bad regex '{regex}': {exc}") from exc
     groups = list(pattern.groupindex)
     if not groups:
-        raise ConfigError(f"{label}: regex {regex!r} has no named group (?P<name>...)")
+        raise ConfigError(f"{label}: regex '{regex}' has no named group (?P<name>...)")
     kind = spec.get("kind", "metrics")
     if kind not in ("metrics", "log"):
         raise ConfigError(f"{label}: kind must be 'metrics' or 'log', not {kind!r}")
@@ -122,7 +122,7 @@ def compile_format(spec: Any, index: int) -> UserFormat:
         raise ConfigError(f"{label}: fields and units must be tables (group = \"name\")")
     for group in list(mapping) + list(units):
         if group not in pattern.groupindex:
-            raise ConfigError(f"{label}: {group!r} is not a named group of regex {regex!r} (groups: {groups})")
+            raise ConfigError(f"{label}: {group!r} is not a named group of regex '{regex}' (groups: {groups})")
     fields: dict[str, str] = {}
     for group in groups:
         target = mapping.get(group, group)
@@ -137,7 +137,7 @@ def compile_format(spec: Any, index: int) -> UserFormat:
         scale[group] = u[0]
     step_group = next((g for g, f in fields.items() if f == "step"), None)
     if kind == "metrics" and not [g for g in groups if g != step_group]:
-        raise ConfigError(f"{label}: regex {regex!r} has no metric group besides step")
+        raise ConfigError(f"{label}: regex '{regex}' has no metric group besides step")
     glob = spec.get("glob")
     if glob is not None and not isinstance(glob, str):
         raise ConfigError(f"{label}: glob must be a string")
