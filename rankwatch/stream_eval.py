@@ -36,6 +36,12 @@ def _published(port: int) -> float:
                if line.startswith("rankwatch_anomalies_total{"))
 
 
+def _worker_log():
+    """The worker's stderr: discarded, or kept in RANKWATCH_EVAL_WORKER_LOG to diagnose a run."""
+    path = os.environ.get("RANKWATCH_EVAL_WORKER_LOG")
+    return open(path, "ab") if path else subprocess.DEVNULL  # noqa: SIM115 - the child owns the handle
+
+
 def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = None,
                timeout: float = 600.0, expected_metrics: int | None = None) -> dict[str, list[dict]]:
     """Ship every job folder below `root` through a real broker and worker; anomalies by job. The worker is done
@@ -58,7 +64,7 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
         env = {**os.environ, **s.env()}
         worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
                                    "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=_worker_log())
         with tempfile.TemporaryDirectory() as state:
             sh = Shipper([root], s, ShipperConfig(checkpoint=os.path.join(state, "c.json"), metrics_port=0))
             sh.config.job = None
@@ -73,17 +79,21 @@ def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = Non
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"worker processed {_events(port):.0f} of {want} metric records")
             time.sleep(0.5)
-        # The counter moves when a batch is decoded; its anomalies are produced after detection and flushed by
-        # Faust's producer later (slowly on a busy machine): read the topic until it holds every anomaly the
-        # worker published, and the worker has stopped publishing.
+        # The counter moves when a batch is decoded; its anomalies are produced after detection and handed to
+        # Faust's producer, which can hold a send for seconds on a busy machine. Read the topic until it holds
+        # every anomaly the worker published and nothing new has been published or read for 5 s.
         found: dict[str, list[dict]] = defaultdict(list)
         settle_until = time.monotonic() + 180.0
-        while True:
+        last, quiet = (-1.0, -1), 0
+        while quiet < 5 and time.monotonic() < settle_until:
             time.sleep(1.0)
-            published = _published(port)
             anomalies = list(follow_anomalies(s))
-            if (len(anomalies) >= published and _published(port) == published) or time.monotonic() > settle_until:
-                break
+            now = (_published(port), len(anomalies))
+            quiet = quiet + 1 if now == last and now[1] >= now[0] else 0
+            last = now
+        if os.environ.get("RANKWATCH_EVAL_WORKER_LOG"):
+            print(f"stream eval: {_events(port):.0f} of {want} metrics records, {last[0]:.0f} anomalies "
+                  f"published, {last[1]} read", file=sys.stderr)
         for a in anomalies:
             found[a["job"]].append(a)
         return found

@@ -58,6 +58,15 @@ def test_rank_precedence_torchrun_then_path_then_the_line_then_default():
     assert parse_line(line, ctx(rank=None)).rank == 5
 
 
+def test_plain_messages_take_a_leading_rank_tag_when_nothing_better_is_known():
+    mem = "[Rank 3] (after 10 iterations) memory (MB) | allocated: 20123.5 | max allocated: 31234.9"
+    assert parse_line(mem, ctx()).rank == 3
+    assert parse_line(mem, ctx(rank=1, from_path=True)).rank == 1
+    ds = "[2023-07-25 21:03:17,269] [INFO] [logging.py:96:log_dist] [Rank 0] rank=0 time (ms) | forward: 652.41"
+    assert parse_line(ds, ctx()).rank == 0
+    assert parse_line("loss went up for [Rank 5] again", ctx()).rank is None  # not a tag at the start
+
+
 def test_resolver_tells_path_ranks_from_the_default_rank(tmp_path):
     (tmp_path / "job" / "rank4").mkdir(parents=True)
     (tmp_path / "job" / "all.log").write_text("")

@@ -8,6 +8,7 @@ a job that logs collectives, are tried first.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from rankwatch.formats import deepspeed, hf, lightning, megatron, nanogpt, nccl, torch_dist, torchtitan
@@ -17,6 +18,8 @@ from rankwatch.formats.prefixes import split_prefix, strip_ansi
 from rankwatch.records import Record
 
 Parser = Callable[[str, SourceContext], "Parsed | None"]
+# "[Rank 3] ..." at the start of a message, possibly after bracketed logger tags ("[INFO] [logging.py:96:log_dist]")
+_LINE_RANK = re.compile(r"\s*(?:\[[^\]]*\]\s*){0,3}\[Rank (\d+)\]")
 
 
 def _hf(body: str, ctx: SourceContext) -> Parsed | None:
@@ -103,6 +106,10 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
             if path:
                 data["checkpoint"] = path
         kind, line_rank = "log", None
+        if "[Rank " in body:  # Megatron's "[Rank 3] (after 10 iterations) memory ...", DeepSpeed's log_dist
+            m = _LINE_RANK.match(body)
+            if m:
+                line_rank = int(m.group(1))
     else:
         parsed, ctx.last_format = found
         kind, line_rank = parsed.kind, parsed.line_rank
