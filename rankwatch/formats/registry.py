@@ -59,7 +59,6 @@ BUILTINS: tuple[tuple[str, str, Parser], ...] = (
     ("SamplesPerSec=", deepspeed.NAME, deepspeed.parse_timer),
     ("iter time (s)", deepspeed.NAME, deepspeed.parse_pipe),
 )
-FORMAT_NAMES = ("json", lightning.NAME, *dict.fromkeys(name for _, name, _ in BUILTINS))
 
 
 def parse_body(body: str, ctx: SourceContext) -> tuple[Parsed, str] | None:
@@ -144,4 +143,4 @@ def _record(ctx: SourceContext, kind: str, rank: int | None, ts: float | None, d
     return Record(kind=kind, job=ctx.job, rank=rank, ts=ts, file=ctx.path, offset=offset, data=data, fid=ctx.fid)
 
 
-__all__ = ["BUILTINS", "FORMAT_NAMES", "parse_body", "parse_line"]
+__all__ = ["BUILTINS", "parse_body", "parse_line"]
