@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.producers.tail import Tailer, discover
 
+from rankwatch.formats.user import UserFormat
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
 from rankwatch.records import Anomaly, Record
 
@@ -51,10 +52,11 @@ def _file_records(path: str, resolver: ContextResolver, stats: AnalyzeStats, now
 
 
 def read_records(paths: list[str], job: str | None = None, rank: int | None = None,
-                 stats: AnalyzeStats | None = None) -> Iterator[Record]:
-    """Every complete line under `paths`, parsed, merged across files by event time (stable within a file)."""
+                 stats: AnalyzeStats | None = None, formats: tuple[UserFormat, ...] = ()) -> Iterator[Record]:
+    """Every complete line under `paths`, parsed (the user's `formats` first), merged across files by event time
+    (stable within a file)."""
     stats = stats if stats is not None else AnalyzeStats()
-    resolver = ContextResolver(paths, job, rank)
+    resolver = ContextResolver(paths, job, rank, formats)
     now = time.time()
     files = [os.path.abspath(f) for f in discover([os.path.abspath(p) for p in paths])]
     streams = [_file_records(f, resolver, stats, now) for f in files]
@@ -77,5 +79,6 @@ def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 200
 
 
 def analyze(paths: list[str], job: str | None = None, rank: int | None = None,
-            detection: DetectionConfig | None = None, stats: AnalyzeStats | None = None) -> list[Anomaly]:
-    return run_pipeline(Pipeline(detection), read_records(paths, job, rank, stats))
+            detection: DetectionConfig | None = None, stats: AnalyzeStats | None = None,
+            formats: tuple[UserFormat, ...] = ()) -> list[Anomaly]:
+    return run_pipeline(Pipeline(detection), read_records(paths, job, rank, stats, formats))

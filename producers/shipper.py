@@ -28,7 +28,8 @@ from rankwatch.producers.checkpoint import CheckpointStore
 from rankwatch.producers.reconcile import end_positions, shipped_since, tp_key
 from rankwatch.producers.tail import HOST, Line, Tailer
 
-from rankwatch.config import Settings, load_config
+from rankwatch.config import ConfigError, Settings, load_config
+from rankwatch.formats.user import UserFormat, load_user_formats
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
 from rankwatch.records import dead_letter, encode_pack, encode_record
 
@@ -113,7 +114,8 @@ def _reason_class(reason: str) -> str:
 
 class Shipper:
     def __init__(self, paths: list[str], settings: Settings, config: ShipperConfig, *,
-                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
+                 formats: tuple[UserFormat, ...] = ()) -> None:
         self.paths = [os.path.abspath(p) for p in paths]
         self.settings = settings
         self.config = config
@@ -124,7 +126,7 @@ class Shipper:
         self.tailer = Tailer(self.paths, max_line=config.max_line_bytes)
         self.registry.register(TailerCollector(self.tailer))
         self.store = CheckpointStore(config.checkpoint or default_checkpoint(self.paths, config.job))
-        self.resolver = ContextResolver(self.paths, config.job, config.rank)
+        self.resolver = ContextResolver(self.paths, config.job, config.rank, formats)
         self._positions: dict[str, int] = {}
         self._inflight_marked = False
         self._acked_files: dict[str, dict] = {}
@@ -332,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--job", help="job name (default: the tailed folder's name)")
     ap.add_argument("--rank", type=int, help="rank for lines whose rank cannot be inferred")
     ap.add_argument("--bootstrap", help="Kafka bootstrap servers host:port[,host:port]")
-    ap.add_argument("--config", help="TOML config file ([shipper] section for these options)")
+    ap.add_argument("--config", help="TOML config file ([shipper] section for these options, [[formats]] for "
+                    "your own line formats)")
     ap.add_argument("--checkpoint", help="checkpoint file")
     ap.add_argument("--metrics-port", type=int, dest="metrics_port")
     ap.add_argument("--once", action="store_true", help="ship what is there, then exit when idle for 1 s")
@@ -348,13 +351,18 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries(args.verbose)
     cli = vars(args)
-    settings = load_config(Settings, cli, path=args.config)
+    try:
+        settings = load_config(Settings, cli, path=args.config)
+        config = load_config(ShipperConfig, cli, path=args.config, section="shipper")
+        formats = load_user_formats(args.config)  # a bad [[formats]] pattern stops the shipper here, named
+    except ConfigError as exc:
+        print(f"producer: {exc}", file=sys.stderr)
+        return 2
     if not settings.bootstrap:
         settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
         log.info("no --bootstrap given; using the embedded broker at %s (start it with `rankwatch up`)",
                  settings.bootstrap)
-    config = load_config(ShipperConfig, cli, path=args.config, section="shipper")
-    shipper = Shipper(args.tail, settings, config)
+    shipper = Shipper(args.tail, settings, config, formats=formats)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=settings.metrics_bind, registry=shipper.registry)
 

@@ -1,4 +1,4 @@
-"""`rankwatch` command line: up, broker, worker, anomalies, analyze, demo."""
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, inspect, demo."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--rank", type=int)
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write anomaly records as JSON lines ('-': stdout)")
+    p = sub.add_parser("inspect", help="how rankwatch reads these logs: formats, fields, ranks, malformed lines")
+    _common(p)
+    p.add_argument("paths", nargs="+", help="log files or folders")
+    p.add_argument("--rank", type=int, help="rank for files whose rank cannot be inferred")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.add_argument("--max-lines", type=int, default=0, dest="max_lines", help="read at most N lines per file")
     p = sub.add_parser("demo", help="simulate an 8-rank job with faults and watch rankwatch catch them")
     _common(p)
     p.add_argument("--ranks", type=int, default=8)
@@ -104,6 +110,13 @@ def _detection(args: argparse.Namespace):
     from rankwatch.processors.pipeline import DetectionConfig
 
     return load_config(DetectionConfig, vars(args), path=getattr(args, "config", None), section="detection")
+
+
+def _formats(args: argparse.Namespace):
+    """The config file's [[formats]]: compiled now, so a bad pattern stops the command before any work."""
+    from rankwatch.formats.user import load_user_formats
+
+    return load_user_formats(getattr(args, "config", None))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -209,7 +222,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rankwatch.processors.offline import AnalyzeStats, analyze
 
     stats = AnalyzeStats()
-    anomalies = analyze(args.paths, args.job, args.rank, _detection(args), stats)
+    anomalies = analyze(args.paths, args.job, args.rank, _detection(args), stats, formats=_formats(args))
     dicts = [a.to_dict() for a in anomalies]
     if args.json_out:
         data = b"".join(orjson.dumps(d) + b"\n" for d in dicts)
@@ -223,6 +236,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     errs = sum(stats.parse_errors.values())
     print(f"{stats.lines} lines, records {dict(stats.records)}, {errs} malformed "
           f"{dict(stats.parse_errors) if errs else ''}, {len(dicts)} anomalies", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rankwatch.inspect_logs import inspect_paths, render
+
+    result = inspect_paths(args.paths, args.job, args.rank, _formats(args), args.max_lines,
+                           progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        render(result)
     return 0
 
 
@@ -257,7 +282,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.paths:
         from rankwatch.processors.offline import read_records
 
-        records = read_records(args.paths, args.job)
+        records = read_records(args.paths, args.job, formats=_formats(args))
     else:
         print("rankwatch report: give log paths or --from-topic", file=sys.stderr)
         return 2
@@ -279,7 +304,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
+            "analyze": cmd_analyze, "inspect": cmd_inspect, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "replay-anomalies": cmd_replay}
 
 

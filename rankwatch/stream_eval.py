@@ -16,29 +16,46 @@ from rankwatch.consume import follow_anomalies
 from rankwatch.simulate import Scenario, metric_rows
 
 
-def _events(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
+def _scrape(port: int) -> str:
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
-        return 0.0
+        return ""
+
+
+def _events(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
     total = 0.0
-    for line in text.splitlines():
+    for line in _scrape(port).splitlines():
         if any(line.startswith(f'rankwatch_events_total{{kind="{k}"}}') for k in kinds):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
+def _published(port: int) -> float:
+    """Anomalies the worker has handed to its producer (they reach the topic later, when flushed)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _scrape(port).splitlines()
+               if line.startswith("rankwatch_anomalies_total{"))
+
+
+def _worker_log():
+    """The worker's stderr: discarded, or kept in RANKWATCH_EVAL_WORKER_LOG to diagnose a run."""
+    path = os.environ.get("RANKWATCH_EVAL_WORKER_LOG")
+    return open(path, "ab") if path else subprocess.DEVNULL  # noqa: SIM115 - the child owns the handle
+
+
 def run_stream(scenarios: list[Scenario], root: str, bootstrap: str | None = None,
-               timeout: float = 600.0) -> dict[str, list[dict]]:
-    """The training-metric scenarios: done once the worker has processed every metrics record."""
-    return run_stream_jobs(root, sum(len(rows) for sc in scenarios for rows in metric_rows(sc).values()),
-                           bootstrap, timeout, kinds=("metrics",))
+               timeout: float = 600.0, expected_metrics: int | None = None) -> dict[str, list[dict]]:
+    """The training-metric scenarios: done once the worker has seen `expected_metrics` metrics records
+    (default: every step of every rank of the scenarios)."""
+    if expected_metrics is None:
+        expected_metrics = sum(len(rows) for sc in scenarios for rows in metric_rows(sc).values())
+    return run_stream_jobs(root, expected_metrics, bootstrap, timeout, kinds=("metrics",))
 
 
 def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, timeout: float = 600.0,
-                    kinds: tuple[str, ...] = ("metrics", "log", "op", "gpu"), settle_s: float = 1.0
+                    kinds: tuple[str, ...] = ("metrics", "log", "op", "gpu"), settle_s: float = 0.0
                     ) -> dict[str, list[dict]]:
-    """Ship every job folder under `root` (one job per folder) through a fresh broker and worker, wait until
+    """Ship every job folder under `root` (one job per folder) through a broker and a fresh worker, wait until
     the worker has processed `expected` records of `kinds`, give the stage-2 timers `settle_s` to judge what the
     end of the input left open (a hang), and return the anomalies per job."""
     from rankwatch.producers.shipper import Shipper, ShipperConfig
@@ -49,15 +66,14 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
         if not bootstrap:
             broker = EmbeddedBroker().start()
             bootstrap = broker.bootstrap
-        s = Settings(bootstrap=bootstrap, app_id=f"rankwatch-eval-{int(time.time())}")
-        tag = s.app_id.rsplit("-", 1)[1]
-        s.use_topic_prefix(f"eval{tag}")
+        s = Settings(bootstrap=bootstrap, app_id=f"rankwatch-eval-{int(time.time() * 1000)}")
+        s.use_topic_prefix(f"eval{s.app_id.rsplit('-', 1)[1]}")
         ensure_topics(s)
         port = free_port()
         env = {**os.environ, **s.env()}
         worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
                                    "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=_worker_log())
         with tempfile.TemporaryDirectory() as state:
             sh = Shipper([root], s, ShipperConfig(checkpoint=os.path.join(state, "c.json"), metrics_port=0))
             sh.config.job = None
@@ -72,8 +88,23 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
                 raise RuntimeError(f"worker processed {_events(port, kinds):.0f} of {expected} records")
             time.sleep(0.5)
         time.sleep(settle_s)
+        # The counter moves when a batch is decoded; its anomalies are produced after detection and handed to
+        # Faust's producer, which can hold a send for seconds on a busy machine. Read the topic until it holds
+        # every anomaly the worker published and nothing new has been published or read for 5 s.
         found: dict[str, list[dict]] = defaultdict(list)
-        for a in follow_anomalies(s):
+        settle_until = time.monotonic() + 180.0
+        last, quiet = (-1.0, -1), 0
+        anomalies: list[dict] = []
+        while quiet < 5 and time.monotonic() < settle_until:
+            time.sleep(1.0)
+            anomalies = list(follow_anomalies(s))
+            now = (_published(port), len(anomalies))
+            quiet = quiet + 1 if now == last and now[1] >= now[0] else 0
+            last = now
+        if os.environ.get("RANKWATCH_EVAL_WORKER_LOG"):
+            print(f"stream eval: {_events(port, kinds):.0f} of {expected} records, {last[0]:.0f} anomalies "
+                  f"published, {last[1]} read", file=sys.stderr)
+        for a in anomalies:
             found[a["job"]].append(a)
         return found
     finally:

@@ -98,11 +98,12 @@ def test_gpu_sample_and_collective_json():
     '{"ts": 1, "host": "h", "gpu": 0, "mem_used_bytes": "lots", "mem_total_bytes": 1}',
     '{"unterminated": ',
     '{not json at all}',
+    "{'a dict': 'repr with no metrics'}",
     '[1, 2]',
 ])
 def test_broken_structured_lines_raise_parse_error(line):
-    if not line.endswith("}"):
-        # not claimed as JSON: it is a plain log message
+    if not line.startswith('{"') or not line.endswith("}"):
+        # not JSON and no recognised repr: a plain log message, not a dead letter (issue 6)
         assert parse_line(line, ctx()).kind == "log"
     else:
         with pytest.raises(ParseError):

@@ -1,0 +1,133 @@
+"""What every line format shares: the per-file parsing state, the parse error, number and unit helpers.
+
+A format's parser takes the line body (after the torchrun prefix and the timestamp, ANSI colours removed) and the
+file's `SourceContext`, and returns `Parsed` (kind, data, the rank printed in the line) or None when the line is
+not of that format after all. It raises `ParseError` only for a line that claims the format and breaks it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+# The metric names every format maps onto (docs/FORMATS.md). The first five are what the detectors read and what
+# makes a JSON object a metrics record; the others are carried when a format prints them.
+METRIC_FIELDS = ("loss", "grad_norm", "throughput", "step_time_s", "lr")
+OPTIONAL_METRIC_FIELDS = ("loss_scale", "skipped_iterations", "nan_iterations", "tokens_per_s", "mfu", "memory_gib",
+                          "tflops", "epoch")
+
+
+class ParseError(ValueError):
+    """A line that claims a structured kind but does not meet its contract."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Parsed(NamedTuple):
+    kind: str  # log | metrics | op | gpu
+    data: dict[str, Any]
+    line_rank: int | None = None  # a rank printed in the line itself ([Rank 3], RCCL globalrank): low precedence
+
+
+@dataclass
+class SourceContext:
+    """Per-file parsing state: who produced the file, the last event time seen in it, and what the formats learned
+    from its earlier lines (NCCL communicators, a CSV header, the step counter of step-less formats)."""
+
+    path: str
+    job: str
+    rank: int | None = None  # rank inferred from the path, else --rank
+    fid: str = ""
+    last_ts: float | None = None
+    rank_from_path: bool = False  # True when `rank` came from the path (it then beats a rank printed in a line)
+    user_formats: tuple = ()  # the configured formats whose glob matches this file (rankwatch.formats.user)
+    last_format: str = ""  # name of the format that recognised the last line (read by `rankwatch inspect`)
+    auto_step: int = 0  # next step number for formats that print none (HF Trainer dicts, ...)
+    comms: dict[str, dict[str, Any]] = field(default_factory=dict)  # NCCL comm pointer -> comm_id, comm_rank, nranks
+    csv_header: list[str] | None = None  # Lightning metrics.csv columns
+    is_csv: bool = False
+
+    def __post_init__(self) -> None:
+        self.is_csv = self.path.endswith(".csv")
+
+    def next_step(self) -> int:
+        """The per-file step counter: the n-th step-less metrics line of this file (0-based)."""
+        step = self.auto_step
+        self.auto_step += 1
+        return step
+
+
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?$")
+
+
+def number(text: str) -> float | None:
+    """A printed number -> float: exponents, `nan`/`inf` (any case, signed), `1,234` thousands; None otherwise."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if "," in text and _THOUSANDS.match(text):
+        return float(text.replace(",", ""))
+    return None
+
+
+def need_number(text: str, what: str, fmt: str) -> float:
+    """A number the format promises; anything else means the line breaks its format (a dead letter)."""
+    x = number(text)
+    if x is None:
+        raise ParseError(f"{fmt}: {what} is not a number: {text[:40]!r}")
+    return x
+
+
+def need_int(text: str, what: str, fmt: str) -> int:
+    x = need_number(text, what, fmt)
+    if not math.isfinite(x) or x != int(x):
+        raise ParseError(f"{fmt}: {what} is not an integer: {text[:40]!r}")
+    return int(x)
+
+
+# binary and decimal size units as frameworks print them ("22.00 MiB", "0 bytes", "9.46GiB", "59.65GB")
+_SIZE_UNITS = {"b": 1, "byte": 1, "bytes": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10,
+               "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*([A-Za-z]+)")
+
+
+def size_bytes(text: str) -> int | None:
+    """'22.00 MiB' -> 23068672; None when it is not a size."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        return None
+    unit = _SIZE_UNITS.get(m.group(2).lower())
+    if unit is None:
+        return None
+    try:
+        return int(float(m.group(1)) * unit)
+    except ValueError:
+        return None
+
+
+# "Saving checkpoint to /ckpt/run/checkpoint-100", "saved checkpoint: ...", "Checkpoint saved to ..."
+CHECKPOINT_HINT = "heckpoint"
+# Megatron: "saving checkpoint at iteration     100 to /ckpt/run", "successfully saved checkpoint from iteration ..."
+_CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)(?:\s+(?:at|from)\s+iteration\s+"
+                         r"\d+)?\s*(?:to|at|in|:)?\s*['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
+
+
+def checkpoint_path(msg: str) -> str | None:
+    """The path a checkpoint announcement names (it becomes data["checkpoint"] on the log record)."""
+    m = _CHECKPOINT.search(msg)
+    return m.group("path") if m else None
+
+
+def key_name(text: str) -> str:
+    """A printed label -> a clear field name: 'load_balancing_loss' -> same, 'sop loss' -> 'sop_loss'."""
+    out = re.sub(r"[^0-9a-zA-Z]+", "_", text.strip().lower()).strip("_")
+    return out or "value"
+
+
+__all__ = ["METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "ParseError", "Parsed", "SourceContext", "number",
+           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINT", "checkpoint_path"]

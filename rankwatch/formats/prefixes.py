@@ -1,0 +1,112 @@
+"""What comes before the line's content: ANSI colours, launcher prefixes, logger tags and the event time.
+
+Recognised, in this order (each optional):
+- ANSI colour/style codes anywhere (torchtitan, rich, colorlog) are removed first;
+- the torchrun prefix `[rank3]:` / `[default3]:` (`--tee`/`--log-dir` output), which gives the global rank;
+- a logger tag before the time: `[titan] ` (torchtitan), `[INFO|trainer.py:2035] ` (transformers' logging),
+  `[INFO 2020-06-08 05:26:19]` (early DeepSpeed);
+- the time: ISO 8601 (`T` or space, `.`/`,` fraction, `Z`/offset, optionally in `[...]`) as written by Python
+  logging, DeepSpeed, Megatron (`[2024-04-06 03:02:12]`), nanoGPT forks and NCCL >= 2.23's
+  NCCL_DEBUG_TIMESTAMP_FORMAT default (`[%F %T] `); or the glog form PyTorch's C++ side (c10) writes,
+  `[E1206 18:44:12.715298746 ProcessGroupNCCL.cpp:607]` / `E0614 11:26:37.758169 12345 file.cc:123]`, which has
+  no year: the year is taken from the file's previous event time (else the arrival time).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from rankwatch.formats.base import SourceContext
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+TORCHRUN = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+_TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\|[^\]\s]+\]\s| (?=\d{4}-)))")
+TS = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:[.,](\d+))?\s?(Z|[+-]\d{2}:?\d{2})?\]?\s*")
+# c10/glog: level letter, month (c10 does not zero-pad it: E626 is June 26) and day, time with up to 9 fraction digits, optional thread id, source file:line
+GLOG = re.compile(r"^\[?([IWEF])(\d{1,2}?)(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?: +\d+)? [^\]\s]+:\d+\]\s?")
+
+
+def strip_ansi(line: str) -> str:
+    return ANSI.sub("", line) if "\x1b" in line else line
+
+
+_last_second: tuple[tuple[str, str, str | None], float] = (("", "", None), 0.0)
+
+
+def ts_from_iso_match(m: re.Match[str]) -> float:
+    global _last_second
+    date, clock, frac, tz = m.group(1), m.group(2), m.group(3), m.group(4)
+    key = (date, clock, tz)
+    if _last_second[0] == key:  # consecutive lines share their second: skip the calendar arithmetic
+        base = _last_second[1]
+    else:
+        dt = datetime.fromisoformat(f"{date}T{clock}")
+        if tz and tz != "Z":
+            sign = 1 if tz[0] == "+" else -1
+            digits = tz[1:].replace(":", "")
+            offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        else:
+            offset = 0
+        base = dt.replace(tzinfo=timezone.utc).timestamp() - offset
+        _last_second = (key, base)
+    return base + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def parse_iso(text: str) -> float:
+    """ISO 8601 (T or space, `.`/`,` fraction, Z/offset) -> epoch seconds. Naive times are taken as UTC."""
+    m = TS.match(text.strip())
+    if not m:
+        raise ValueError(f"not an ISO 8601 time: {text!r}")
+    return ts_from_iso_match(m)
+
+
+def _glog_ts(m: re.Match[str], reference: float) -> float:
+    year = datetime.fromtimestamp(reference, tz=timezone.utc).year
+    month, day = int(m.group(2)), int(m.group(3))
+    frac = m.group(7)
+    for y in (year, year - 1):  # a December line read in January belongs to last year
+        dt = datetime(y, month, day, int(m.group(4)), int(m.group(5)), int(m.group(6)), tzinfo=timezone.utc)
+        ts = dt.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
+        if ts - reference < 180 * 86400:
+            return ts
+    return ts
+
+
+def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, int | None, float | None]:
+    """line (ANSI already removed) -> (body, torchrun rank, event time). Times that do not exist (month 13) stay
+    part of the body."""
+    rank = None
+    if line[:1] in " \t":  # Megatron's " [2024-04-06 03:02:12] iteration ...", indented pastes
+        line = line.lstrip()
+    if line[:1] == "[":
+        m = TORCHRUN.match(line)
+        if m:
+            rank = int(m.group(1))
+            line = line[m.end():]
+        if line[:1] == "[":
+            m = _TAG.match(line)
+            if m:
+                line = line[m.end():]
+    ts = None
+    c = line[:1]
+    if c.isdigit() or c == "[":
+        m = TS.match(line)
+        if m:
+            try:
+                ts = ts_from_iso_match(m)
+                line = line[m.end():]
+            except ValueError:
+                ts = None  # e.g. month 13: keep the text as part of the message
+    if ts is None and c in "IWEF[":
+        m = GLOG.match(line)
+        if m:
+            try:
+                ts = _glog_ts(m, ctx.last_ts if ctx.last_ts is not None else arrival)
+                line = line[m.end():]
+            except ValueError:
+                ts = None
+    return line, rank, ts
+
+
+__all__ = ["ANSI", "TORCHRUN", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso", "split_prefix"]
