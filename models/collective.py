@@ -5,7 +5,7 @@ same collective on every rank of it, so the enqueue times of (comm, opCount) are
 
 - **Lateness.** An op is judged when every rank seen on its comm has enqueued it, or, once more than half have,
   `op_stale_s` after its first enqueue. A rank is late on it when it enqueued more than max(k x the comm's usual
-  spread, `straggler_min_lag_s`) after the median rank; the spread is a robust scale of recent offsets, learned
+  spread, `straggler_min_lag_s`) after the median rank (of a pair, the earlier one); the spread is a robust scale of recent offsets, learned
   without the late ones. Ranks reach stage 2 through different partitions and workers, in no global order: a
   rank whose report arrives after its op was judged is judged against that op's stored median and limit.
 - **Straggler**: late in >= `straggler_min_late` of its last `straggler_window` ops on a comm. Victims wait
@@ -142,7 +142,7 @@ class CollectiveTracker:
                 c.pending.popitem(last=False)
                 c.first_seen.pop(n, None)
                 c.judged_upto = max(c.judged_upto, n)
-                if len(arrivals) >= 3:
+                if len(arrivals) >= 2:
                     events.extend(self._judge_op(name, c, n, arrivals))
         ended = [r for r in self.episodes if not any(any(c.verdicts.get(r, ())) for c in self.comms.values())]
         for r in ended:
@@ -152,7 +152,8 @@ class CollectiveTracker:
     def _judge_op(self, name: str, c: _Comm, n: int, arrivals: dict[int, float]) -> list[StragglerEvent]:
         cfg = self.config
         ts = np.fromiter(arrivals.values(), float)
-        med = float(np.median(ts))
+        # the median rank; of two (a tensor-parallel pair), the earlier: a midpoint would halve the lag
+        med = float(np.median(ts)) if len(ts) > 2 else float(ts.min())
         limit = max(cfg.straggler_spread_k * c.spread(), cfg.straggler_min_lag_s)
         c.medians[n] = (med, limit)
         while len(c.medians) > 512:

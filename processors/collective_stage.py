@@ -251,9 +251,12 @@ class CollectiveJob:
     # ---- anomalies -------------------------------------------------------------------------------------
     def _straggler_anomaly(self, ev: StragglerEvent) -> Anomaly:
         self.ctx.gauges.set(STRAGGLER_GAUGE, (self.job, str(ev.rank)), ev.lag)
+        # everyone on every comm it is late on waits for it (data- and tensor-parallel peers alike)
+        waiting = {r for c in self.tracker.comms.values() if any(c.verdicts.get(ev.rank, ())) for r in c.last}
+        ev.peers = len(waiting - {ev.rank})
         file, offset = self.last_ref.get(ev.rank, ("", -1))
         msg = (f"rank {ev.rank} enqueues collectives {ev.lag:.3g}s after the median rank: late on {ev.late_ops} of "
-               f"the last {ev.window} ops of comm {ev.comm}; {ev.peers} peers wait for it at each one")
+               f"the last {ev.window} ops of comm {ev.comm}; {ev.peers} peers wait for it")
         ctx = {"lag_s": ev.lag, "late_ops": ev.late_ops, "window": ev.window, "comm": ev.comm,
                "op_count": ev.op_count, "peers_waiting": ev.peers, "update": not ev.first,
                "victims_suppressed": self.victims}

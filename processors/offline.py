@@ -63,16 +63,22 @@ def read_records(paths: list[str], job: str | None = None, rank: int | None = No
     return heapq.merge(*streams, key=lambda r: r.ts)
 
 
-def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 2000) -> list[Anomaly]:
-    """Micro-batches in event-time order through both stages, as the worker would see them, then the end of
-    input as the moment of judgement for whatever is still open (a hang at the end of the logs)."""
+def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 2000, span_s: float = 1.0
+                 ) -> list[Anomaly]:
+    """Micro-batches in event-time order through both stages, as the worker would see them: at most `batch`
+    records and `span_s` seconds of event time each, so the job clocks that judge silence (hangs) advance as
+    they would live, even where records are sparse. Then the end of input is the moment of judgement for
+    whatever is still open (a hang at the end of the logs)."""
     out: list[Anomaly] = []
     chunk: list[Record] = []
+    start = 0.0
     for rec in records:
-        chunk.append(rec)
-        if len(chunk) >= batch:
+        if chunk and (len(chunk) >= batch or rec.ts - start > span_s):
             out.extend(pipeline.process(chunk))
             chunk = []
+        if not chunk:
+            start = rec.ts
+        chunk.append(rec)
     out.extend(pipeline.process(chunk))
     out.extend(pipeline.finish())
     return out
