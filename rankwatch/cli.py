@@ -1,4 +1,4 @@
-"""`rankwatch` command line: up, broker, worker, anomalies, analyze, demo."""
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, ops, demo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from rankwatch.config import ConfigError, Settings, load_config
+from rankwatch.ops_analyzer.command import add_ops_parser, cmd_ops
 
 log = logging.getLogger("rankwatch")
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--rank", type=int)
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write anomaly records as JSON lines ('-': stdout)")
+    add_ops_parser(sub)
     p = sub.add_parser("demo", help="simulate an 8-rank job with faults and watch rankwatch catch them")
     _common(p)
     p.add_argument("--ranks", type=int, default=8)
@@ -279,7 +281,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
+            "analyze": cmd_analyze, "ops": cmd_ops, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "replay-anomalies": cmd_replay}
 
 
