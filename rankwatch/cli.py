@@ -1,4 +1,4 @@
-"""`rankwatch` command line: up, broker, worker, anomalies, analyze, inspect, demo."""
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, inspect, ops, demo, eval, report, ..."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from rankwatch.config import ConfigError, Settings, load_config
+from rankwatch.ops_analyzer.command import add_ops_parser, cmd_ops
 
 log = logging.getLogger("rankwatch")
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank for files whose rank cannot be inferred")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     p.add_argument("--max-lines", type=int, default=0, dest="max_lines", help="read at most N lines per file")
+    add_ops_parser(sub)
     p = sub.add_parser("demo", help="simulate an 8-rank job with faults and watch rankwatch catch them")
     _common(p)
     p.add_argument("--ranks", type=int, default=8)
@@ -304,7 +306,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "inspect": cmd_inspect, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
+            "analyze": cmd_analyze, "inspect": cmd_inspect, "ops": cmd_ops, "demo": cmd_demo, "eval": cmd_eval,
+            "report": cmd_report,
             "replay-anomalies": cmd_replay}
 
 
