@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +37,11 @@ class CollectiveConfig:
     straggler_min_lag_s: float = 0.05  # ... and by at least this (hosts' clocks must agree better than this)
     straggler_report_s: float = 60.0  # while an episode lasts, an updated finding at most this often
     op_stale_s: float = 5.0  # an op not enqueued by every known rank after this long is judged without them
-    victim_hold_s: float = 10.0  # an op-timing finding waits for every rank to pass its op, at most this long
+    victim_hold_s: float = 0.5  # an op-timing finding is judged once the job's clock is this far past it ...
+    victim_wait_s: float = 10.0  # ... and its op is in from every rank, or (stream) after this much wall time
     hang_factor: float = 10.0
     hang_min_s: float = 30.0
+    hang_quiet_s: float = 10.0  # stream: the stalled ranks' ops must also have stopped arriving this long (wall)
 
 
 @dataclass
@@ -91,6 +94,8 @@ class _Comm:
         self.gaps: deque[float] = deque(maxlen=256)
         self.judged_upto = -1
         self.medians: OrderedDict[int, tuple[float, float]] = OrderedDict()  # judged op -> (median, limit)
+        self.expected = 0  # the comm's size as printed (0: unknown)
+        self.complete: set[int] = set()  # recent ops judged with every rank in (bounded like medians)
 
     def spread(self) -> float:
         if len(self.offsets) < 16:
@@ -111,10 +116,14 @@ class CollectiveTracker:
         self.evidence: list[dict] = []
 
     # ---- ops --------------------------------------------------------------------------------------------
-    def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "") -> list[StragglerEvent]:
+    def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "", nranks: int = 0
+            ) -> list[StragglerEvent]:
+        """`nranks`: the comm's size as NCCL printed it, so an op is not judged complete before every rank of
+        the comm could have reported it (ranks reach stage 2 in no particular order)."""
         c = self.comms.get(comm)
         if c is None:
             c = self.comms[comm] = _Comm()
+        c.expected = max(c.expected, nranks)
         c.last[rank] = (op_count, ts, op)
         if op_count > c.max_count:
             if c.max_count >= 0 and math.isfinite(c.advanced_at):
@@ -132,7 +141,7 @@ class CollectiveTracker:
         findings: new episodes and periodic updates, each at the op that decided it; ranks whose episode ended)."""
         events: list[StragglerEvent] = []
         for name, c in self.comms.items():
-            members = len(c.last)
+            members = max(len(c.last), c.expected)
             while c.pending:
                 n, arrivals = next(iter(c.pending.items()))
                 complete = len(arrivals) >= members
@@ -142,6 +151,9 @@ class CollectiveTracker:
                 c.pending.popitem(last=False)
                 c.first_seen.pop(n, None)
                 c.judged_upto = max(c.judged_upto, n)
+                if complete:
+                    c.complete.add(n)
+                    c.complete.discard(n - 4096)
                 if len(arrivals) >= 2:
                     events.extend(self._judge_op(name, c, n, arrivals))
         ended = [r for r in self.episodes if not any(any(c.verdicts.get(r, ())) for c in self.comms.values())]
@@ -156,7 +168,7 @@ class CollectiveTracker:
         med = float(np.median(ts)) if len(ts) > 2 else float(ts.min())
         limit = max(cfg.straggler_spread_k * c.spread(), cfg.straggler_min_lag_s)
         c.medians[n] = (med, limit)
-        while len(c.medians) > 512:
+        while len(c.medians) > 4096:  # judged ops kept for late reporters and held findings
             c.medians.popitem(last=False)
         # learn the usual spread from on-time ranks (a sample, so a 4,096-rank comm stays cheap)
         on_time = [abs(t - med) for t in arrivals.values() if t - med <= limit]
@@ -194,10 +206,12 @@ class CollectiveTracker:
             return [ev]
         return []
 
-    def passed(self, comm: str, n: int) -> bool:
-        """Has every rank of the comm enqueued op n (so whatever lateness led up to it is known)?"""
+    def judged(self, comm: str, n: int, complete: bool = False) -> bool:
+        """Has op n been judged (`complete`: with every rank of the comm)?"""
         c = self.comms.get(comm)
-        return c is not None and all(last[0] >= n for last in c.last.values())
+        if c is None or c.judged_upto < n:
+            return False
+        return not complete or n in c.complete
 
     def common_gap(self, comm: str, n: int) -> float | None:
         """The comm's own gap before op n: between the median ranks' enqueues of ops n-1 and n. When a rank's
@@ -223,7 +237,9 @@ class CollectiveTracker:
         usual = float(np.quantile(np.fromiter(c.gaps, float), 0.9)) if len(c.gaps) >= 8 else 0.0
         return max(self.config.hang_min_s, self.config.hang_factor * usual)
 
-    def check_hang(self, now: float) -> HangEvent | None:
+    def check_hang(self, now: float, quiet: Callable[[int], bool] = lambda rank: True) -> HangEvent | None:
+        """`quiet(rank)`: has that rank's input really stopped? (The stream checks that its ops stopped arriving,
+        not just that other partitions ran ahead of it in event time.)"""
         if self.hang is not None:
             return self._check_resolved()
         worst: HangEvent | None = None
@@ -232,7 +248,7 @@ class CollectiveTracker:
                 continue
             silent, thr = now - c.advanced_at, self.threshold(c)
             behind = {r: n for r, (n, _, _) in c.last.items() if n < c.max_count}
-            if silent < thr or not behind:
+            if silent < thr or not behind or not all(quiet(r) for r in behind):
                 continue
             stuck = min(behind.values()) + 1
             op = next((o for (n, _, o) in c.last.values() if n >= stuck), "")
@@ -244,22 +260,26 @@ class CollectiveTracker:
         return worst
 
     def hang_from_evidence(self, ev: dict, now: float) -> HangEvent | None:
-        """A watchdog timeout: evidence for the current hang, or a hang of its own if none is known."""
+        """A watchdog timeout: evidence for the current hang, or proof of one. If the op view shows ranks that
+        never reached an op for longer than the threshold, that is the hang, dated when it became one (the
+        watchdog proves the waiting is real); otherwise a hang of its own, dated now."""
         self.evidence.append(ev)
         del self.evidence[:-32]
         if self.hang is not None:
             self.hang.evidence = list(self.evidence)
             return None
-        stalled: dict[int, int] = {}
-        comm, stuck = "", -1
-        for name, c in self.comms.items():
-            behind = {r: n for r, (n, _, _) in c.last.items() if n < c.max_count}
-            if behind:
-                stalled.update(behind)
-                comm, stuck = name, min(behind.values()) + 1
-        self.hang = HangEvent("hang", now, stalled, comm, stuck, str(ev.get("op_type", "")),
-                              0.0, 0.0, list(self.evidence))
-        return self.hang
+        h = self.check_hang(now)
+        if h is None:
+            stalled: dict[int, int] = {}
+            comm, stuck = "", -1
+            for name, c in self.comms.items():
+                behind = {r: n for r, (n, _, _) in c.last.items() if n < c.max_count}
+                if behind:
+                    stalled.update(behind)
+                    comm, stuck = name, min(behind.values()) + 1
+            h = self.hang = HangEvent("hang", now, stalled, comm, stuck, str(ev.get("op_type", "")), 0.0, 0.0)
+        h.evidence = list(self.evidence)
+        return h
 
     def _check_resolved(self) -> HangEvent | None:
         h = self.hang

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ import orjson
 from prometheus_client import start_http_server
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.sinks import WorkerMetrics
+from rankwatch.processors.watermarks import Watermarks
 
 from rankwatch.config import Settings
 from rankwatch.records import dead_letter, decode_records, encode_pack
@@ -33,7 +36,8 @@ class WorkerConfig:
     state_interval_s: float = 30.0
     start_from: str = "earliest"  # where a new consumer group starts: earliest | latest
     tick_interval_s: float = 1.0  # how often stage 2 judges silent jobs (hangs)
-    caught_up_messages: int = 200  # a topic at most this many messages behind is live (its idle time is silence)
+    progress_interval_s: float = 0.25  # how often each worker reports its watermarks (bounds detection latency)
+    caught_up_messages: int = 0  # a partition at most this many messages behind counts as read to its end
     lag_interval_s: float = 2.0
 
 
@@ -73,7 +77,11 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     summaries_topic = raw_topic(settings.topic_summaries)
     outbox_topics = {fam: raw_topic(name) for fam, name in settings.topics().items()}
     sources = {kind: settings.topics()[kind] for kind in ("metrics", "log", "op", "gpu")}
+    families = {topic: kind for kind, topic in sources.items()}
     summary_partitions: dict[str, int] = {}  # job -> the summaries partition its stage-2 state belongs to
+    held_since: dict[int, float] = {}  # summaries partition -> when this worker last held it
+    watermarks = Watermarks()  # how far this worker has read each job's records (processors/watermarks.py)
+    source = f"{socket.gethostname()}:{os.getpid()}"
 
     async def publish(found) -> None:
         for anomaly in found:
@@ -106,9 +114,9 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 metrics.events.labels(rec.kind).inc()
                 if msg.timestamp:
                     metrics.latency.observe(max(0.0, now - msg.timestamp))
-            records.extend(decoded)
+            records.extend((rec, msg.partition) for rec in decoded)
         errors_before = pipeline.errors
-        found, summaries = pipeline.first_stage(records)
+        found, summaries = pipeline.first_stage(rec for rec, _ in records)
         count_skipped(errors_before)
         by_job: dict[str, list] = {}
         for s in summaries:
@@ -116,6 +124,9 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         for job, items in by_job.items():  # packs per job, like the shipper's, within the message size limit
             for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
                 await summaries_topic.send(key=job.encode(), value=pack)
+        # only now may a progress report cover these records: their summaries are ahead of it in the topic
+        for rec, partition in records:
+            watermarks.observe(rec.job, rec.family(), partition, rec.key(), rec.ts, now)
         await publish(found)
 
     for kind, topic_name in sources.items():
@@ -151,22 +162,56 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             count_skipped(errors_before)
             await publish(found)
 
+    @app.timer(worker.progress_interval_s)
+    async def report_progress() -> None:
+        """Tell each job's stage 2 how far this worker has read its records (a low watermark): the clock
+        that judges silence and releases held findings (processors/stages.py) trusts no more than that."""
+        behind = behind_by_partition()
+        assigned: dict[str, list[int]] = {}
+        for topic, part in behind:
+            if topic in families:
+                assigned.setdefault(families[topic], []).append(part)
+        to_end = lambda fam, part: behind.get((sources.get(fam, ""), part), 1) <= worker.caught_up_messages  # noqa: E731
+        by_job: dict[str, list[bytes]] = {}
+        for job, ts in watermarks.report(time.time(), to_end, assigned).items():
+            by_job.setdefault(job, []).append(orjson.dumps(
+                {"type": "progress", "job": job, "family": "all", "source": source, "ts": ts}))
+        for job, encoded in by_job.items():
+            for pack in packs(encoded):  # after this worker's summaries of those records: same partition
+                await summaries_topic.send(key=job.encode(), value=pack)
+
     @app.timer(worker.tick_interval_s)
     async def tick_jobs() -> None:
-        """Hangs are the absence of events: judge each owned job's clock. Idle wall time advances the clocks
-        only while this worker is caught up, so replaying a backlog never looks like silence."""
+        """Hangs are the absence of events: judge each owned job on its clock."""
+        now = time.time()
         assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_summaries}
+        for part in assigned:
+            held_since[part] = now
         owned = [job for job, part in summary_partitions.items() if part in assigned]
-        gone = [job for job, part in summary_partitions.items() if part not in assigned]
-        if gone:  # a rebalance moved them: their state is now another worker's
+        # a partition away for a while went to another worker in a rebalance: its jobs' state is theirs now
+        # (not at once: the assignment is briefly empty while a rebalance is under way)
+        gone = [job for job, part in summary_partitions.items() if now - held_since.get(part, now) > 30.0]
+        if gone:
             pipeline.drop_jobs(gone)
             for job in gone:
                 summary_partitions.pop(job, None)
-        behind = getattr(app, "rankwatch_behind", None)
-        if behind is None:
-            return  # no lag measured yet: whether idle time is silence cannot be told
-        lagging = {fam for fam, topic in sources.items() if behind.get(topic, 0) > worker.caught_up_messages}
-        await publish(pipeline.tick(time.time(), owned, lagging))
+        await publish(pipeline.tick(now, owned))
+
+    def behind_by_partition() -> dict[tuple[str, int], int]:
+        """Messages not yet read per (topic, partition) of this worker's assignment. A partition not fetched
+        yet counts as far behind: nothing is known of it."""
+        consumer = app.consumer
+        out: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - not yet fetched
+                high = None
+            # Faust keeps the last offset it read per partition (private, but the only source of it).
+            pos = getattr(consumer, "_read_offset", {}).get(tp)
+            out[(tp.topic, tp.partition)] = 1 << 30 if high is None else max(
+                0, high - (pos + 1 if pos is not None else 0))
+        return out
 
     @app.agent(deadletter, name="rankwatch.deadletter")
     async def count_dead_letters(stream):
@@ -188,22 +233,12 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
     @app.timer(worker.lag_interval_s)
     async def report_lag() -> None:
-        consumer = app.consumer
         by_topic: dict[str, int] = {}
-        for tp in consumer.assignment():
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # noqa: BLE001 - not yet fetched; try next round
-                continue
-            if high is None:
-                continue
-            # Faust keeps the last offset it read per partition (private, but the only source of it).
-            pos = getattr(consumer, "_read_offset", {}).get(tp)
-            behind = max(0, high - (pos + 1 if pos is not None else 0))
-            by_topic[tp.topic] = by_topic.get(tp.topic, 0) + behind
+        for (topic, _), behind in behind_by_partition().items():
+            if behind < 1 << 30:  # never fetched: unknown, not a number of messages
+                by_topic[topic] = by_topic.get(topic, 0) + behind
         for topic, behind in by_topic.items():
             metrics.lag.labels(topic).set(behind)
-        app.rankwatch_behind = by_topic  # type: ignore[attr-defined]
 
     return app
 

@@ -152,8 +152,11 @@ class CollectiveJob:
         self.comm_ids: dict[tuple[int, str], str] = {}  # (rank, comm pointer) -> shared identity
         self.signatures: dict[tuple[int, str], str] = {}  # fallback identity when no init line was seen
         self.last_ref: dict[int, tuple[str, int]] = {}  # rank -> (file, offset) of its latest op
+        self.heard: dict[int, float] = {}  # stream: rank -> wall time its latest op summary arrived
         self.held: list[dict[str, Any]] = []  # op-timing candidates waiting for the cross-rank view
-        self.clock = float("-inf")
+        self.evidence: list[Summary] = []  # watchdog timeouts waiting for the cross-rank view
+        self.clock = float("-inf")  # latest op time seen (a partition ahead of others can push it early)
+        self.judged_at = float("-inf")  # the job clock of the last tick (processors/stages.py)
         self.victims = 0
         self.paused = 0  # op-timing candidates explained by a pause of every rank
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
@@ -167,20 +170,26 @@ class CollectiveJob:
             self.clock = max(self.clock, ts)
             if t == "op":
                 rank = int(s["rank"])
-                for ev in self.tracker.add(self._comm(s, rank), rank, int(s["n"]), ts, str(s.get("op", ""))):
+                nranks = s.get("nranks")
+                for ev in self.tracker.add(self._comm(s, rank), rank, int(s["n"]), ts, str(s.get("op", "")),
+                                           int(nranks) if isinstance(nranks, (int, float)) else 0):
                     out.append(self._straggler_anomaly(ev))
                 self.last_ref[rank] = (str(s.get("file", "")), int(s.get("offset", -1)))
+                if self.ctx.wall is not None:
+                    self.heard[rank] = self.ctx.wall
             elif t == "op_flag":
                 self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
                                   "n": int(s["n"])})
+                if self.ctx.wall is not None:
+                    self.held[-1]["since"] = self.ctx.wall
             elif t == "nccl_init" and s.get("comm_id"):
                 self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
-            elif t == "nccl_timeout":
-                h = self.tracker.hang_from_evidence(
-                    {k: s.get(k) for k in ("rank", "seq_num", "op_type", "timeout_ms", "ran_for_ms")}, ts)
-                if h is not None:
-                    out.append(self._hang_anomaly(h, (str(s.get("file", "")), int(s.get("offset", -1)))))
+            elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
+                self.evidence.append(dict(s))
+                if self.ctx.wall is not None:
+                    self.evidence[-1]["since"] = self.ctx.wall
         out.extend(self._judge(self.clock))
+        out.extend(self._release(self.judged_at))
         return out
 
     def _comm(self, s: Summary, rank: int) -> str:
@@ -197,15 +206,27 @@ class CollectiveJob:
 
     # ---- judgement -------------------------------------------------------------------------------------
     def tick(self, now: float) -> list[Anomaly]:
-        self.clock = max(self.clock, now)
+        self.judged_at = max(self.judged_at, now)
         out = self._judge(now)
-        h = self.tracker.check_hang(now)
+        out.extend(self._release(now))
+        wall = self.ctx.wall  # stream: ranks arrive in no order, so evidence also waits a little in wall time
+        ripe = [e for e in self.evidence if float(e["ts"]) + self.config.victim_hold_s <= now
+                and (wall is None or wall - e.setdefault("since", wall) >= self.config.victim_wait_s)]
+        for ev in ripe:
+            self.evidence.remove(ev)
+            h = self.tracker.hang_from_evidence(
+                {k: ev.get(k) for k in ("rank", "seq_num", "op_type", "timeout_ms", "ran_for_ms")}, float(ev["ts"]))
+            if h is not None:
+                out.append(self._hang_anomaly(h, (str(ev.get("file", "")), int(ev.get("offset", -1)))))
+        h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
+                                    self.config.hang_quiet_s)
         if h is not None:
             out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
         return out
 
     def finish(self) -> list[Anomaly]:
-        out = self.tick(self.clock)
+        out = self.tick(max(self.clock, self.judged_at, *(float(e["ts"]) + self.config.victim_hold_s
+                                                          for e in self.evidence)))
         out.extend(self._release(float("inf")))
         return out
 
@@ -216,7 +237,6 @@ class CollectiveJob:
             out.append(self._straggler_anomaly(ev))
         for r in ended:
             self.ctx.gauges.remove(STRAGGLER_GAUGE, (self.job, str(r)))
-        out.extend(self._release(now))
         return out
 
     def _release(self, now: float) -> list[Anomaly]:
@@ -226,7 +246,7 @@ class CollectiveJob:
         for h in self.held:
             a = h["anomaly"]
             t = float(a["event_time"])
-            if not self.tracker.passed(h["comm"], h["n"]) and t + self.config.victim_hold_s > now:
+            if not self._ripe(h, t, now):
                 keep.append(h)
                 continue
             actual, predicted = float(a["value"] or 0.0), float(a["expected"] or 0.0)
@@ -247,6 +267,20 @@ class CollectiveJob:
             out.append(Anomaly(**a))
         self.held = keep
         return out
+
+    def _ripe(self, h: dict[str, Any], t: float, now: float) -> bool:
+        """May a held finding be judged? When the job's clock is past it by the hold and every rank of its comm
+        has enqueued its op (ranks arrive through different partitions and workers, in no order). A rank that
+        never comes (gone, hung) must not hold it forever: offline, the clock being well past it ends the wait;
+        in the stream, `victim_wait_s` of wall time since it arrived."""
+        if t + self.config.victim_hold_s > now:
+            return False
+        if self.tracker.judged(h["comm"], h["n"], complete=True):
+            return True
+        wall = self.ctx.wall
+        if wall is None:
+            return t + 5 * self.config.op_stale_s <= now
+        return wall - h.setdefault("since", wall) >= self.config.victim_wait_s
 
     # ---- anomalies -------------------------------------------------------------------------------------
     def _straggler_anomaly(self, ev: StragglerEvent) -> Anomaly:
@@ -291,6 +325,7 @@ class CollectiveJob:
                 "comm_ids": [[r, p, c] for (r, p), c in self.comm_ids.items()],
                 "signatures": [[r, p, c] for (r, p), c in self.signatures.items()],
                 "last_ref": {str(r): list(v) for r, v in self.last_ref.items()}, "held": self.held,
+                "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
                 "paused": self.paused}
 
@@ -300,6 +335,7 @@ class CollectiveJob:
         self.signatures = {(int(r), str(p)): c for r, p, c in state.get("signatures", [])}
         self.last_ref = {int(r): (str(v[0]), int(v[1])) for r, v in state.get("last_ref", {}).items()}
         self.held = list(state.get("held", []))
+        self.evidence = list(state.get("evidence", []))
         if state.get("clock") is not None:
             self.clock = float(state["clock"])
         self.victims = int(state.get("victims", 0))

@@ -53,6 +53,7 @@ class StageContext:
         self.wanted = wanted
         self.errors = 0  # records a detector could not handle (logged, skipped; the stream goes on)
         self.last_error = ""
+        self.wall: float | None = None  # the stream's processing time of the current call; None offline
 
     def wants(self, summary_type: str) -> bool:
         """Emit this summary type only if a stage-2 detector consumes it (summaries cost a topic hop)."""
@@ -146,6 +147,7 @@ class Pipeline:
         for s in summaries:
             by_job[str(s.get("job", ""))].append(s)
         out: list[Anomaly] = []
+        self.ctx.wall = wall
         for job, items in by_job.items():
             out.extend(self.job_stage(job).process(items, wall))
         return out
@@ -157,14 +159,13 @@ class Pipeline:
     def process_one(self, rec: Record) -> list[Anomaly]:
         return self.process([rec])
 
-    def tick(self, wall: float | None = None, jobs: Iterable[str] | None = None,
-             lagging: set[str] | frozenset[str] = frozenset()) -> list[Anomaly]:
-        """Judge the absence of events (hangs) on each job's clock (processors/stages.py: `JobStage.now`).
-        `lagging`: the record families whose topics this worker is behind on."""
+    def tick(self, wall: float | None = None, jobs: Iterable[str] | None = None) -> list[Anomaly]:
+        """Judge the absence of events (hangs) on each job's clock (processors/stages.py: `JobStage.now`)."""
         out: list[Anomaly] = []
+        self.ctx.wall = wall
         for job in list(self.jobs) if jobs is None else jobs:
             if job in self.jobs:
-                out.extend(self.jobs[job].tick(wall, lagging))
+                out.extend(self.jobs[job].tick(wall))
         return out
 
     def finish(self) -> list[Anomaly]:

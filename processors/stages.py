@@ -6,16 +6,14 @@ The first stage therefore emits small `Summary` dicts (e.g. `{type: "op", job, r
 which reach one `JobStage` per job: in process for `rankwatch analyze` and the hook, through the job-keyed
 summaries topic in the stream. Same code, so the verdicts agree whatever the number of workers.
 
-Time: a `JobStage` keeps the job's clock from the event times of every record family (each first-stage batch
-sends a `clock` summary per job and family). Offline, records are merged by event time, so the clock is simply
-the latest event time, and detectors that judge the absence of events (a hang) are ticked whenever it advances
-by `tick_every_s`; the end of input is the moment of judgement (`finish`). In the stream, families are consumed
-by different agents and one may lag another (ops are the bulk of the traffic), so only the worker's timer ticks:
-while some family's topic is behind, the clock is the earliest clock of the lagging families (what is known
-for certain); when every topic is caught up, it is the latest family clock advanced by the wall time since it
-moved. A family that merely lags never makes the others look silent, and a silent job (a hang) lets time pass
-at wall speed. Wall time is only ever added as a duration: log timestamps need not agree with the worker's
-clock (time zones, skew).
+Time. Offline, records are merged by event time and every first-stage batch sends a `clock` summary per job
+and record family: the job's clock is the latest event time, detectors that judge the absence of events (a
+hang) are ticked whenever it advances by `tick_every_s`, and the end of input is the moment of judgement
+(`finish`). In the stream, a job's keys are spread over partitions and workers that may lag one another, so
+the latest event time overstates what is known. Every worker reports, a few times a second, a low watermark per
+job (processors/watermarks.py), after the summaries of the records it covers; the job's clock is the earliest
+of the workers' reports: everything before it has arrived. A worker that lags holds the clock back; a silent
+job (a hang) lets it advance at wall speed once everything is read.
 """
 
 from __future__ import annotations
@@ -93,19 +91,24 @@ class JobStage:
         for det in self.detectors:
             for t in det.summary_types:
                 self.routes[t].append(det)
-        self.clocks: dict[str, list[float]] = {}  # record family -> [latest event time, wall time it moved]
-        self.event_time = -math.inf  # the latest event time of any family
+        self.event_time = -math.inf  # the latest event time of any record of the job
         self.last_tick = -math.inf
+        # stream: (worker, family) -> [watermark, wall time last heard]
+        self.progress: dict[tuple[str, str], list[float]] = {}
 
     def process(self, summaries: list[Summary], wall: float | None = None) -> list[Anomaly]:
         """`wall`: the stream's processing time (None offline: then this also ticks on event time)."""
         out: list[Anomaly] = []
         by_detector: dict[int, list[Summary]] = defaultdict(list)
         for s in summaries:
-            if s.get("type") == "clock":
-                self._advance(str(s.get("family", "")), float(s["ts"]), wall)
+            t = s.get("type")
+            if t == "clock":
+                self.event_time = max(self.event_time, float(s["ts"]))
                 continue
-            for det in self.routes.get(s.get("type", ""), ()):
+            if t == "progress":
+                self._progress(s, wall)
+                continue
+            for det in self.routes.get(t, ()):
                 by_detector[id(det)].append(s)
         for det in self.detectors:
             batch = by_detector.get(id(det))
@@ -115,25 +118,23 @@ class JobStage:
             out.extend(self._tick(self.event_time))
         return out
 
-    def _advance(self, family: str, ts: float, wall: float | None) -> None:
-        clock = self.clocks.get(family)
-        if clock is None:
-            self.clocks[family] = [ts, wall if wall is not None else 0.0]
-        elif ts > clock[0]:
-            clock[0], clock[1] = ts, wall if wall is not None else 0.0
-        self.event_time = max(self.event_time, ts)
+    def _progress(self, s: Summary, wall: float | None) -> None:
+        ts = s.get("ts")  # null: the worker cannot tell yet (JSON has no -Infinity)
+        self.progress[(str(s.get("source", "")), str(s.get("family", "")))] = [
+            float(ts) if isinstance(ts, (int, float)) else -math.inf, wall if wall is not None else 0.0]
 
-    def now(self, wall: float | None, lagging: set[str] | frozenset[str] = frozenset()) -> float:
-        """The job's clock (see the module doc). `lagging`: record families whose topics are behind."""
-        if wall is None or not self.clocks:
+    def now(self, wall: float | None, forget_after_s: float = 10.0) -> float:
+        """The job's clock (see the module doc)."""
+        if wall is None:
             return self.event_time
-        behind = [ts for f, (ts, _) in self.clocks.items() if f in lagging]
-        if behind:
-            return min(behind)
-        return max(ts + max(0.0, wall - moved) for ts, moved in self.clocks.values())
+        for key in [k for k, p in self.progress.items() if wall - p[1] > forget_after_s]:
+            del self.progress[key]  # a worker that left the group (its keys moved to another)
+        if not self.progress:
+            return -math.inf  # nothing known yet: silence cannot be told from lag
+        return min(ts for ts, _ in self.progress.values())
 
-    def tick(self, wall: float | None = None, lagging: set[str] | frozenset[str] = frozenset()) -> list[Anomaly]:
-        now = self.now(wall, lagging)
+    def tick(self, wall: float | None = None) -> list[Anomaly]:
+        now = self.now(wall)
         return self._tick(now) if math.isfinite(now) and now > self.last_tick else []
 
     def _tick(self, now: float) -> list[Anomaly]:
@@ -151,15 +152,12 @@ class JobStage:
 
     def save_state(self) -> dict[str, Any]:
         return {"event_time": self.event_time if math.isfinite(self.event_time) else None,
-                "clocks": {f: c[0] for f, c in self.clocks.items()},
                 "detectors": {type(d).__name__: d.save_state() for d in self.detectors}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("event_time") is not None:
             self.event_time = float(state["event_time"])
             self.last_tick = self.event_time
-        for family, ts in state.get("clocks", {}).items():
-            self.clocks[family] = [float(ts), 0.0]
         saved = state.get("detectors", {})
         for det in self.detectors:
             if type(det).__name__ in saved:

@@ -210,10 +210,18 @@ class Tailer:
         if now - self._last_scan >= self.scan_interval:
             self.scan()
         out: list[Line] = []
-        for tf in list(self.files.values()):
-            if len(out) >= max_lines:
+        files = list(self.files.values())
+        # Round-robin in slices: on a backlog, every file advances together (cross-rank detectors see the
+        # ranks of a job side by side, as they would live) instead of one file shipping whole before the next.
+        share = max(256, max_lines // max(1, len(files)))
+        while len(out) < max_lines:
+            before = len(out)
+            for tf in files:
+                if len(out) >= max_lines:
+                    break
+                self._read(tf, out, min(max_lines, len(out) + share), now)
+            if len(out) == before:
                 break
-            self._read(tf, out, max_lines, now)
         return out
 
     def _open(self, tf: TailedFile) -> bool:

@@ -173,7 +173,7 @@ def evaluate_ops(seeds: int = 20, path: str = "offline", bootstrap: str | None =
             from rankwatch.parsing import parse_iso
             from rankwatch.stream_eval import run_stream_jobs
 
-            found = run_stream_jobs(root, lines, bootstrap, settle_s=3.0)
+            found = run_stream_jobs(root, lines, bootstrap, settle_s=15.0)
             for items in found.values():
                 for a in items:
                     a["event_time_s"] = parse_iso(a["event_time"])

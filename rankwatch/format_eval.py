@@ -3,8 +3,8 @@ format (rankwatch.sim_formats), read back through `rankwatch analyze` or the rea
 scored like the JSON baseline (rankwatch.evaluate.score).
 
 A format is judged on the faults it can show: loss spikes and NaN losses everywhere, grad-norm explosions where
-it prints a grad norm, throughput drops where it prints throughput or step time, stragglers where it prints step
-time. Formats that count steps from 1 (Megatron, DeepSpeed, torchtitan) are mapped back to the simulator's steps.
+it prints a grad norm, throughput drops where it prints throughput or step time. (Stragglers are found in
+collective timing, not in step time: rankwatch/eval_ops.py.) Formats that count steps from 1 (Megatron, DeepSpeed, torchtitan) are mapped back to the simulator's steps.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rankwatch.simulate import Scenario
 
 # fault kind -> the printed signals that can show it
 FAULT_SIGNALS = {"loss_spike": {"loss"}, "grad_explosion": {"grad_norm"}, "nonfinite": {"loss"},
-                 "throughput_drop": {"throughput", "step_time_s"}, "straggler": {"step_time_s"}}
+                 "throughput_drop": {"throughput", "step_time_s"}}
 BAR_KINDS = ("loss_spike", "grad_explosion", "nonfinite")  # the issue's bar: >= 0.9 precision and recall
 
 

@@ -31,6 +31,12 @@ def _events(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
     return total
 
 
+def _behind(port: int) -> float:
+    """Messages the worker has not read yet, over every topic it consumes (stage 2's summaries included)."""
+    lines = [ln for ln in _scrape(port).splitlines() if ln.startswith("rankwatch_consumer_lag{")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) if lines else float("inf")
+
+
 def _published(port: int) -> float:
     """Anomalies the worker has handed to its producer (they reach the topic later, when flushed)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in _scrape(port).splitlines()
@@ -69,11 +75,6 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
         s = Settings(bootstrap=bootstrap, app_id=f"rankwatch-eval-{int(time.time() * 1000)}")
         s.use_topic_prefix(f"eval{s.app_id.rsplit('-', 1)[1]}")
         ensure_topics(s)
-        port = free_port()
-        env = {**os.environ, **s.env()}
-        worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
-                                   "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
-                                  stdout=subprocess.DEVNULL, stderr=_worker_log())
         with tempfile.TemporaryDirectory() as state:
             sh = Shipper([root], s, ShipperConfig(checkpoint=os.path.join(state, "c.json"), metrics_port=0))
             sh.config.job = None
@@ -82,10 +83,19 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
             sh.resolver.roots = [os.path.join(root, d) for d in sorted(os.listdir(root))]
             sh.run_until_idle(1.0)
             sh.close()
+        # The worker starts on the full backlog, as after a restart: one shipper reading hundreds of files of
+        # a dozen jobs would otherwise deliver ranks far apart (live, each node's shipper keeps up with its own).
+        port = free_port()
+        env = {**os.environ, **s.env()}
+        worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded",
+                                   "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
+                                  stdout=subprocess.DEVNULL, stderr=_worker_log())
         deadline = time.monotonic() + timeout
         while _events(port, kinds) < expected:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"worker processed {_events(port, kinds):.0f} of {expected} records")
+            time.sleep(0.5)
+        while _behind(port) > 0 and time.monotonic() < deadline:  # stage 2 may still be reading summaries
             time.sleep(0.5)
         time.sleep(settle_s)
         # The counter moves when a batch is decoded; its anomalies are produced after detection and handed to
