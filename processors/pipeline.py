@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.training import TrainingDetectorConfig
+from rankwatch.processors.memory_stage import GpuImbalanceJob, GpuMemoryHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 
@@ -22,7 +24,7 @@ from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig):
+class DetectionConfig(TrainingDetectorConfig, MemoryDetectorConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -62,8 +64,8 @@ class StageContext:
 
 
 # Stage 1: record family (Record.family()) -> handler class. Stage 2: job detector classes.
-FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler}
-JOB_DETECTORS: list[type] = [StepStragglerJob]
+FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler, "gpu": GpuMemoryHandler}
+JOB_DETECTORS: list[type] = [StepStragglerJob, GpuImbalanceJob]
 
 
 class Pipeline:
