@@ -46,7 +46,7 @@ class MemoryDetectorConfig:
     mem_settle_s: float = 600.0  # a GPU's first minutes (weights loaded, allocator settling) are no leak
     mem_gauge_max_gpus: int = 1024  # per worker: Prometheus series per GPU stay bounded
     mem_stale_after_s: float = 600.0  # a GPU silent this long (event time) loses its gauges
-    oom_windows_s: tuple[float, ...] = (40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 5120.0)
+    oom_windows_s: tuple[float, ...] = (40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 5120.0, 10240.0)
     oom_min_z: float = 5.0  # slope / its standard error, for a forecast to count (critical: minutes left)
     oom_high_min_z: float = 6.0  # ... to raise a high-risk one (ETA within 15 min: time to be surer)
     oom_medium_min_z: float = 10.0  # ... and a medium one (hours ahead: no hurry, so be sure)

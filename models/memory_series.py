@@ -193,11 +193,11 @@ class SlopeFit:
         return self.slope / self.se if self.se > 0 else 0.0
 
 
-def fit_window(t: np.ndarray, y: np.ndarray, window_s: float, noise: float, min_points: int = 6
-               ) -> SlopeFit | None:
+def fit_window(t: np.ndarray, y: np.ndarray, window_s: float, noise: float, min_points: int = 6,
+               coverage: float = 0.7) -> SlopeFit | None:
     """Repeated-median slope over the points of one window, with its standard error from the series' noise.
-    None when the window has too few points or does not yet span most of its length."""
-    if len(t) < min_points or t[-1] - t[0] < 0.7 * window_s:
+    None when the window has too few points or does not yet span `coverage` of its length."""
+    if len(t) < min_points or t[-1] - t[0] < coverage * window_s:
         return None
     s = sxx(t)
     if s <= 0:

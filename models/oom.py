@@ -84,6 +84,17 @@ class OomPrediction:
                 "ts": self.ts}
 
 
+def forecast_level(p: OomPrediction, c: MemoryDetectorConfig) -> RiskLevel:
+    eta = p.predicted_oom_time_seconds
+    if eta is None:
+        return RiskLevel.LOW
+    if eta <= c.oom_critical_eta_s:
+        return RiskLevel.CRITICAL
+    if eta <= c.oom_high_eta_s:
+        return RiskLevel.HIGH
+    return RiskLevel.MEDIUM if eta <= c.oom_medium_eta_s else RiskLevel.LOW
+
+
 def recommendation(level: RiskLevel, leak: bool, fragmented: bool) -> str:
     if level is RiskLevel.CRITICAL:
         text = ("Out of memory within minutes: lower the batch size or micro-batch now, or save a checkpoint "
@@ -133,6 +144,7 @@ class PeakTrend:
         self._coarse_noise: float | None = None
         self._global: SlopeFit | None = None
         self._skipped = 0
+        self.start = -math.inf  # no fit reaches back before this: the job's start is no trend
 
     # ---- the slope -----------------------------------------------------------------------------------------
     def _refresh(self, series: PeakSeries, now: float) -> None:
@@ -148,8 +160,8 @@ class PeakTrend:
         self._coarse_noise = series_noise(*series.arrays(True, -math.inf)[:2], floor)
         self._coarse_fits = []
         for w in (w for w in self.windows if w > self.fine_span):
-            t, hi, _ = series.arrays(True, end - w)
-            self._coarse_fits.append(fit_window(t, hi, w, self._coarse_noise))
+            t, hi, _ = series.arrays(True, max(end - w, self.start))
+            self._coarse_fits.append(fit_window(t, hi, w, self._coarse_noise, coverage=0.85))
         self._global = None
         for fit in reversed(self._coarse_fits):  # longest first
             if fit is not None and self._linear(series, end, fit):
@@ -158,15 +170,28 @@ class PeakTrend:
 
     def _linear(self, series: PeakSeries, end: float, fit: SlopeFit) -> bool:
         """The global forecast's check: both halves of the window grow at the window's rate (growth that
-        began inside the window, or stopped, fails it)."""
+        began inside the window, or stopped, fails it). A half grows when its slope agrees with the window's,
+        or, for a staircase (a caching allocator that takes memory in steps, a robust slope of one step is
+        flat), when the highest peak of its newer half is above that of its older half by a quarter of what
+        the window's slope predicts."""
         t, hi, _ = series.arrays(True, end - fit.window_s)
-        mid = end - fit.window_s / 2
+        w = fit.window_s
         agree = self.config.oom_agree_z
-        for m in (t < mid, t >= mid):
-            half = fit_window(t[m], hi[m], fit.window_s / 2, self._coarse_noise or 0.0, min_points=4)
-            if half is None or abs(half.slope - fit.slope) > agree * math.hypot(half.se, fit.se):
+        for lo_t, hi_t in ((end - w, end - w / 2), (end - w / 2, end + 1.0)):
+            m = (t >= lo_t) & (t < hi_t)
+            half = fit_window(t[m], hi[m], w / 2, self._coarse_noise or 0.0, min_points=4)
+            if half is not None and abs(half.slope - fit.slope) <= agree * math.hypot(half.se, fit.se):
+                continue
+            q = (lo_t + hi_t) / 2
+            older, newer = hi[m & (t < q)], hi[m & (t >= q)]
+            if not len(older) or not len(newer) or newer.max() - older.max() < 0.25 * fit.slope * w / 4:
                 return False
-        return True
+        # ... and by similar amounts: a one-off jump (the first checkpoint's buffers cached) in one half and
+        # a slow climb in the other is not one steady growth
+        mid = end - w / 2
+        rises = [float(hi[(t >= a) & (t < b)].max() - hi[(t >= a) & (t < b)].min()) if ((t >= a) & (t < b)).any()
+                 else 0.0 for a, b in ((end - w, mid), (mid, end + 1.0))]
+        return min(rises) >= max(rises) / 2
 
     def _older(self, series: PeakSeries, now: float, w: float, prev: float) -> SlopeFit | None:
         """The fit of the part of window `w` older than window `prev`: from fine buckets while they reach back
@@ -195,7 +220,7 @@ class PeakTrend:
             if coarse:
                 fit = next(coarse_fits, None)
             else:
-                t, hi, _ = series.arrays(False, now - w)
+                t, hi, _ = series.arrays(False, max(now - w, self.start))
                 fit = fit_window(t, hi, w, self._fine_noise or 0.0)
             if fit is None:
                 if best is not None:
@@ -264,12 +289,13 @@ class PeakTrend:
         peak = float(np.max(np.concatenate([hc - fit.slope * (tc - now), hf - fit.slope * (tf - now), [used]])))
         return Trend(now, fit.slope, fit.z, fit.window_s, peak)
 
-    def fit(self, series: PeakSeries, now: float, used: float, total: float) -> Trend:
+    def fit(self, series: PeakSeries, now: float, used: float, total: float, start: float = -math.inf) -> Trend:
         """Two candidates: the local one (the chain from the newest data, so growth that just began counts at
         its own rate) and the global one (the longest window that grew steadily throughout: a staircase
         whose steps come every half hour is growth, though the last minutes look flat). The one with the
         shorter ETA counts."""
         c = self.config
+        self.start = start
         if not self._needs_fit(series):
             self._skipped += 1
             self.last = Trend(now, 0.0, 0.0, None, max(self.last.peak if self.last else used, used))
@@ -320,7 +346,7 @@ class OomForecaster:
         trend = self.trends.get(name)
         if trend is None:
             trend = self.trends[name] = PeakTrend(self.config)
-        trend.fit(series, now, used, total)
+        trend.fit(series, now, used, total, self.first_ts + self.config.oom_warmup_s)
         fresh = [t.last for t in self.trends.values() if t.last is not None and now - t.last.ts <= 60.0]
         pick = min(fresh, key=lambda t: (t.eta(total) is None, t.eta(total) or 0.0))
         return self._predict(now, used, total, pick, leak, fragmented)
@@ -348,7 +374,9 @@ class OomForecaster:
         """The episode logic: raise once, update when the risk rises or the ETA halves, end after calm."""
         c = self.config
         floor = RiskLevel(c.oom_alert_level).rank
-        alarming = p.risk_level.rank >= floor and p.predicted_oom_time_seconds is not None
+        # the forecast's own level: usage alone (risk medium above the usage threshold) raises no forecast
+        lvl = forecast_level(p, c)
+        alarming = lvl.rank >= floor
         self.streak = self.streak + 1 if alarming else 0
         if not alarming:
             self.calm_since = p.ts if self.calm_since is None else self.calm_since
@@ -356,8 +384,8 @@ class OomForecaster:
                 self.raised, self.raised_eta = None, None
         else:
             self.calm_since = None
-        confirm = 1 if p.z >= 3 * c.oom_min_z and p.risk_level is RiskLevel.CRITICAL else c.oom_confirm
-        needed = {RiskLevel.MEDIUM: c.oom_medium_min_z, RiskLevel.HIGH: c.oom_high_min_z}.get(p.risk_level, 0.0)
+        confirm = 1 if p.z >= 3 * c.oom_min_z and lvl is RiskLevel.CRITICAL else c.oom_confirm
+        needed = {RiskLevel.MEDIUM: c.oom_medium_min_z, RiskLevel.HIGH: c.oom_high_min_z}.get(lvl, 0.0)
         if p.z < needed:
             return None, ""  # the streak counts on, so a sure forecast is raised at once
         if (p.window_s or 0) * c.oom_max_extrapolation < (p.predicted_oom_time_seconds or 0):
@@ -367,21 +395,21 @@ class OomForecaster:
         eta = float(p.predicted_oom_time_seconds)  # type: ignore[arg-type]
         if self.raised is None:
             why = "raised"
-        elif p.risk_level.rank > self.raised.rank:
+        elif lvl.rank > self.raised.rank:
             why = "risk_rose"
         elif self.raised_eta is not None and eta < self.raised_eta / 2 and self.raised_eta - eta >= 10.0:
             why = "eta_halved"
         else:
             return None, ""
-        self.raised, self.raised_eta = p.risk_level, eta
-        sev = {RiskLevel.CRITICAL: "critical", RiskLevel.HIGH: "warning"}.get(p.risk_level, "info")
+        self.raised, self.raised_eta = lvl, eta
+        sev = {RiskLevel.CRITICAL: "critical", RiskLevel.HIGH: "warning"}.get(lvl, "info")
         msg = (f"out of memory in ~{duration_text(eta)}: peak {p.peak_bytes / GIB:.1f} of {p.total_bytes / GIB:.1f} "
                f"GiB, growing {p.growth_rate_mb_per_sec:.2f} MB/s over the last {duration_text(p.window_s or 0)} "
-               f"(risk {p.risk_level.value}, confidence {p.confidence:.2f}). {p.recommendation}")
+               f"(risk {lvl.value}, confidence {p.confidence:.2f}). {p.recommendation}")
         ctx = {**p.to_dict(), "update": why}
         ctx.pop("ts")
         threshold = {RiskLevel.CRITICAL: c.oom_critical_eta_s, RiskLevel.HIGH: c.oom_high_eta_s}.get(
-            p.risk_level, c.oom_medium_eta_s)
+            lvl, c.oom_medium_eta_s)
         return Finding("oom", "gpu_memory", eta, None, threshold, p.z, sev, msg, ctx), why
 
     def save_state(self) -> dict[str, Any]:

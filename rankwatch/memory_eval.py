@@ -178,7 +178,7 @@ def report_lines(q: MemoryQuality) -> list[str]:
     for tier, r in q.tiers.items():
         lines.append(row(f"leak {tier}", r))
     lines.append(row("**all leaks**", q.leak_runs))
-    lines.append(row("fast ramp (0.5-2 GiB/s)", q.ramp))
+    lines.append(row("fast ramp (0.25-1 GiB/s)", q.ramp))
     lines.append("")
     lines.append(f"stable runs: {q.stable_runs} ({q.stable_hours:.0f} h): OOM/leak alarms {len(q.stable_alarms)}, "
                  f"fragmentation alarms {q.stable_frag_alarms}")

@@ -234,10 +234,10 @@ def leak_run(seed: int, tier: str) -> GpuRun:
 
 
 def ramp_run(seed: int) -> GpuRun:
-    """A fast OOM ramp: memory blows up at 0.5-2 GiB/s (a runaway cache, a sequence-length jump)."""
+    """A fast OOM ramp: memory blows up at 0.25-1 GiB/s (a runaway cache, a sequence-length jump)."""
     rng = np.random.default_rng([seed, 3])
     p = job_profile(rng, (1.0,))
-    rate = rng.uniform(0.5, 2.0) * GIB
+    rate = rng.uniform(0.25, 1.0) * GIB
     start = rng.uniform(300, 600)
     headroom = rng.uniform(20, 40) * GIB
     base = max(p.total - p.ctx - p.amp * (1 + 2 * p.jitter) - p.settle - headroom, 0.05 * p.total)
