@@ -32,7 +32,8 @@ _PATH_RANK = re.compile(r"(?<![A-Za-z0-9])rank[_-]?(\d+)", re.IGNORECASE)
 _CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)\s*(?:to|at|in|:)?\s*"
                          r"['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
 METRIC_FIELDS = ("loss", "grad_norm", "throughput", "step_time_s", "lr")
-_GPU_OPTIONAL = ("util_pct", "temp_c", "power_w", "allocated_bytes", "reserved_bytes")
+_GPU_OPTIONAL = ("util_pct", "temp_c", "power_w", "allocated_bytes", "reserved_bytes", "active_bytes",
+                 "inactive_split_bytes", "num_alloc_retries", "num_ooms", "proc_used_bytes", "rss_bytes")
 
 
 class ParseError(ValueError):
