@@ -35,6 +35,8 @@ class GpuMemoryDetector:
         self.num_ooms: float | None = None
         self.first_ts: float | None = None
         self.usage_raised = False
+        self.restarts = 0
+        self.low_since: float | None = None
 
     @property
     def prediction(self) -> OomPrediction | None:
@@ -45,6 +47,8 @@ class GpuMemoryDetector:
         if not math.isfinite(used) or not math.isfinite(total):
             raise ValueError(f"non-finite memory figures: used {used}, total {total}")
         self.samples += 1
+        if self._restarted(ts, used, total):
+            self._reset()
         if self.first_ts is None:
             self.first_ts = ts
         self.latest = {"ts": ts, **data}
@@ -89,6 +93,35 @@ class GpuMemoryDetector:
             self.usage_raised = False
         return out
 
+    def _restarted(self, ts: float, used: float, total: float) -> bool:
+        """Used memory stayed below a quarter of the recent peaks, by a fifth of the GPU or more, for 10 s:
+        the process exited (an OOM, a crash) or restarted; a sawtooth's trough does not last that long.
+        What came before says nothing about the new process."""
+        recent = [b.hi for b in list(self.used.fine)[-12:]]
+        if self.used.open_fine is not None:
+            recent.append(self.used.open_fine.hi)
+        peak = max(recent, default=0.0)
+        if not (peak > 0 and used < 0.25 * peak and peak - used > 0.2 * total):
+            self.low_since = None
+            return False
+        self.low_since = ts if self.low_since is None else self.low_since
+        return ts - self.low_since >= 10.0
+
+    def _reset(self) -> None:
+        c, keep = self.config, (self.forecaster.raised, self.forecaster.raised_eta)
+        fine_span = max(self.forecaster.fine_span, c.mem_noise_span_s)
+        coarse_span = max(max(float(w) for w in c.oom_windows_s), c.leak_window_s)
+        self.used = PeakSeries(c.mem_bucket_s, c.mem_coarse_bucket_s, fine_span, coarse_span)
+        self.need = PeakSeries(c.mem_bucket_s, c.mem_coarse_bucket_s, fine_span, coarse_span)
+        self.alloc = PeakSeries(c.mem_bucket_s, c.mem_coarse_bucket_s, c.mem_coarse_bucket_s, c.leak_window_s)
+        self.forecaster = OomForecaster(c)
+        self.forecaster.raised, self.forecaster.raised_eta = keep  # the episode ends by calm, as always
+        self.leak = LeakDetector(c)
+        self.frag = FragmentationDetector(c)
+        self.first_ts = None
+        self.low_since = None
+        self.restarts += 1
+
     def _allocator_ooms(self, data: dict[str, Any]) -> list[Finding]:
         n = data.get("num_ooms")
         if not isinstance(n, (int, float)):
@@ -106,7 +139,7 @@ class GpuMemoryDetector:
                 "forecaster": self.forecaster.save_state(), "leak": self.leak.save_state(),
                 "frag": self.frag.save_state(), "latest": self.latest, "samples": self.samples,
                 "num_ooms": self.num_ooms, "usage_raised": self.usage_raised,
-                "first_ts": self.first_ts}
+                "first_ts": self.first_ts, "restarts": self.restarts}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.used.load_state(state.get("used", {}))
@@ -120,6 +153,7 @@ class GpuMemoryDetector:
         self.num_ooms = state.get("num_ooms")
         self.usage_raised = bool(state.get("usage_raised", False))
         self.first_ts = state.get("first_ts")
+        self.restarts = int(state.get("restarts", 0))
 
 
 def _finite(x: object) -> bool:

@@ -63,7 +63,7 @@ class MemoryDetectorConfig:
     oom_clear_s: float = 300.0  # calm this long ends an episode (a later one is raised afresh)
     leak_threshold_mb_per_min: float = 10.0
     leak_window_s: float = 1800.0
-    leak_min_z: float = 4.0
+    leak_min_z: float = 5.0
     frag_ratio_threshold: float = 0.3
     frag_min_reserved_pct: float = 50.0  # fragmentation matters when memory is tight
     frag_window_s: float = 300.0
@@ -99,19 +99,28 @@ class LeakDetector:
         halves = np.array_split(np.arange(len(t)), 2)
         levels = [median(lo[i]) for i in halves]
         # steady: both halves of the window grow at half the threshold or more (a leak accrues every step;
-        # the allocator settling after start, or taking a larger segment once, grows in one half only)
+        # the allocator settling after start, or caching a checkpoint's buffers once, grows in one half only)
         half_slopes = [repeated_median_slope(t[i], lo[i]) for i in halves]
-        steady = min(half_slopes) >= 0.5 * threshold
+        # ... and not in a few jumps: no single minute (of the 3-minute running median) carries half the growth
+        smooth = np.array([median(lo[max(0, i - 1):i + 2]) for i in range(len(lo))])
+        growth = slope * (t[-1] - t[0])
+        steady = bool(min(half_slopes) >= 0.5 * threshold and float(np.max(np.diff(smooth))) <= 0.5 * growth)
         thirds = np.array_split(np.arange(len(t)), 3)
         amps = [median(hi[i] - lo[i]) for i in thirds]
-        periodic = max(amps) - min(amps) <= max(256 * MIB, 0.5 * max(amps))
+        periodic = bool(max(amps) - min(amps) <= max(256 * MIB, 0.5 * max(amps)))
         peak_slope = repeated_median_slope(t, hi)
         self.last = {"growth_rate_mb_per_min": slope * 60 / MIB, "peak_growth_rate_mb_per_min": peak_slope * 60 / MIB,
                      "trend_z": z, "steady": steady, "periodic": periodic, "window_s": w, "series": source}
         if slope < 0.5 * threshold:
             self.raised = False  # re-armed: a later leak is reported afresh
+            self.last["leaking"] = False
             return None
-        if self.raised or slope < threshold or z < c.leak_min_z or not steady or not periodic:
+        # what stays allocated between steps is there at the peaks too: a leak lifts both (troughs alone
+        # rising while the peaks stay flat is sampling noise, e.g. a sawtooth aliased by a fixed interval)
+        lifts_peaks = bool(peak_slope >= 0.5 * threshold)
+        leaking = slope >= threshold and z >= c.leak_min_z and steady and periodic and lifts_peaks
+        self.last["leaking"] = leaking
+        if self.raised or not leaking:
             return None
         self.raised = True
         full_in = (total - float(hi[-1])) / slope if total > 0 else None

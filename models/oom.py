@@ -234,6 +234,7 @@ class PeakTrend:
                 older = self._older(series, now, w, prev)
                 if older is not None and abs(older.slope - b.slope) > agree * math.hypot(older.se, b.se):
                     break
+
             best = (fit, coarse)
             prev = w
         return best
@@ -292,8 +293,7 @@ class PeakTrend:
     def fit(self, series: PeakSeries, now: float, used: float, total: float, start: float = -math.inf) -> Trend:
         """Two candidates: the local one (the chain from the newest data, so growth that just began counts at
         its own rate) and the global one (the longest window that grew steadily throughout: a staircase
-        whose steps come every half hour is growth, though the last minutes look flat). The one with the
-        shorter ETA counts."""
+        whose steps come every half hour is growth, though the last minutes look flat). The surer counts."""
         c = self.config
         self.start = start
         if not self._needs_fit(series):
@@ -314,7 +314,7 @@ class PeakTrend:
         if g is not None and g.z >= c.oom_min_z and g.slope > 0 and self._novel(series, now, g):
             cands.append(self._trend(series, now, used, g))
         if cands:
-            self.last = min(cands, key=lambda tr: tr.eta(total) or 0.0)
+            self.last = max(cands, key=lambda tr: tr.z)  # the surer of the two
         else:
             recent = [b.hi for b in series.fine if b.t_max >= now - self.fine_span]
             self.last = Trend(now, 0.0, z, None, max(recent + [used]))
@@ -340,15 +340,18 @@ class OomForecaster:
 
     def evaluate(self, name: str, series: PeakSeries, now: float, used: float, total: float, leak: bool = False,
                  fragmented: bool = False) -> OomPrediction:
-        """Fit series `name` (e.g. "used", "need") and predict from the most pessimistic recent fit of any."""
+        """Fit series `name` ("used": NVML, "need": the allocator's) and predict from the recent fits."""
         if self.first_ts is None:
             self.first_ts = now
         trend = self.trends.get(name)
         if trend is None:
             trend = self.trends[name] = PeakTrend(self.config)
         trend.fit(series, now, used, total, self.first_ts + self.config.oom_warmup_s)
-        fresh = [t.last for t in self.trends.values() if t.last is not None and now - t.last.ts <= 60.0]
-        pick = min(fresh, key=lambda t: (t.eta(total) is None, t.eta(total) or 0.0))
+        # NVML's used memory is what runs out; the allocator's view (sampled at a random phase of the step,
+        # so noisier) speaks when used memory shows no growth: a caching allocator at its ceiling
+        fresh = {n: t.last for n, t in self.trends.items() if t.last is not None and now - t.last.ts <= 60.0}
+        growing = [fresh[n] for n in ("used", *sorted(fresh)) if n in fresh and fresh[n].eta(total) is not None]
+        pick = growing[0] if growing else trend.last
         return self._predict(now, used, total, pick, leak, fragmented)
 
     def _predict(self, now: float, used: float, total: float, trend: Trend, leak: bool, fragmented: bool

@@ -32,6 +32,8 @@ GAUGES = {
     "rankwatch_gpu_oom_eta_seconds": "Seconds until the peak reaches total memory (absent: no growth)",
     "rankwatch_gpu_oom_risk_level": "OOM risk: 0 low, 1 medium, 2 high, 3 critical",
     "rankwatch_gpu_memory_fragmentation_ratio": "1 - allocated/reserved at the peak (allocator stats only)",
+    "rankwatch_gpu_memory_leak_bytes_per_second": "Growth between steps while the leak detector judges it a leak "
+                                                 "(else 0)",
 }
 
 
@@ -132,6 +134,10 @@ class GpuMemoryHandler:
         g.set("rankwatch_gpu_oom_risk_level", labels, p.risk_level.rank)
         if det.frag.ratio is not None:
             g.set("rankwatch_gpu_memory_fragmentation_ratio", labels, det.frag.ratio)
+        lk = det.leak.last
+        if lk is not None:
+            rate = lk["growth_rate_mb_per_min"] * 2**20 / 60 if lk.get("leaking") else 0.0
+            g.set("rankwatch_gpu_memory_leak_bytes_per_second", labels, rate)
 
     def _expire_gauges(self) -> None:
         for key in [k for k in self.exported if self.latest_ts - self.last_seen.get(k, -math.inf)

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int)
     p.add_argument("--visualize", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    from rankwatch.memory_cli import add_memory_parser
+
+    add_memory_parser(sub)
     return ap
 
 
@@ -278,7 +281,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if summary["count"] else 1
 
 
-COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
+def cmd_memory(args: argparse.Namespace) -> int:
+    from rankwatch.memory_cli import cmd_memory as run
+
+    return run(args)
+
+
+COMMANDS = {"memory": cmd_memory, "up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
             "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "replay-anomalies": cmd_replay}
 

@@ -152,7 +152,7 @@ def simulate_gpu(p: JobProfile, base: float, duration: float, rng: np.random.Gen
     alloc = np.where(loading, base * t / max(load, 1e-9), persist[idx] + amp[idx] * shape)
     if p.allocator == "caching":
         res = np.where(loading, alloc, np.maximum(reserved[idx], alloc))
-        used = p.ctx + res + rng.integers(0, 3, len(t)) * MIB
+        used = np.minimum(p.ctx + res + rng.integers(0, 3, len(t)) * MIB, p.total)
     else:
         res = alloc * (1 + frag[idx]) + rng.uniform(0, 64, len(t)) * MIB
         used = p.ctx + res
