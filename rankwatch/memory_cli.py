@@ -146,10 +146,9 @@ def _gib(x: Any) -> str:
 
 
 def print_table(mode: str, report: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    from rich import box
 
     cols = {"profile": ["GPU", "rank", "used", "total", "used%", "peak", "avg%", "max%", "frag%", "samples"],
             "oom": ["GPU", "used%", "peak", "MB/s", "OOM in s", "risk", "conf."],
