@@ -109,7 +109,7 @@ def throughput(gpus: int = 64, seconds: int = 900) -> None:
               f"one process: {len(recs) / dt:,.0f} GPUs sampled at 1 Hz per worker core)")
 
 
-def stream(gpus: int = 64, seconds: int = 300) -> None:
+def stream(gpus: int = 64, seconds: int = 900) -> None:
     import os
     import subprocess
     import tempfile

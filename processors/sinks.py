@@ -20,6 +20,8 @@ DETECTOR_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
 def _declare_memory_gauges() -> None:
+    """Per-GPU memory gauges (processors/memory_stage.py): the one place host and gpu are labels, as GPU memory
+    monitoring asks; bounded by `mem_gauge_max_gpus` per worker and dropped when a GPU goes silent."""
     from rankwatch.processors.memory_stage import GAUGE_LABELS, GAUGES
 
     DETECTOR_GAUGES.update({name: (doc, GAUGE_LABELS) for name, doc in GAUGES.items()})
