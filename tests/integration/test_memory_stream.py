@@ -3,6 +3,7 @@ cross-GPU imbalance verdict with two workers equals `rankwatch analyze`'s."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,12 +21,18 @@ def test_producer_gpu_replay_through_the_worker_gives_an_oom_forecast(settings, 
     run = leak_run(3, "50MB/s")
     rec = tmp_path / "node000-gpu0.jsonl"
     n = write_jsonl(run, str(rec))
-    p = subprocess.run([sys.executable, "-m", "rankwatch.producers.shipper", "--gpu", "--replay", str(rec),
-                        "--speed", "0", "--job", "llm-memory", "--metrics-port", "0"],
+    logs = tmp_path / "llm-memory"
+    logs.mkdir()
+    (logs / "rank_0.log").write_text("".join(f'{{"ts": {1e9 + i}, "step": {i}, "loss": 2.0}}\n' for i in range(30)))
+    # one process tails the logs and replays the GPU samples (as it would sample the GPUs)
+    p = subprocess.run([sys.executable, "-m", "rankwatch.producers.shipper", "--tail", str(logs), "--once",
+                        "--checkpoint", str(tmp_path / "c.json"), "--gpu", "--replay", str(rec), "--speed", "0",
+                        "--job", "llm-memory", "--metrics-port", "0"],
                        env=settings_env(settings), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     wait_for(lambda: metric_value(scrape(worker.metrics_port), "rankwatch_events_total", 'kind="gpu"') >= n, 90,
              "the worker to consume every GPU sample")
+    assert metric_value(scrape(worker.metrics_port), "rankwatch_events_total", 'kind="metrics"') >= 30
 
     def forecasts():
         return [a for a in read_topic(settings, settings.topic_anomalies) if a["detector"] == "oom"] or None
@@ -40,6 +47,15 @@ def test_producer_gpu_replay_through_the_worker_gives_an_oom_forecast(settings, 
     text = scrape(worker.metrics_port)
     assert 'rankwatch_gpu_memory_used_ratio{gpu="0",host="node000",job="llm-memory"}' in text
     assert "rankwatch_gpu_oom_risk_level" in text and "rankwatch_gpu_memory_peak_bytes" in text
+    # the memory report from the GPU topic: the users' JSON and a plot of the GPU with its forecast
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "rankwatch.cli", "memory", "report", "--from-topic", "--out", str(out)],
+                       env=settings_env(settings), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "memory_report.json").read_text())
+    dev = report["devices"]["node000/0"]
+    assert dev["statistics"]["num_snapshots"] == n and dev["risk_assessment"]["risk_level"] in ("high", "critical")
+    assert (out / "node000-gpu0.png").stat().st_size > 10_000
 
 
 def test_imbalance_verdict_with_two_workers_equals_analyze(settings, tmp_path):
