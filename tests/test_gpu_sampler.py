@@ -243,3 +243,27 @@ def test_producer_gpu_without_nvml_says_so_in_one_line_and_exits_non_zero(monkey
     assert len(err) == 1 and "cannot read GPUs" in err[0] and "--replay" in err[0]
     assert main(["--job", "j"]) == 2  # neither --tail nor --gpu
     assert main(["--gpu", "--job", "j", "--replay", "/nonexistent.jsonl"]) == 2
+
+
+def test_live_sampling_loop_publishes_every_gpu_on_schedule_until_stopped(monkeypatch):
+    from rankwatch.producers import gpu_cli
+    from rankwatch.producers.shipper import build_parser
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(count=2))
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = build_parser().parse_args(["--gpu", "--job", "j", "--interval", "0.05", "--host", "n1"])
+    run = gpu_cli.setup_gpu(args, Settings(bootstrap="x:1"), CollectorRegistry())
+    fake = FakeProducer()
+    run.publisher.factory = lambda: fake
+    t = threading.Thread(target=run.run)
+    t.start()
+    _wait(lambda: len(fake.sent) >= 10)
+    run.stop.set()
+    t.join(10)
+    recs = [decode_record(v) for _, _, v in fake.sent]
+    assert {(r.data["host"], r.data["gpu"], r.rank) for r in recs} == {("n1", 0, 2), ("n1", 1, 3)}
+    assert all(r.data["mem_total_bytes"] == 80 * 2**30 for r in recs)
+    ts = sorted({r.ts for r in recs})
+    assert len(ts) >= 5 and min(b - a for a, b in zip(ts, ts[1:], strict=False)) > 0.03  # one sample per interval
+    assert run.sampled == len(recs) == run.publisher.sent
