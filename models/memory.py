@@ -74,7 +74,7 @@ class MemoryDetectorConfig:
     imbalance_min_gpus: int = 3
     imbalance_bucket_s: float = 30.0
     imbalance_persist: int = 3  # buckets in a row
-    imbalance_grace_s: float = 30.0  # job clock past a bucket's end before it is judged (late GPUs)
+    imbalance_grace_s: float = 30.0  # a quiet GPU is waited for this long (in buckets, rounded up) + 1
 
 
 class LeakDetector:

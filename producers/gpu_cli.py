@@ -20,10 +20,10 @@ from rankwatch.producers.gpu import (
     live_batches,
     load_rank_map,
     nvml_sample_fn,
-    read_samples,
     replay_batches,
     run_sampling,
 )
+from rankwatch.producers.gpu_replay import read_samples
 
 from rankwatch.config import Settings, load_config
 from rankwatch.parsing import ParseError

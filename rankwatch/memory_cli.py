@@ -94,7 +94,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.memory_cmd == "report":
         return cmd_memory_report(args)
     from rankwatch.memory_watch import MemoryWatcher
-    from rankwatch.producers.gpu import NvmlUnavailable, paced, read_samples
+    from rankwatch.producers.gpu import NvmlUnavailable
+    from rankwatch.producers.gpu_replay import paced, read_samples
 
     watcher = MemoryWatcher(interval_s=args.interval, devices=args.devices, job=args.job, host=args.host,
                             config=detection_for(args))
@@ -209,7 +210,7 @@ def cmd_memory_report(args: argparse.Namespace) -> int:
     from rankwatch.memory_report import MemoryTimeline, build_report, plot_devices
     from rankwatch.processors.offline import read_records, run_pipeline
     from rankwatch.processors.pipeline import DetectionConfig, Pipeline
-    from rankwatch.producers.gpu import read_samples
+    from rankwatch.producers.gpu_replay import read_samples
 
     if args.from_topic:
         from rankwatch.consume import read_records_from_topics

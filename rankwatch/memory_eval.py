@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from rankwatch.processors.offline import run_pipeline
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
@@ -203,7 +202,3 @@ def report_lines(q: MemoryQuality) -> list[str]:
     for name, ok in q.bar().items():
         lines.append(f"bar: {name}: {'MET' if ok else 'MISSED'}")
     return lines
-
-
-def summary(q: MemoryQuality) -> dict[str, Any]:
-    return {"bar": q.bar(), "stable_alarms": q.stable_alarms}

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from rankwatch.memory_report import MemoryTimeline, build_report
-from rankwatch.models.oom import OomPrediction
+from rankwatch.models.oom_prediction import OomPrediction
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.records import Anomaly, Record
 

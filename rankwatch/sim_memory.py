@@ -20,8 +20,6 @@ What a real job shows, modelled per step (vectorised over samples):
 
 from __future__ import annotations
 
-import math
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,19 +302,5 @@ def write_jsonl(run: GpuRun, path: str) -> int:
     return len(run.samples)
 
 
-def hostname() -> str:
-    return socket.gethostname()
-
-
-def duration_of(run: GpuRun) -> float:
-    return run.samples[-1]["ts"] - run.samples[0]["ts"] if run.samples else 0.0
-
-
-def describe(run: GpuRun) -> str:
-    lab = run.labels
-    oom = f", OOM at +{run.oom_ts - run.samples[0]['ts']:.0f} s" if run.oom_ts else ""
-    return f"{lab.get('kind')} {lab.get('tier', '')} {lab.get('allocator', '')} every {lab.get('interval')} s{oom}"
-
-
 __all__ = ["GpuRun", "JobProfile", "Faults", "LEAK_TIERS", "simulate_gpu", "stable_run", "leak_run", "ramp_run",
-           "fragmentation_run", "imbalance_job", "to_records", "write_jsonl", "math"]
+           "fragmentation_run", "imbalance_job", "to_records", "write_jsonl"]

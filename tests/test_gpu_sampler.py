@@ -18,9 +18,8 @@ from rankwatch.producers.gpu import (
     SamplerMetrics,
     load_rank_map,
     nvml_sample_fn,
-    paced,
-    read_samples,
 )
+from rankwatch.producers.gpu_replay import paced, read_samples
 
 from rankwatch.config import Settings
 from rankwatch.parsing import ParseError

@@ -108,7 +108,7 @@ def test_memory_commands_without_a_gpu_say_so_and_exit_non_zero():
 
 
 def test_memory_watcher_calls_back_with_device_and_prediction(leak_file):
-    from rankwatch.producers.gpu import read_samples
+    from rankwatch.producers.gpu_replay import read_samples
 
     from rankwatch.memory_watch import MemoryWatcher
 

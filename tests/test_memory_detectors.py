@@ -197,3 +197,11 @@ def test_gpu_state_survives_a_restart_through_json():
     assert strip(rest_a) == strip(rest_b) and any(x.detector == "oom" for x in rest_a)
     assert math.isclose(a.gauges.get("rankwatch_gpu_memory_peak_bytes", ("j", "node7", "3")),
                         b.gauges.get("rankwatch_gpu_memory_peak_bytes", ("j", "node7", "3")))
+
+
+def test_usage_threshold_warns_once_when_asked_as_the_users_oom_threshold_does():
+    det = GpuMemoryDetector(MemoryDetectorConfig(oom_usage_threshold_pct=85.0, oom_alert_on_usage=True))
+    found = run(det, sawtooth_samples(300, 66 * GIB, 4 * GIB, seed=6))  # peaks at ~87.5% of 80 GiB
+    usage = [f for f in found if f.context.get("update") == "usage_threshold"]
+    assert len(usage) == 1 and usage[0].detector == "oom" and usage[0].threshold == 85.0
+    assert [f for f in run(GpuMemoryDetector(), sawtooth_samples(300, 66 * GIB, 4 * GIB, seed=6))] == []
