@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rankwatch.models.collective import CollectiveConfig
+from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.op_timing import OpTimingConfig
 from rankwatch.models.training import TrainingDetectorConfig
 from rankwatch.processors.collective_stage import CollectiveJob, NcclEventHandler, OpHandler
+from rankwatch.processors.memory_stage import GpuImbalanceJob, GpuMemoryHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 
@@ -25,7 +27,7 @@ from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig):
+class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig, MemoryDetectorConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -71,8 +73,9 @@ FIRST_STAGE: dict[str, list[type]] = {
     "metrics": [MetricsHandler],
     "op": [OpHandler],
     "log": [NcclEventHandler],
+    "gpu": [GpuMemoryHandler],
 }
-JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob]
+JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob, GpuImbalanceJob]
 
 
 class Pipeline:

@@ -19,6 +19,17 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DETECTOR_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
+def _declare_memory_gauges() -> None:
+    """Per-GPU memory gauges (processors/memory_stage.py): the one place host and gpu are labels, as GPU memory
+    monitoring asks; bounded by `mem_gauge_max_gpus` per worker and dropped when a GPU goes silent."""
+    from rankwatch.processors.memory_stage import GAUGE_LABELS, GAUGES
+
+    DETECTOR_GAUGES.update({name: (doc, GAUGE_LABELS) for name, doc in GAUGES.items()})
+
+
+_declare_memory_gauges()
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_job_labels: int = 50) -> None:
         self.registry = registry or CollectorRegistry()

@@ -329,8 +329,9 @@ def default_checkpoint(paths: list[str], job: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="producer", description="Ship training logs to Kafka as typed records.")
-    ap.add_argument("--tail", nargs="+", metavar="PATH", required=True, help="files or folders to follow")
+    ap = argparse.ArgumentParser(prog="producer", description="Ship training logs to Kafka as typed records "
+                                 "(--tail) and sample this node's GPUs (--gpu); one process can do both.")
+    ap.add_argument("--tail", nargs="+", metavar="PATH", help="files or folders to follow")
     ap.add_argument("--job", help="job name (default: the tailed folder's name)")
     ap.add_argument("--rank", type=int, help="rank for lines whose rank cannot be inferred")
     ap.add_argument("--bootstrap", help="Kafka bootstrap servers host:port[,host:port]")
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-port", type=int, dest="metrics_port")
     ap.add_argument("--once", action="store_true", help="ship what is there, then exit when idle for 1 s")
     ap.add_argument("-v", "--verbose", action="store_true")
+    from rankwatch.producers.gpu_cli import add_gpu_args
+
+    add_gpu_args(ap)
     return ap
 
 
@@ -350,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     from rankwatch.cli import quiet_libraries
 
     quiet_libraries(args.verbose)
+    if not args.tail and not args.gpu:
+        print("producer: give --tail PATH... and/or --gpu", file=sys.stderr)
+        return 2
     cli = vars(args)
     try:
         settings = load_config(Settings, cli, path=args.config)
@@ -358,23 +365,44 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"producer: {exc}", file=sys.stderr)
         return 2
+    registry = CollectorRegistry()
+    gpu = None
+    if args.gpu:
+        from rankwatch.producers.gpu_cli import GpuRunError, setup_gpu
+
+        try:
+            gpu = setup_gpu(args, settings, registry)
+        except GpuRunError as exc:
+            print(f"producer: {exc}", file=sys.stderr)  # one clear line, non-zero exit
+            return 2
     if not settings.bootstrap:
         settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
         log.info("no --bootstrap given; using the embedded broker at %s (start it with `rankwatch up`)",
                  settings.bootstrap)
-    shipper = Shipper(args.tail, settings, config, formats=formats)
+    shipper = Shipper(args.tail, settings, config, registry=registry, formats=formats) if args.tail else None
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=settings.metrics_bind, registry=shipper.registry)
+        start_http_server(config.metrics_port, addr=settings.metrics_bind, registry=registry)
+    stop = shipper.stop_event if shipper else threading.Event()
 
     def _stop(signum, frame):  # noqa: ARG001
         log.info("signal %d: finishing the current batch and stopping", signum)
-        shipper.stop_event.set()
+        stop.set()
+        if gpu is not None:
+            gpu.stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    gpu_thread = None
+    if gpu is not None:
+        gpu_thread = threading.Thread(target=gpu.run, name="rankwatch-gpu-sampler", daemon=True)
+        gpu_thread.start()
     stalled = False
     try:
-        if args.once:
+        if shipper is None:
+            assert gpu_thread is not None
+            while gpu_thread.is_alive():
+                gpu_thread.join(0.5)
+        elif args.once:
             n = shipper.run_until_idle()
             log.info("shipped %d lines", n)
         else:
@@ -383,7 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         stalled = True
         log.warning("stopped while stalled (%s); they are reconciled on the next start", exc)
     finally:
-        shipper.close(stalled=stalled)
+        if gpu is not None:
+            if shipper is not None and not args.once:
+                gpu.stop.set()
+            if gpu_thread is not None:
+                gpu_thread.join()
+        if shipper is not None:
+            shipper.close(stalled=stalled)
     return 0
 
 

@@ -9,6 +9,12 @@ Each step's metrics are published (to Kafka when `bootstrap` is set, else as JSO
 local anomaly the batch is saved, with a record, under `output_dir/anomalies/` (layout in docs/HOOK.md).
 Publishing and saving run on a background thread behind a bounded queue: `observe` never waits for I/O, and what
 had to be dropped is counted (`monitor.dropped`) and logged.
+
+GPU memory (`gpu_memory`, on by default when torch.cuda is in use): every `memory_interval_s` the allocator's
+stats are sampled (producers/memory_hook.py), published as a GPU sample and judged locally by the memory
+detectors; `add_warning_callback(fn(device, prediction))` lets the training code act on an OOM forecast (e.g.
+lower the batch size). With `track_host_memory` the samples carry the process's RSS, and memory anomalies the
+top growing Python allocation sites (tracemalloc); `host_memory_report()` gives them on request.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import orjson
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
+from rankwatch.producers.memory_hook import MemoryProbe, cuda_in_use
 
 from rankwatch.config import Settings
 from rankwatch.records import Anomaly, Record, encode_record
@@ -59,7 +66,10 @@ class TrainingMonitor:
                  fixed_loss_threshold: float | None = None, fixed_grad_norm_threshold: float | None = None,
                  *, job: str | None = None, bootstrap: str | None = None, settings: Settings | None = None,
                  queue_size: int = 1024, save_batches: bool = True,
-                 publisher: Callable[[Record], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 publisher: Callable[[Record], None] | None = None, clock: Callable[[], float] = time.time,
+                 gpu_memory: bool | None = None, memory_interval_s: float = 1.0,
+                 memory_stats: Callable[[], dict[str, Any] | None] | None = None,
+                 track_host_memory: bool = False, host: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.rank = rank
         self.job = job or self.output_dir.resolve().name
@@ -72,11 +82,16 @@ class TrainingMonitor:
         if grad_norm_threshold_factor is not None:
             cfg.grad_norm_threshold_factor = grad_norm_threshold_factor
         self.pipeline = Pipeline(cfg)
+        # None: decided at the first step (the model may move to the GPU after the monitor is made)
+        self.gpu_memory = gpu_memory if memory_stats is None else (gpu_memory is not False)
+        self.probe = MemoryProbe(memory_stats, memory_interval_s, host, track_host_memory)
+        self.warning_callbacks: list[Callable[[int | None, Any], None]] = []
         self.dropped = {"publish": 0, "save": 0}
         self.anomalies_seen = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._producer = None
         self._metrics_fh = None
+        self._gpu_fh = None
         settings = settings or Settings()
         if bootstrap:
             settings.bootstrap = bootstrap
@@ -87,8 +102,8 @@ class TrainingMonitor:
 
             self._producer = KafkaProducer(**settings.kafka_kwargs(), acks="all", enable_idempotence=True,
                                            linger_ms=50)
-            topic = settings.topic_metrics
-            self._publish = lambda rec: self._producer.send(topic, key=rec.key().encode(),
+            topics = settings.topics()
+            self._publish = lambda rec: self._producer.send(topics[rec.family()], key=rec.key().encode(),
                                                             value=encode_record(rec))
         else:
             self._publish = self._write_jsonl
@@ -115,7 +130,54 @@ class TrainingMonitor:
             self.anomalies_seen += len(found)
             tensors = {k: v.detach() for k, v in _named_tensors(batch).items()} if self.save_batches else {}
             self._offer(("anomaly", rec, found, tensors), "save")
+        return found + self._memory(rec.ts, int(step))
+
+    # ---- GPU memory -------------------------------------------------------------------------------------------
+    def add_warning_callback(self, fn: Callable[[int | None, Any], None]) -> None:
+        """`fn(device, prediction)` on every OOM forecast this rank's detectors raise or update: `device` is the
+        GPU index, `prediction` an `OomPrediction` (`risk_level.value`, `predicted_oom_time_seconds`,
+        `growth_rate_mb_per_sec`, `recommendation`, ...). Runs in the training thread, so it may act there."""
+        self.warning_callbacks.append(fn)
+
+    def host_memory_report(self, top: int = 10) -> dict[str, Any]:
+        """RSS and the Python allocation sites that grew most since the last report (needs track_host_memory)."""
+        if self.probe.tracker is None:
+            raise RuntimeError("TrainingMonitor(..., track_host_memory=True) is needed for tracemalloc sites")
+        return self.probe.tracker.report(top)
+
+    def _memory(self, now: float, step: int) -> list[Anomaly]:
+        if self.gpu_memory is None:
+            self.gpu_memory = cuda_in_use()
+        if not self.gpu_memory:
+            return []
+        data = self.probe.sample(now)
+        if data is None:
+            return []
+        rec = Record("gpu", self.job, self.rank, now, "", -1, data)
+        self._offer(("publish", rec), "publish")
+        found = self.pipeline.process_one(rec)
+        if not found:
+            return []
+        self.anomalies_seen += len(found)
+        host_mem = self.probe.tracker.report() if self.probe.tracker is not None else None
+        for a in found:
+            a.context["step"] = step
+            if host_mem is not None and a.detector in ("leak", "oom"):
+                a.context["host_memory"] = host_mem
+            if a.detector == "oom":
+                self._warn(a)
+        self._offer(("memory_anomaly", found), "save")
         return found
+
+    def _warn(self, a: Anomaly) -> None:
+        handler = self.pipeline.handlers["gpu"]
+        det = handler.gpus.get((a.job, str(a.host), int(a.gpu or 0)))  # type: ignore[attr-defined]
+        prediction = det.prediction if det is not None else None
+        for fn in self.warning_callbacks:
+            try:
+                fn(a.gpu, prediction)
+            except Exception:  # noqa: BLE001 - a user's callback must not end training
+                log.exception("rank %d: OOM warning callback failed", self.rank)
 
     def _offer(self, item: tuple, kind: str) -> None:
         try:
@@ -135,6 +197,8 @@ class TrainingMonitor:
                     return
                 if item[0] == "publish":
                     self._publish(item[1])
+                elif item[0] == "memory_anomaly":
+                    self._save_memory_anomalies(item[1])
                 else:
                     self._save_anomaly(*item[1:])
             except Exception:  # noqa: BLE001 - a broken sink must never take down training
@@ -143,13 +207,27 @@ class TrainingMonitor:
                 self._queue.task_done()
 
     def _write_jsonl(self, rec: Record) -> None:
-        if self._metrics_fh is None:
-            d = self.output_dir / "metrics"
+        # metrics/metrics_rank_N.jsonl and gpu/gpu_rank_N.jsonl: lines `producer --tail` ships as they are
+        name = "gpu" if rec.kind == "gpu" else "metrics"
+        fh = self._gpu_fh if rec.kind == "gpu" else self._metrics_fh
+        if fh is None:
+            d = self.output_dir / name
             d.mkdir(parents=True, exist_ok=True)
-            self._metrics_fh = open(d / f"metrics_rank_{self.rank}.jsonl", "ab")  # noqa: SIM115
+            fh = open(d / f"{name}_rank_{self.rank}.jsonl", "ab")  # noqa: SIM115
+            if rec.kind == "gpu":
+                self._gpu_fh = fh
+            else:
+                self._metrics_fh = fh
         line = {"ts": rec.ts, "rank": self.rank, **rec.data}
-        self._metrics_fh.write(orjson.dumps(line) + b"\n")
-        self._metrics_fh.flush()
+        fh.write(orjson.dumps(line) + b"\n")
+        fh.flush()
+
+    def _save_memory_anomalies(self, found: list[Anomaly]) -> None:
+        base = self.output_dir / "anomalies"
+        base.mkdir(parents=True, exist_ok=True)
+        with open(base / f"memory_anomalies_rank_{self.rank}.jsonl", "ab") as fh:
+            for a in found:
+                fh.write(a.encode() + b"\n")
 
     def _save_anomaly(self, rec: Record, found: list[Anomaly], tensors: dict[str, Any]) -> None:
         import torch
@@ -196,8 +274,10 @@ class TrainingMonitor:
         self._thread.join(10)
         if self._producer is not None:
             self._producer.close(timeout=10)
-        if self._metrics_fh is not None:
-            self._metrics_fh.close()
+        for fh in (self._metrics_fh, self._gpu_fh):
+            if fh is not None:
+                fh.close()
+        self.probe.close()
         if any(self.dropped.values()):
             log.warning("rank %d: monitor dropped %s items over the run", self.rank, self.dropped)
 

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int)
     p.add_argument("--visualize", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    from rankwatch.memory_cli import add_memory_parser
+
+    add_memory_parser(sub)
     return ap
 
 
@@ -305,9 +308,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if summary["count"] else 1
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from rankwatch.memory_cli import cmd_memory as run
+
+    return run(args)
+
+
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
-            "analyze": cmd_analyze, "inspect": cmd_inspect, "ops": cmd_ops, "demo": cmd_demo, "eval": cmd_eval,
-            "report": cmd_report,
+            "analyze": cmd_analyze, "inspect": cmd_inspect, "ops": cmd_ops, "memory": cmd_memory, "demo": cmd_demo,
+            "eval": cmd_eval, "report": cmd_report,
             "replay-anomalies": cmd_replay}
 
 

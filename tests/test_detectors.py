@@ -209,3 +209,55 @@ def test_pipeline_state_roundtrip_gives_identical_verdicts(tmp_path):
     assert spike in {(x["rank"], x["context"]["step"], x["signal"]) for x in got_b}
     fresh = Pipeline().process(rest)  # without the state, a restarted worker is still warming up at step 125
     assert spike not in {(x.rank, x.context["step"], x.signal) for x in fresh}
+
+
+def _gpu_samples(n: int, seed: int, leak_bytes_per_s: float = 0.0) -> list[tuple[float, dict]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = 1000.0 + i
+        used = 40e9 + 4e9 * ((i % 3) / 2) + leak_bytes_per_s * i + rng.gauss(0, 5e7)
+        out.append((ts, {"host": "h", "gpu": 0, "mem_used_bytes": used, "mem_total_bytes": 80e9,
+                         "allocated_bytes": used - 2e9, "reserved_bytes": used - 5e8, "num_alloc_retries": 0,
+                         "num_ooms": 0}))
+    return out
+
+
+def _imbalance_feed(det, shares):
+    found = []
+    for bucket in range(12):
+        for g, share in enumerate(shares):
+            found += det.add(f"h/{g}", bucket, share + 0.001 * ((bucket + g) % 3), {"gpu": g, "bucket": bucket})
+    return [(f.gpu, f.bucket) for f in found]
+
+
+def test_memory_detectors_contract_pickle_and_state_roundtrip():
+    """GPU memory detectors: pickle and JSON state round trips give identical verdicts and predictions."""
+    import json
+
+    from rankwatch.models.gpu_memory import GpuMemoryDetector
+    from rankwatch.models.imbalance import MemoryImbalanceDetector
+
+    samples = _gpu_samples(1500, 3, leak_bytes_per_s=20e6)
+    a = GpuMemoryDetector()
+    for ts, d in samples[:900]:
+        a.update(ts, d)
+    b = pickle.loads(pickle.dumps(a))
+    c = GpuMemoryDetector()
+    c.load_state(json.loads(json.dumps(a.save_state())))
+    outs = []
+    for det in (a, b, c):
+        found = [f for ts, d in samples[900:] for f in det.update(ts, d)]
+        outs.append(([(f.detector, f.severity, round(f.value or 0, 3)) for f in found],
+                     det.prediction.to_dict() if det.prediction else None))
+    assert outs[0] == outs[1] == outs[2]
+    assert any(d == "oom" for d, _, _ in outs[0][0])  # the leak is forecast after the restore too
+
+    shares = [0.6, 0.61, 0.59, 0.8, 0.6]
+    d1: MemoryImbalanceDetector = MemoryImbalanceDetector()
+    first = _imbalance_feed(d1, shares[:])
+    d2: MemoryImbalanceDetector = MemoryImbalanceDetector()
+    d2.load_state(json.loads(json.dumps(d1.save_state())))
+    d3 = pickle.loads(pickle.dumps(d1))
+    assert first and all(g == "h/3" for g, _ in first)
+    assert _imbalance_feed(d2, shares) == _imbalance_feed(d3, shares)
