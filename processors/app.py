@@ -87,7 +87,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         for anomaly in found:
             await anomalies.send(key=anomaly.key().encode(), value=anomaly.encode())
             metrics.observe_anomaly(anomaly.detector, anomaly.severity, anomaly.signal, anomaly.job,
-                                    anomaly.score, time.time())
+                                    anomaly.score, time.time(), anomaly.context.get("role"))
         for family, key, value in pipeline.outbox.drain():
             await outbox_topics[family].send(key=key.encode(), value=orjson.dumps(
                 value, option=orjson.OPT_SERIALIZE_NUMPY))

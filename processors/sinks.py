@@ -1,7 +1,8 @@
 """Prometheus metrics of the worker. Label values come from fixed vocabularies (record kinds, detectors,
-severities, signals, topic names) plus `job`, which is capped at `max_job_labels` distinct values (the rest
-are reported as "other"); rank, host and stream never become labels, so cardinality stays bounded on a
-4,000-GPU job. Per-rank detail lives in the anomaly records, not in Prometheus series."""
+severities, signals, topic names, collective names) plus `job`, which is capped at `max_job_labels` distinct
+values (the rest are reported as "other"). Per-rank detail lives in the anomaly records, not in Prometheus
+series, with two bounded exceptions: the straggler gauge carries the one rank it names (one series per job), and
+the per-GPU memory gauges carry host and gpu (capped per worker, dropped when a GPU goes silent; docs/MEMORY.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,23 @@ def _declare_memory_gauges() -> None:
     DETECTOR_GAUGES.update({name: (doc, GAUGE_LABELS) for name, doc in GAUGES.items()})
 
 
+def _declare_collective_gauges() -> None:
+    """Hang and straggler state per job (processors/collective_stage.py): one series per job each; the straggler
+    gauge names its rank as a label, only while the episode lasts, so it stays one series per job."""
+    from rankwatch.processors.collective_stage import HANG_GAUGE, STRAGGLER_GAUGE
+
+    DETECTOR_GAUGES[HANG_GAUGE] = ("1 while a collective of the job hangs (ranks never reached an op the others "
+                                   "are stuck in), else 0", ("job",))
+    DETECTOR_GAUGES[STRAGGLER_GAUGE] = ("How late the job's straggler enqueues its collectives, seconds after the "
+                                        "median rank; present only while a straggler is named", ("job", "rank"))
+
+
 _declare_memory_gauges()
+_declare_collective_gauges()
+
+# collective names a stream's op-timing anomalies are counted under (anything else: "other")
+OP_ROLES = frozenset({"allreduce", "allgather", "reducescatter", "broadcast", "reduce", "send", "recv",
+                      "alltoall", "gather", "scatter", "sendrecv"})
 
 
 class WorkerMetrics:
@@ -53,6 +70,8 @@ class WorkerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.latest_score = Gauge("rankwatch_latest_score", "Score of the latest anomaly",
                                   ["detector", "signal", "job"], registry=r)
+        self.op_timing = Counter("rankwatch_op_timing_anomalies", "Op-timing anomalies (slow rank/streams), by "
+                                 "job and the collective the stream runs", ["job", "role"], registry=r)
         self.last_anomaly = Gauge("rankwatch_last_anomaly_timestamp_seconds",
                                   "When the latest anomaly was published", ["detector", "severity", "job"],
                                   registry=r)
@@ -81,8 +100,10 @@ class WorkerMetrics:
         return "other"
 
     def observe_anomaly(self, detector: str, severity: str, signal: str, job: str, score: float | None,
-                        at: float) -> None:
+                        at: float, role: str | None = None) -> None:
         job = self.job_label(job)
+        if detector == "op_timing":
+            self.op_timing.labels(job, role if role in OP_ROLES else "other").inc()
         self.anomalies.labels(detector, severity, job).inc()
         self.last_anomaly.labels(detector, severity, job).set(at)
         if score is not None and score == score:

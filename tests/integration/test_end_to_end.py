@@ -116,6 +116,9 @@ def test_streaming_and_offline_give_the_same_anomalies(settings, worker, tmp_pat
     assert len(offline) >= 3
     wait_for(lambda: metric_value(scrape(worker.metrics_port), "rankwatch_events_total", 'kind="metrics"')
              >= sc.ranks * sc.steps, 90, "the worker to process every metrics record")
+    # the counter moves when a batch is decoded; its anomalies are published after detection
+    streamed = wait_for(lambda: (d := {a["id"]: a for a in read_topic(settings, settings.topic_anomalies)})
+                        and len(d) >= len(offline) and d, 30, "the anomalies to reach the topic")
     time.sleep(1.0)
     streamed = {a["id"]: a for a in read_topic(settings, settings.topic_anomalies)}
     assert set(streamed) == set(offline)

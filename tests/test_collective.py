@@ -1,0 +1,187 @@
+"""Cross-rank collective timing (stage 2): lateness, stragglers, victims, pauses, hangs, and the clocks they run on."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from rankwatch.models.collective import CollectiveConfig, CollectiveTracker
+from rankwatch.processors.pipeline import DetectionConfig, Pipeline
+from rankwatch.processors.stages import JobStage
+from rankwatch.processors.watermarks import Watermarks
+
+from rankwatch.records import Anomaly
+
+
+def enqueue_times(ranks: int, ops: int, late: dict[int, tuple[int, int, float]] | None = None, seed: int = 0,
+                  step: float = 0.1) -> list[tuple[int, int, float]]:
+    """(rank, opCount, enqueue time) of a synchronous comm: every rank within a few ms of the others;
+    `late`: rank -> (first op, last op, lag)."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(ops):
+        for r in range(ranks):
+            t = 100.0 + n * step + abs(rng.gauss(0, 0.004))
+            lo, hi, lag = (late or {}).get(r, (0, -1, 0.0))
+            if lo <= n <= hi:
+                t += lag
+            out.append((r, n, t))
+    return out
+
+
+def feed(tracker: CollectiveTracker, events, order=None):
+    found = []
+    for r, n, t in order or events:
+        found += tracker.add("c1", r, n, t, "AllReduce", 8)
+        found += tracker.judge(t)[0]
+    return found
+
+
+def test_straggler_named_once_with_its_lag_and_peers():
+    tr = CollectiveTracker(CollectiveConfig())
+    found = feed(tr, enqueue_times(8, 120, {5: (60, 119, 0.2)}))
+    assert [(e.rank, e.first) for e in found] == [(5, True)]
+    ev = found[0]
+    assert 0.18 < ev.lag < 0.25 and ev.late_ops >= 6 and ev.peers == 7
+    assert 60 <= ev.op_count <= 70  # again and again: the 6th late op of a window of 10
+
+
+def test_single_late_op_and_skew_below_the_floor_are_not_stragglers():
+    tr = CollectiveTracker(CollectiveConfig())
+    events = enqueue_times(8, 200, {3: (50, 50, 0.5), 6: (0, 199, 0.03)})  # one hiccup; 30 ms constant skew
+    assert feed(tr, events) == []
+
+
+def test_order_of_arrival_across_ranks_does_not_change_the_verdict():
+    """Ranks reach stage 2 through different partitions and workers: any interleaving that keeps each rank's own
+    order gives the same straggler at the same op."""
+    events = enqueue_times(8, 120, {2: (40, 119, 0.15)}, seed=3)
+    by_rank = {r: [e for e in events if e[0] == r] for r in range(8)}
+    rng = random.Random(7)
+    shuffled, pos = [], {r: 0 for r in by_rank}
+    while any(pos[r] < len(v) for r, v in by_rank.items()):
+        r = rng.choice([r for r in by_rank if pos[r] < len(by_rank[r])])
+        chunk = by_rank[r][pos[r]:pos[r] + rng.randint(1, 40)]  # a rank's partition read ahead in bursts
+        shuffled += chunk
+        pos[r] += len(chunk)
+    a = feed(CollectiveTracker(), events)
+    b = feed(CollectiveTracker(), events, shuffled)
+    assert [(e.rank, e.op_count) for e in a] == [(e.rank, e.op_count) for e in b] == [(2, a[0].op_count)]
+
+
+def test_hang_names_the_rank_that_never_reached_the_op_and_resolves():
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]  # rank 4 stops before op 40
+    feed(tr, events)
+    last = max(t for _, _, t in events)
+    assert tr.check_hang(last + 10) is None  # not silent long enough
+    h = tr.check_hang(last + 31)
+    assert h is not None and h.kind == "hang" and h.stalled == {4: 39} and h.op_count == 40
+    assert math.isclose(h.ts, last + 30, abs_tol=0.01)  # dated when it became a hang
+    assert tr.check_hang(last + 60) is None  # once per hang
+    for n in range(40, 52):  # rank 4 catches up and everyone moves on
+        for r in range(8):
+            if r == 4 or n >= 50:
+                tr.add("c1", r, n, last + 70 + n * 0.01, "AllReduce", 8)
+    resolved = tr.check_hang(last + 80)
+    assert resolved is not None and resolved.kind == "resolved"
+
+
+def test_a_pause_of_every_rank_is_not_a_hang():
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    events = enqueue_times(8, 50)
+    feed(tr, events)
+    assert tr.check_hang(max(t for _, _, t in events) + 600) is None  # evaluation, checkpoint, end of job
+
+
+def op_summary(job, rank, comm, n, ts, **kw):
+    return {"type": "op", "job": job, "rank": rank, "ts": ts, "comm": comm, "ptr": "", "n": n, "op": "AllReduce",
+            "nranks": 4, "count": 1, "file": f"r{rank}", "offset": n, **kw}
+
+
+def flag(job, rank, comm, n, ts, actual, predicted):
+    a = Anomaly("op_timing", "op_interval", job, rank, ts, actual, predicted, 9.0, predicted * 1.3, "warning",
+                "slow", {"stream": "s"}, stream="s")
+    from rankwatch.processors.collective_stage import anomaly_fields
+
+    return {**op_summary(job, rank, comm, n, ts), "type": "op_flag", "anomaly": anomaly_fields(a)}
+
+
+def run_job(steps, pause_at=None, straggler=None, flags=()):
+    """A 4-rank comm, 3 ops per step; returns the op-timing anomalies stage 2 lets through."""
+    p = Pipeline(DetectionConfig())
+    t, out, n = 0.0, [], 0
+    for s in range(steps):
+        t += 0.5 + (20.0 if s == pause_at else 0.0)
+        batch = []
+        for k in range(3):
+            for r in range(4):
+                lag = 0.3 if straggler == r and s >= steps // 2 else 0.0
+                batch.append(op_summary("j", r, "id:c", n, t + 0.05 * k + 0.001 * r + lag))
+            n += 1
+        batch += [f for f in flags if f["n"] in range(n - 3, n)]
+        batch.append({"type": "clock", "job": "j", "family": "op", "ts": t + 1})
+        out += p.second_stage(batch)
+    out += p.finish()
+    return [a for a in out if a.detector == "op_timing"], out
+
+
+def test_pause_of_every_rank_and_waiting_victims_are_not_reported_the_culprit_is():
+    # every rank paused 20 s before step 30's first op (op 90): a per-rank model flags each of them
+    pause_flags = [flag("j", r, "id:c", 90, 0.5 * 31 + 20 + 0.001 * r, 20.5, 0.4) for r in range(4)]
+    kept, _ = run_job(40, pause_at=30, flags=pause_flags)
+    assert kept == []
+    # rank 2 late on every op from step 30: the others' step-boundary intervals grow, they are victims
+    victim = flag("j", 0, "id:c", 93, 0.5 * 32, 0.75, 0.45)
+    culprit = flag("j", 2, "id:c", 90, 0.5 * 31 + 0.3 + 0.002, 0.75, 0.45)
+    kept, everything = run_job(60, straggler=2, flags=[victim, culprit])
+    assert [(a.rank, a.context.get("late_by_s", 0) > 0.25) for a in kept] == [(2, True)]
+    assert any(a.detector == "straggler" and a.rank == 2 for a in everything)
+
+
+def test_offline_clock_is_the_latest_event_and_ticks_as_it_advances():
+    seen = []
+
+    class Probe:
+        summary_types = ("x",)
+
+        def process(self, s):
+            return []
+
+        def tick(self, now):
+            seen.append(now)
+            return []
+
+        def finish(self):
+            return []
+
+    st = JobStage("j", [Probe()])
+    st.process([{"type": "clock", "job": "j", "family": "op", "ts": 10.0}])
+    st.process([{"type": "clock", "job": "j", "family": "gpu", "ts": 10.5}])
+    st.process([{"type": "clock", "job": "j", "family": "gpu", "ts": 11.2}])
+    assert seen == [10.0, 11.2]
+
+
+def test_stream_clock_is_the_slowest_workers_watermark():
+    st = JobStage("j", [])
+    assert st.now(wall=100.0) == -math.inf  # nothing reported: silence cannot be told from lag
+    st.process([{"type": "progress", "job": "j", "family": "all", "source": "w1", "ts": 50.0},
+                {"type": "progress", "job": "j", "family": "all", "source": "w2", "ts": 42.0}], wall=100.0)
+    assert st.now(wall=100.5) == 42.0
+    st.process([{"type": "progress", "job": "j", "family": "all", "source": "w2", "ts": None}], wall=101.0)
+    assert st.now(wall=101.0) == -math.inf  # w2 cannot tell yet
+    assert st.now(wall=120.0) == -math.inf
+    st.process([{"type": "progress", "job": "j", "family": "all", "source": "w1", "ts": 60.0}], wall=125.0)
+    assert st.now(wall=125.0) == 60.0  # w2 has not reported for 10 s: it left the group
+
+
+def test_watermark_is_the_slowest_key_of_unread_partitions_and_advances_when_all_is_read():
+    wm = Watermarks()
+    wm.observe("j", "op", 0, "j/0/s", 10.0, wall=1000.0)
+    wm.observe("j", "op", 0, "j/1/s", 7.0, wall=1000.0)  # same partition, another key behind
+    wm.observe("j", "op", 1, "j/2/s", 12.0, wall=1000.0)
+    unread = {("op", 0)}
+    assert wm.report(1001.0, lambda f, p: (f, p) not in unread) == {"j": 7.0}
+    assert wm.report(1005.0, lambda f, p: True) == {"j": 12.0 + 5.0}  # all read: silence passes at wall speed
+    # a partition with unread messages that has not shown the job yet may hold any of its records
+    assert wm.report(1005.0, lambda f, p: p != 2, {"op": [0, 1, 2]}) == {"j": -math.inf}
