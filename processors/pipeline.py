@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rankwatch.models.logkeys import LogKeyConfig
 from rankwatch.models.training import TrainingDetectorConfig
+from rankwatch.processors.logkey_stage import LogHandler, LogKeyJob
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 
@@ -22,7 +24,7 @@ from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig):
+class DetectionConfig(TrainingDetectorConfig, LogKeyConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -62,8 +64,8 @@ class StageContext:
 
 
 # Stage 1: record family (Record.family()) -> handler class. Stage 2: job detector classes.
-FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler}
-JOB_DETECTORS: list[type] = [StepStragglerJob]
+FIRST_STAGE: dict[str, type] = {"metrics": MetricsHandler, "log": LogHandler}
+JOB_DETECTORS: list[type] = [StepStragglerJob, LogKeyJob]
 
 
 class Pipeline:

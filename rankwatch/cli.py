@@ -1,4 +1,4 @@
-"""`rankwatch` command line: up, broker, worker, anomalies, analyze, demo."""
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, demo, deeplog train|evaluate."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def _detection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--window", type=int, help="rolling window per rank and signal (default 50)")
     ap.add_argument("--threshold-factor", type=float, dest="threshold_factor",
                     help="k in median + k x 1.4826 x MAD")
+    ap.add_argument("--deeplog-model", dest="deeplog_model", metavar="CKPT",
+                    help="trained DeepLog checkpoint (file, or folder: newest *.pt; reloaded when newer); "
+                         "default: each job bootstraps its own from its first log lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int)
     p.add_argument("--visualize", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    from rankwatch.deeplog.cli import add_parser as add_deeplog_parser
+
+    add_deeplog_parser(sub)
     return ap
 
 
@@ -155,7 +161,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap]
         for flag, name in (("--config", "config"), ("--window", "window"),
                            ("--threshold-factor", "threshold_factor"), ("--metrics-port", "metrics_port"),
-                           ("--state-file", "state_file")):
+                           ("--state-file", "state_file"), ("--deeplog-model", "deeplog_model")):
             if getattr(args, name, None) is not None:
                 cmd += [flag, str(getattr(args, name))]
         if broker is not None:
@@ -278,9 +284,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if summary["count"] else 1
 
 
+def cmd_deeplog(args: argparse.Namespace) -> int:
+    from rankwatch.deeplog.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
             "analyze": cmd_analyze, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
-            "replay-anomalies": cmd_replay}
+            "replay-anomalies": cmd_replay, "deeplog": cmd_deeplog}
 
 
 def main(argv: list[str] | None = None) -> int:
