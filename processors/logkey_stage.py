@@ -80,10 +80,12 @@ class LogHandler:
 
 class Reorder:
     """Releases a job's lines in (event time, rank, file, offset) order: a line goes once every rank heard from
-    in the last `wait_s` (wall) has passed its time, or once it has waited `wait_s`."""
+    in the last `wait_s` (wall) has passed its time, or once it has waited `wait_s`. Nothing goes before the job
+    has been heard from for `wait_s`: ranks whose lines reach another worker first are not yet known."""
 
     def __init__(self, wait_s: float) -> None:
         self.wait_s = wait_s
+        self.first_wall: float | None = None
         self.heap: list[tuple] = []
         self.rank_ts: dict[int, float] = {}
         self.rank_wall: dict[int, float] = {}
@@ -99,6 +101,8 @@ class Reorder:
             self.rank_ts[rank] = ts
         self.rank_wall[rank] = wall
         self.arrivals.append((wall, ts))
+        if self.first_wall is None:
+            self.first_wall = wall
 
     def release(self, wall: float, flush: bool = False) -> list[Summary]:
         heap = self.heap
@@ -106,6 +110,8 @@ class Reorder:
             out = [heapq.heappop(heap)[-1] for _ in range(len(heap))]
             self.arrivals.clear()
             return out
+        if self.first_wall is None or wall - self.first_wall < self.wait_s:
+            return []
         active = [ts for r, ts in self.rank_ts.items() if wall - self.rank_wall[r] < self.wait_s]
         below = min(active) if active else math.inf  # every active rank is past this time
         waited = -math.inf  # the latest time among lines that have waited long enough

@@ -56,6 +56,9 @@ def test_anomaly_score_counts_keys_outside_top_k(cycle_model):
     flags, _ = model.key_flags([seq], top_k=1)
     assert flags[0].tolist()[7:9] == [True, True]  # d after b, c after d
     assert model.anomaly_score([seq], top_k=len(vocab))[0] == 0.0  # every key is within the top |V|
+    # ... unless a probability floor is asked for: the swapped keys are improbable, the cycle's are not
+    assert model.anomaly_score([seq], top_k=len(vocab), min_prob=0.05)[0] > 0.0
+    assert model.anomaly_score([vocab.encode_many("abcdeabcde")], top_k=len(vocab), min_prob=0.05)[0] == 0.0
 
 
 def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, cycle_model):

@@ -194,28 +194,33 @@ class KeyCache:
         return total
 
     def chunks(self, split: str = "train", shard: int = 0, world: int = 1, val_fraction: float = 0.1,
-               seed: int = 0, tokens_per_chunk: int = 1 << 18) -> Iterator[Batch]:
-        """Windows and targets of the selected pieces, in file order, a chunk of pieces at a time."""
+               seed: int = 0, tokens_per_chunk: int = 1 << 18, order: np.random.Generator | None = None
+               ) -> Iterator[Batch]:
+        """Windows and targets of the selected pieces, a chunk of consecutive pieces at a time: in file order,
+        or with `order` in a random order of chunks (with a shuffle buffer several chunks deep, that mixes
+        the whole input, not just neighbouring sequences)."""
         n_pieces = int(self.meta["n_pieces"])
-        h = self.h
-        first = 0
-        per = max(1, tokens_per_chunk // max(1, int(self.meta["max_seq_length"])))
-        while first < n_pieces:
+        avg = max(1.0, int(self.meta["n_tokens"]) / max(1, n_pieces))
+        per = max(1, int(tokens_per_chunk / avg))
+        starts = np.arange(0, n_pieces, per)
+        if order is not None:
+            starts = order.permutation(starts)
+        for first in starts:
+            first = int(first)
             n = min(per, n_pieces - first)
             bounds = self._pieces(first, n)
             keep = self._selected(bounds, first, split, shard, world, val_fraction, seed)
-            if keep.any():
-                lo, hi = int(bounds[0]), int(bounds[-1])
-                tok = np.fromfile(os.path.join(self.directory, "tokens.i32"), dtype=np.int32, count=hi - lo,
-                                  offset=lo * 4)
-                hist = np.fromfile(os.path.join(self.directory, "hist.i8"), dtype=np.int8, count=hi - lo,
-                                   offset=lo)
-                piece_of = np.repeat(np.arange(n), np.diff(bounds))
-                pos = np.nonzero((hist >= 0) & keep[piece_of])[0]
-                batch = window_batch(tok, hist, pos, h)
-                batch.pieces = piece_of[pos] + first
-                yield batch
-            first += n
+            if not keep.any():
+                continue
+            lo, hi = int(bounds[0]), int(bounds[-1])
+            tok = np.fromfile(os.path.join(self.directory, "tokens.i32"), dtype=np.int32, count=hi - lo,
+                              offset=lo * 4)
+            hist = np.fromfile(os.path.join(self.directory, "hist.i8"), dtype=np.int8, count=hi - lo, offset=lo)
+            piece_of = np.repeat(np.arange(n), np.diff(bounds))
+            pos = np.nonzero((hist >= 0) & keep[piece_of])[0]
+            batch = window_batch(tok, hist, pos, self.h)
+            batch.pieces = piece_of[pos] + first
+            yield batch
 
 
 def window_batch(tok: np.ndarray, hist: np.ndarray, pos: np.ndarray, h: int) -> Batch:

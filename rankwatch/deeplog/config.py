@@ -58,6 +58,7 @@ class TrainingConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0: no cap)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0: torch's default; 1 is faster for small models on a busy machine)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class EvaluationConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # next-key accuracy
     top_g: list[int] = field(default_factory=lambda: [1, 3, 5, 9, 10, 15, 20])  # detection, labelled data
     score_g: int = 9  # g of the per-sequence anomaly score (share of keys outside the top g)
+    min_prob: float = 0.001  # a key the model gives less than this is no candidate even in the top g (0: off)
     normal: list[str] = field(default_factory=list)  # labelled normal sequences (default: validation pieces)
     abnormal: list[str] = field(default_factory=list)  # labelled abnormal sequences
     batch_size: int = 1024

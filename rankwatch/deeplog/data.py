@@ -68,13 +68,28 @@ def sniff_format(path: str) -> str:
     with open(path, "rb") as fh:
         head = fh.read(4096)
     text = head.decode("utf-8", "replace").lstrip()
-    if text[:1] in ("[", "{"):
+    if text[:1] in ("[", "{") and _parses_as_json(head.lstrip()):
         return "json"
     first = text.splitlines()[0] if text else ""
     tokens = first.split()
     if tokens and all(t.lstrip("-").isdigit() for t in tokens):
         return "sessions"
     return "logs"
+
+
+def _parses_as_json(head: bytes) -> bool:
+    """The first few JSON events parse (a log line like "[default0]:..." does not)."""
+    import ijson
+
+    n = 0
+    try:
+        for _ in ijson.parse(head):
+            n += 1
+            if n >= 3:
+                return True
+    except ijson.common.JSONError:
+        return False
+    return n > 0
 
 
 def parse_label(value: Any) -> int | None:
@@ -103,31 +118,40 @@ def session_chunks(path: str, stats: SourceStats, label: int | None = None) -> I
             yield Chunk((path, lineno), keys, label)
 
 
+def _object_of_sequences(head: bytes) -> bool:
+    """Does the document start like {"<id>": [...], ...} (sequences by id) rather than a record?"""
+    import ijson
+
+    events = []
+    try:
+        for ev in ijson.parse(head):
+            events.append(ev)
+            if len(events) == 3:
+                break
+    except ijson.common.IncompleteJSONError:
+        pass
+    if len(events) < 3 or events[0][1] != "start_map" or events[1][1] != "map_key":
+        return False
+    key = events[1][2]
+    known = (*SEQUENCE_FIELDS, *KEY_FIELDS, *LABEL_FIELDS, "schema", "job", "rank", "session_id", "id")
+    return events[2][1] == "start_array" and key not in known
+
+
 def _json_values(path: str) -> Iterator[tuple[Any, Any]]:
     """(id, value) for each record: JSON lines, a top-level array, or a top-level object of id -> value."""
     import ijson
 
     with open(path, "rb") as fh:
-        head = fh.read(65536)
+        head = fh.read(65536).lstrip()
         fh.seek(0)
-        stripped = head.lstrip()
-        if stripped[:1] == b"[":
+        if head[:1] == b"[":
             for i, v in enumerate(ijson.items(fh, "item", use_float=True)):
                 yield i, v
-            return
-        first_line = stripped.split(b"\n", 1)[0]
-        try:
-            import orjson
-
-            orjson.loads(first_line)
-            one_per_line = True
-        except ValueError:
-            one_per_line = False
-        if one_per_line:
+        elif _object_of_sequences(head):
+            yield from ijson.kvitems(fh, "", use_float=True)
+        else:
             for i, v in enumerate(ijson.items(fh, "", multiple_values=True, use_float=True)):
                 yield i, v
-        else:
-            yield from ijson.kvitems(fh, "", use_float=True)
 
 
 def json_chunks(path: str, stats: SourceStats, sequence_field: str = "auto", label: int | None = None

@@ -160,9 +160,10 @@ class DeepLog(nn.Module):
         return torch.cat([pad, key_ids], dim=1).unfold(1, h, 1)[:, : key_ids.shape[1]]
 
     @torch.no_grad()
-    def key_flags(self, key_ids: torch.Tensor | Sequence[Sequence[int]], top_k: int = 9
+    def key_flags(self, key_ids: torch.Tensor | Sequence[Sequence[int]], top_k: int = 9, min_prob: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position: (is the key outside the top-k predictions?, is it a real key and not padding?)."""
+        """Per position: (is the key outside the top-k predictions, or predicted below `min_prob`?, is it a
+        real key and not padding?)."""
         x = _as_batch(key_ids, self.head.weight.device)
         if x.numel() == 0:
             return torch.zeros_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)
@@ -173,16 +174,19 @@ class DeepLog(nn.Module):
             sl = slice(start, start + 8192)
             probs = self.predict_proba(windows[sl])
             top = probs.topk(min(top_k, probs.shape[1]), dim=-1).indices
-            flags[sl] = ~(top == actual[sl, None]).any(dim=-1)
+            p_actual = probs.gather(1, actual[sl, None])[:, 0]
+            flags[sl] = ~(top == actual[sl, None]).any(dim=-1) | (p_actual < min_prob)
         valid = x != PAD
         flags = flags.reshape(x.shape) & valid | ((x == UNK) & valid)
         return flags, valid
 
     @torch.no_grad()
-    def anomaly_score(self, key_ids: torch.Tensor | Sequence[Sequence[int]], top_k: int = 9) -> torch.Tensor:
+    def anomaly_score(self, key_ids: torch.Tensor | Sequence[Sequence[int]], top_k: int = 9,
+                      min_prob: float = 0.0) -> torch.Tensor:
         """Per sequence, the share of its keys that fall outside the model's top-k predictions (unknown keys
-        count as outside). 0 = every key expected. DeepLog calls a sequence abnormal when any key is."""
-        flags, valid = self.key_flags(key_ids, top_k)
+        count as outside; with `min_prob`, so do keys predicted less likely than that). 0 = every key
+        expected. DeepLog calls a sequence abnormal when any key is."""
+        flags, valid = self.key_flags(key_ids, top_k, min_prob)
         return flags.sum(dim=1).float() / valid.sum(dim=1).clamp(min=1).float()
 
     # users of the earlier standalone tool called it this

@@ -179,6 +179,8 @@ def _fit(cfg: DeepLogConfig, dist: Distributed, cache: KeyCache, vocab: Vocabula
          resume: str | None, evaluate_after: bool) -> dict[str, Any]:
     t_cfg, d_cfg, m_cfg = cfg.training, cfg.data, cfg.model
     torch.manual_seed(t_cfg.seed)
+    if t_cfg.threads > 0:
+        torch.set_num_threads(t_cfg.threads)
     if ckpt:
         model = DeepLog.from_args(ckpt["model_args"])
         model.load_state_dict(ckpt["model_state_dict"])
@@ -246,9 +248,12 @@ def _fit(cfg: DeepLogConfig, dist: Distributed, cache: KeyCache, vocab: Vocabula
         for epoch in range(start_epoch, t_cfg.num_epochs + 1):
             t_epoch = time.perf_counter()
             rng = np.random.default_rng([t_cfg.seed, epoch, dist.rank])
-            batches = shuffled_batches(cache.chunks("train", dist.rank, dist.world, d_cfg.validation_split,
-                                                    t_cfg.seed), per_rank_batch, d_cfg.lazy_loading.buffer_size,
-                                       d_cfg.lazy_loading.shuffle_buffer, rng)
+            lazy = d_cfg.lazy_loading
+            # chunks of a quarter of the shuffle buffer, read in a random order: batches mix the whole input
+            chunks = cache.chunks("train", dist.rank, dist.world, d_cfg.validation_split, t_cfg.seed,
+                                  tokens_per_chunk=max(256, lazy.buffer_size // 4),
+                                  order=rng if lazy.shuffle_buffer else None)
+            batches = shuffled_batches(chunks, per_rank_batch, lazy.buffer_size, lazy.shuffle_buffer, rng)
             net.train()
             total, n_loss, recent = 0.0, 0, []
             for in_epoch, batch in enumerate(batches, start=1):
