@@ -175,3 +175,19 @@ def test_ddp_with_gloo_on_cpu(tmp_path):
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "epoch_2.pt", weights_only=True)
     assert ckpt["step"] == 2 * ckpt["steps_per_epoch"] and ckpt["config"]["training"]["batch_size"] == 64
     assert "2 processes" in (tmp_path / "out" / "training.log").read_text()
+
+
+def test_step_line_and_gpu_block_read_like_the_old_tool():
+    from rankwatch.deeplog.monitor import gpu_block, gpu_stats, step_line
+
+    gpus = [{"gpu": 0, "mem_used_mb": 12345.0, "mem_total_mb": 32510.0, "util_pct": 95, "temp_c": 65, "power_w": 250.0},
+            {"gpu": 1, "mem_used_mb": 12340.0, "mem_total_mb": 32510.0, "util_pct": None, "temp_c": None,
+             "power_w": None}]
+    assert step_line(1000, 2.3456, 2.4567, 9.9e-4, 630.0, 9000.0, gpus) == (
+        "[Step 1000] Loss: 2.3456 (avg: 2.4567) | LR: 9.90e-04 | GPU: [0:12345MB|95%] [1:12340MB|?%] | "
+        "Time: 10.5m (ETA: 2h 30m)")
+    block = gpu_block(gpus, 1000).splitlines()
+    assert block[0] == "GPU status (step 1000):"
+    assert block[1] == "  GPU 0: memory 12345/32510MB (38.0%) | util 95% | temp 65C | power 250W"
+    assert "util ? | temp ? | power ?" in block[2]
+    assert isinstance(gpu_stats(), list)  # [] without NVML or a driver; never raises

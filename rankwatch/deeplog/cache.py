@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,7 @@ class CacheWriter:
         self._hist = open(os.path.join(directory, "hist.i8"), "wb")
         self._pieces = open(os.path.join(directory, "pieces.i64"), "wb")
         self.n_tokens = self.n_pieces = self.n_targets = self.unknown = self.labelled_abnormal = 0
-        self.counts: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()
         self.open: dict[Any, _SequenceBuffer] = {}
         self._buf_tok: list[int] = []
         self._buf_hist: list[int] = []
@@ -72,8 +73,16 @@ class CacheWriter:
                 self.unknown += 1
                 return UNK  # the configured vocab_size is full
             idx = self.vocab.add(key)
-        self.counts[key] = self.counts.get(key, 0) + 1
         return idx
+
+    def encode_many(self, keys: list[str]) -> list[int]:
+        index = self.vocab.index
+        try:
+            idxs = [index[k] for k in keys]  # the common case: every key known (C-speed lookups)
+        except KeyError:
+            idxs = [self.encode(k) for k in keys]
+        self.counts.update(keys)
+        return idxs
 
     def add(self, chunk: Chunk) -> None:
         if chunk.label == 1:  # DeepLog learns normal behaviour only
@@ -82,9 +91,9 @@ class CacheWriter:
         buf = self.open.get(chunk.sid)
         if buf is None:
             buf = self.open[chunk.sid] = _SequenceBuffer()
-        buf.tokens.extend(self.encode(k) for k in chunk.keys)
+        buf.tokens.extend(self.encode_many(chunk.keys))
         if chunk.done and self.end_of_sequence:
-            buf.tokens.append(self.encode(EOS))
+            buf.tokens.extend(self.encode_many([EOS]))
         while len(buf.tokens) >= self.max_len:
             self._write_piece(buf, self.max_len)
         if chunk.done:
@@ -102,7 +111,9 @@ class CacheWriter:
         self._buf_tok.extend(ctx)
         self._buf_hist.extend([-1] * len(ctx))
         self._buf_tok.extend(targets)
-        self._buf_hist.extend(min(buf.pos + i, HIST_CAP) for i in range(n))
+        capped = max(0, min(n, HIST_CAP - buf.pos))
+        self._buf_hist.extend(range(buf.pos, buf.pos + capped))
+        self._buf_hist.extend([HIST_CAP] * (n - capped))
         buf.pos += n
         buf.recent = (buf.recent + targets)[-self.h:]
         self.n_tokens += len(ctx) + n
@@ -124,7 +135,7 @@ class CacheWriter:
         self._flush()
         for f in (self._tok, self._hist, self._pieces):
             f.close()
-        self.vocab.counts = dict(self.counts)
+        self.vocab.counts = {k: int(v) for k, v in self.counts.items() if k in self.vocab.index}
         info = {"window": self.h, "max_seq_length": self.max_len, "n_tokens": self.n_tokens,
                 "n_pieces": self.n_pieces, "n_targets": self.n_targets, "unknown": self.unknown,
                 "labelled_abnormal_skipped": self.labelled_abnormal, "vocabulary": self.vocab.to_dict(), **meta}
