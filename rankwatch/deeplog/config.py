@@ -76,6 +76,7 @@ class DataConfig:
     max_seq_length: int = 512  # longer sequences are cut into pieces of this many keys (each keeps its history)
     end_of_sequence: bool = True  # complete sequences (sessions) end with an "<eos>" key the model predicts
     validation_split: float = 0.1  # share of pieces held out for validation loss and early stopping
+    max_validation_windows: int = 1_000_000  # validation loss per epoch on at most this many windows (0: all)
     lazy_loading: LazyLoadingConfig = field(default_factory=LazyLoadingConfig)
     sequence_field: str = "auto"  # JSON: the field holding a sequence's keys (auto: keys, event_ids, ...)
     job: str | None = None  # raw logs / topic: only this job

@@ -42,7 +42,7 @@ def key_ranks(model: DeepLog, windows: np.ndarray, targets: np.ndarray, device: 
         for s in range(0, len(targets), batch):
             x = torch.from_numpy(windows[s:s + batch]).to(device)
             y = torch.from_numpy(targets[s:s + batch]).to(device)
-            logp = torch.log_softmax(model(x).float(), dim=-1)
+            logp = torch.log_softmax(model.forward_bucketed(x).float(), dim=-1)
             actual = logp.gather(1, y[:, None])
             ranks[s:s + batch] = (logp > actual).sum(dim=1).cpu().numpy()
             nll[s:s + batch] = (-actual[:, 0]).cpu().numpy()

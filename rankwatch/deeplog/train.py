@@ -79,14 +79,15 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
-def setup_logging(output_dir: str, main: bool) -> None:
-    log.setLevel(logging.INFO)
-    if main and not any(isinstance(h, logging.FileHandler) for h in log.handlers):
-        fh = logging.FileHandler(os.path.join(output_dir, "training.log"))
-        fh.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s"))
-        log.addHandler(fh)
+def setup_logging(output_dir: str, main: bool) -> logging.Handler | None:
+    """training.log in this run's output dir (main process); returns the handler, removed when the run ends."""
+    log.setLevel(logging.INFO if main else logging.WARNING)
     if not main:
-        log.setLevel(logging.WARNING)
+        return None
+    fh = logging.FileHandler(os.path.join(output_dir, "training.log"))
+    fh.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s"))
+    log.addHandler(fh)
+    return fh
 
 
 def source_signature(cfg: DeepLogConfig, from_topic: bool) -> str:
@@ -162,9 +163,10 @@ def train(cfg: DeepLogConfig, resume: str | None = None, settings: Any = None,
           evaluate_after: bool = True) -> dict[str, Any]:
     """Train; returns a summary (paths, history, best validation loss). `settings`: read the topics."""
     dist = Distributed(cfg.training.device)
+    handler = None
     try:
         os.makedirs(os.path.join(cfg.output_dir, "checkpoints"), exist_ok=True)
-        setup_logging(cfg.output_dir, dist.main)
+        handler = setup_logging(cfg.output_dir, dist.main)
         ckpt = load_checkpoint(resume, map_location="cpu")[2] if resume else None
         vocab = Vocabulary.from_dict(ckpt["vocabulary"]) if ckpt else Vocabulary()
         cap = int(ckpt["model_args"]["vocab_size"]) if ckpt else cfg.model.vocab_size
@@ -172,6 +174,9 @@ def train(cfg: DeepLogConfig, resume: str | None = None, settings: Any = None,
         vocab = cache.vocab
         return _fit(cfg, dist, cache, vocab, ckpt, resume, evaluate_after)
     finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
         dist.close()
 
 
@@ -347,11 +352,14 @@ def validation_loss(net: nn.Module, cache: KeyCache, cfg: DeepLogConfig, dist: D
     total, n = 0.0, 0
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     model = unwrap(net)  # no gradient sync needed: each process sums its shard, then all-reduce
+    cap = cfg.data.max_validation_windows // dist.world if cfg.data.max_validation_windows else 0
     for chunk in cache.chunks("val", dist.rank, dist.world, cfg.data.validation_split, cfg.training.seed):
+        if cap and n >= cap:  # the same pieces every epoch (file order), so epochs compare
+            break
         for s in range(0, len(chunk.targets), 4096):
             x = torch.from_numpy(chunk.windows[s:s + 4096]).to(dist.device)
             y = torch.from_numpy(chunk.targets[s:s + 4096]).to(dist.device)
-            total += float(loss_fn(model(x).float(), y))
+            total += float(loss_fn(model.forward_bucketed(x).float(), y))
             n += len(y)
     total, n = dist.sum(total, n)
     return total / n if n else None
