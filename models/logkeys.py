@@ -175,7 +175,9 @@ class LogKeyDetector:
         self._index.clear()
         self._cache.clear()
         rates = vocab.base_rates()
-        self._floor = np.where(rates > 0, self.cfg.deeplog_rare_ratio * rates, np.inf)[: model.model_args.vocab_size]
+        with np.errstate(invalid="ignore"):  # ratio inf x rate 0 (no exception wanted): masked just below
+            floor = self.cfg.deeplog_rare_ratio * rates
+        self._floor = np.where(rates > 0, floor, np.inf)[: model.model_args.vocab_size]
         if len(self._floor) < model.model_args.vocab_size:
             self._floor = np.concatenate([self._floor, np.full(model.model_args.vocab_size - len(self._floor),
                                                                np.inf)])
