@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rankwatch.models.collective import CollectiveConfig
+from rankwatch.models.logkeys import LogKeyConfig
 from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.op_timing import OpTimingConfig
 from rankwatch.models.training import TrainingDetectorConfig
 from rankwatch.processors.collective_stage import CollectiveJob, NcclEventHandler, OpHandler
+from rankwatch.processors.logkey_stage import LogHandler, LogKeyJob
 from rankwatch.processors.memory_stage import GpuImbalanceJob, GpuMemoryHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
@@ -27,7 +29,7 @@ from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig, MemoryDetectorConfig):
+class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig, MemoryDetectorConfig, LogKeyConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -72,10 +74,10 @@ class StageContext:
 FIRST_STAGE: dict[str, list[type]] = {
     "metrics": [MetricsHandler],
     "op": [OpHandler],
-    "log": [NcclEventHandler],
+    "log": [NcclEventHandler, LogHandler],
     "gpu": [GpuMemoryHandler],
 }
-JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob, GpuImbalanceJob]
+JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob, GpuImbalanceJob, LogKeyJob]
 
 
 class Pipeline:

@@ -17,7 +17,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 # Gauges that detectors set through `Pipeline.gauges` (no Prometheus import in detectors): name -> (help,
 # label names). The first label is always `job` (capped like every job label); the others must be bounded.
-DETECTOR_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {}
+DETECTOR_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rankwatch_log_templates": ("Log templates (log keys) mined for the job", ("job",)),
+    "rankwatch_log_templates_unknown": ("Log templates of the job that its DeepLog model does not know "
+                                        "(new since the model was trained or bootstrapped)", ("job",)),
+    "rankwatch_deeplog_model_ready": ("1 when the job's DeepLog model judges its log keys (0: bootstrapping)",
+                                      ("job",)),
+}
 
 
 def _declare_memory_gauges() -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig
 from rankwatch.models.training import Finding, RankMetricsDetector
+from rankwatch.processors.logkey_stage import log_summary
 from rankwatch.processors.stages import Summary
 
 from rankwatch.records import Anomaly, Record
@@ -52,6 +53,8 @@ class MetricsHandler:
                     out.extend(self._metrics(rec, summaries))
                 elif "checkpoint" in rec.data:  # recognised by the parser: "Saving checkpoint to ..."
                     self.checkpoints[(rec.job, rec.rank)] = str(rec.data["checkpoint"])
+                    if self.ctx.config.logkey_enabled and self.ctx.wants("log"):  # still a log line
+                        summaries.append(log_summary(rec, self.ctx.config.logkey_max_msg_chars))
             except (TypeError, ValueError, KeyError) as exc:
                 self.ctx.skip(rec, exc)
         return out, summaries

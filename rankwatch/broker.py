@@ -126,7 +126,10 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         created = []
         for name in wanted:
             try:
-                admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor)])
+                # log templates are keyed job/template id: compaction keeps the latest template per id
+                configs = {"cleanup.policy": "compact"} if name == settings.topic_logkeys else {}
+                admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor,
+                                              topic_configs=configs)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass

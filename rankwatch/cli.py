@@ -1,4 +1,4 @@
-"""`rankwatch` command line: up, broker, worker, anomalies, analyze, inspect, ops, demo, eval, report, ..."""
+"""`rankwatch` command line: up, broker, worker, anomalies, analyze, inspect, ops, memory, deeplog, demo, eval, ..."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def _detection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--window", type=int, help="rolling window per rank and signal (default 50)")
     ap.add_argument("--threshold-factor", type=float, dest="threshold_factor",
                     help="k in median + k x 1.4826 x MAD")
+    ap.add_argument("--deeplog-model", dest="deeplog_model", metavar="CKPT",
+                    help="trained DeepLog checkpoint (file, or folder: newest *.pt; reloaded when newer); "
+                         "default: each job bootstraps its own from its first log lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rankwatch.memory_cli import add_memory_parser
 
     add_memory_parser(sub)
+    from rankwatch.deeplog.cli import add_parser as add_deeplog_parser
+
+    add_deeplog_parser(sub)
     return ap
 
 
@@ -173,7 +179,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap]
         for flag, name in (("--config", "config"), ("--window", "window"),
                            ("--threshold-factor", "threshold_factor"), ("--metrics-port", "metrics_port"),
-                           ("--state-file", "state_file")):
+                           ("--state-file", "state_file"), ("--deeplog-model", "deeplog_model")):
             if getattr(args, name, None) is not None:
                 cmd += [flag, str(getattr(args, name))]
         if broker is not None:
@@ -314,10 +320,15 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_deeplog(args: argparse.Namespace) -> int:
+    from rankwatch.deeplog.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies": cmd_anomalies,
             "analyze": cmd_analyze, "inspect": cmd_inspect, "ops": cmd_ops, "memory": cmd_memory, "demo": cmd_demo,
-            "eval": cmd_eval, "report": cmd_report,
-            "replay-anomalies": cmd_replay}
+            "eval": cmd_eval, "report": cmd_report, "replay-anomalies": cmd_replay, "deeplog": cmd_deeplog}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,12 +21,23 @@ needs_promtool = pytest.mark.skipif(promtool is None and not __import__("os").en
                                     reason="promtool not installed (CI installs it)")
 
 
+RULE_TESTS = sorted(p.name for p in PROM.glob("*-alerts.test.yml"))
+
+
 @needs_promtool
-def test_alert_rules_unit_tests_pass():
-    r = subprocess.run([promtool or "promtool", "test", "rules", "rankwatch-alerts.test.yml"], cwd=PROM,
+@pytest.mark.parametrize("test_file", RULE_TESTS)
+def test_alert_rules_unit_tests_pass(test_file):
+    r = subprocess.run([promtool or "promtool", "test", "rules", test_file], cwd=PROM,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr
+
+
+def test_every_rule_file_has_unit_tests_and_is_loaded():
+    rules = sorted(p.name for p in PROM.glob("*-alerts.yml"))
+    assert [r.replace(".yml", ".test.yml") for r in rules] == RULE_TESTS
+    loaded = [os.path.basename(f) for f in yaml.safe_load((PROM / "prometheus.yml").read_text())["rule_files"]]
+    assert sorted(loaded) == rules
 
 
 @needs_promtool
@@ -57,13 +69,13 @@ def test_every_alert_uses_metrics_rankwatch_exports():
         exported.add(fam.name)
         exported.update({fam.name + "_total", fam.name + "_bucket", fam.name + "_count", fam.name + "_sum"}
                         if fam.type in ("counter", "histogram") else set())
-    rules = yaml.safe_load((PROM / "rankwatch-alerts.yml").read_text())
     import re
 
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            used = set(re.findall(r"\b(rankwatch_[a-z_]+)", rule["expr"]))
-            assert used <= exported, f"{rule['alert']} uses unknown metrics {used - exported}"
+    for path in PROM.glob("*-alerts.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                used = set(re.findall(r"\b(rankwatch_[a-z_]+)", rule["expr"]))
+                assert used <= exported, f"{rule['alert']} uses unknown metrics {used - exported}"
 
 
 def test_compose_is_consistent():
@@ -93,10 +105,15 @@ def test_compose_is_consistent():
 def test_grafana_dashboard_is_valid_and_queries_known_metrics():
     dash = json.loads((ROOT / "deploy/grafana/dashboards/rankwatch.json").read_text())
     assert dash["uid"] == "rankwatch" and len(dash["panels"]) >= 6
-    ids = [p["id"] for p in dash["panels"]]
-    assert len(ids) == len(set(ids))
-    for p in dash["panels"]:
-        assert all("rankwatch_" in t["expr"] for t in p["targets"])
+    uids = set()
+    for path in sorted((ROOT / "deploy/grafana/dashboards").glob("*.json")):
+        dash = json.loads(path.read_text())
+        assert dash["uid"] not in uids
+        uids.add(dash["uid"])
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)), path
+        for p in dash["panels"]:
+            assert all("rankwatch_" in t["expr"] for t in p["targets"]), path
     ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert ds["datasources"][0]["uid"] == "prometheus"
     am = yaml.safe_load((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())

@@ -11,6 +11,50 @@ from rankwatch.models.training import THRESHOLD_INFO_FIELDS, RankMetricsDetector
 DETECTOR_FACTORIES = [lambda: RollingMAD(window=20, k=4.0, min_points=10)]
 
 
+def _drive_miner(det, i):
+    return det.add(f"worker {i % 3} opened shard /data/train-{i:05d}.parquet" if i % 4 else f"step {i} loss 0.{i}")
+
+
+def _drive_logkeys(det, i):
+    from rankwatch.models.logkeys import Line
+
+    msg = "RuntimeError: CUDA error" if i % 17 == 16 else (f"step {i} loss 0.5" if i % 5 else "opened shard 7")
+    tid, change = det.mine(msg)
+    f = det.collect(Line(i % 3, float(i), tid, None))
+    return tid, change, None if f is None else (f.reason, f.severity, f.escalation)
+
+
+def _logkey_detector():
+    from rankwatch.models.logkeys import LogKeyConfig, LogKeyDetector
+
+    return LogKeyDetector(LogKeyConfig(deeplog_window=3, logkey_burst_gap_s=5.0))
+
+
+def _miner():
+    from rankwatch.models.templates import LogTemplateMiner
+
+    return LogTemplateMiner()
+
+
+# log-key detectors take messages, not numbers: (factory, one step of input -> output)
+LOG_DETECTORS = [(_miner, _drive_miner), (_logkey_detector, _drive_logkeys)]
+
+
+@pytest.mark.parametrize(("make", "drive"), LOG_DETECTORS)
+def test_log_detector_contract_pickle_and_state_roundtrip(make, drive):
+    import json
+
+    a = make()
+    for i in range(40):
+        drive(a, i)
+    b = pickle.loads(pickle.dumps(a))
+    c = make()
+    c.load_state(json.loads(json.dumps(a.save_state())))  # JSON, no pickle
+    for i in range(40, 80):
+        assert drive(a, i) == drive(b, i) == drive(c, i)
+    assert a.save_state() == c.save_state()
+
+
 @pytest.mark.parametrize("make", DETECTOR_FACTORIES)
 def test_detector_contract_pickle_and_state_roundtrip(make):
     rng = random.Random(1)
