@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import orjson
+from rankwatch.processors.logkey_stage import LogKeyJob
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -56,7 +57,7 @@ def main() -> None:
         print(f"{len(records):,} records ({logs:,} log lines), {args.ranks} ranks, micro-batches of {args.batch}, "
               f"{os.cpu_count()} CPUs")
         secs, pipe, n = run(records, DetectionConfig(), args.batch)
-        stage = pipe.jobs["job"].detectors[1]
+        stage = pipe.jobs["job"].detector(LogKeyJob)
         print(f"bootstrapping (first 2,000 lines train the job's model): {len(records) / secs:,.0f} lines/s "
               f"({secs:.2f} s, {n} anomalies, judged {stage.det.stats['judged']:,}, cache "
               f"{len(stage.det._cache):,} windows)")

@@ -52,6 +52,8 @@ class OpTimingConfig:
     op_background_training: bool = False  # the worker sets it: training rounds on a thread
     op_device: str = "auto"  # auto | cpu | cuda
     op_use_lstm: bool = True  # False: the seasonal moving-average predictor only
+    op_predictor: str = "auto"  # auto: the LSTM once it predicts the job better than the seasonal one | lstm | seasonal
+    op_share: str = "job"  # job: one LSTM per job (shared weights) | key: one per rank/stream (for comparison)
     op_stream_params: dict = field(default_factory=dict)  # {"0x1234": {"sequence_length": 8, "threshold": 1.5}}
 
     def for_stream(self, stream: str, name: str) -> Any:
@@ -290,24 +292,30 @@ class OpTimingDetector:
             st = self.keys[key] = KeyState(self.config, key[2])
         return st
 
-    def model(self, job: str) -> SharedIntervalModel | None:
+    def model_key(self, key: tuple[str, int | None, str]) -> str:
+        return key[0] if self.config.op_share == "job" else f"{key[0]}/{key[1]}/{key[2]}"
+
+    def model(self, name: str) -> SharedIntervalModel | None:
         c = self.config
-        if not (c.op_use_lstm and torch_available()):
+        if not (c.op_use_lstm and torch_available()) or c.op_predictor == "seasonal":
             return None
-        m = self.models.get(job)
+        m = self.models.get(name)
         if m is None:
-            m = self.models[job] = SharedIntervalModel(
-                seed=zlib.crc32(job.encode()), hidden_size=c.op_hidden_size, num_layers=c.op_num_layers,
+            m = self.models[name] = SharedIntervalModel(
+                seed=zlib.crc32(name.encode()), hidden_size=c.op_hidden_size, num_layers=c.op_num_layers,
                 buffer=c.op_buffer, train_every=c.op_train_every, train_steps=c.op_train_steps,
                 train_batch=c.op_train_batch, background=c.op_background_training, device=c.op_device,
                 budget=c.op_train_budget)
         return m
 
-    def lstm_active(self, job: str) -> bool:
-        """The LSTM judges a job once it has trained and predicts its ops better than the seasonal reference."""
-        m = self.models.get(job)
-        err = self.error.get(job)
-        return bool(m is not None and m.steps_trained >= 200 and err and err[1] <= err[0])
+    def lstm_active(self, name: str) -> bool:
+        """The LSTM judges once it has trained and predicts its ops better than the seasonal reference (or
+        whenever trained, with `op_predictor = "lstm"`)."""
+        m = self.models.get(name)
+        err = self.error.get(name)
+        if m is None or m.steps_trained < 200:
+            return False
+        return self.config.op_predictor == "lstm" or bool(err and err[1] <= err[0])
 
     # ---- the batch update ---------------------------------------------------------------------------------
     def update(self, items: list[OpInput]) -> list[OpVerdict]:
@@ -339,7 +347,7 @@ class OpTimingDetector:
                 w[:, 0] = st.z(st.y.tail(st.seq_len))
                 w[:-1, 1] = st.z(st.sref.tail(st.seq_len - 1)) if st.seq_len > 1 else 0.0
                 w[-1, 1] = st.z(season)
-                windows.setdefault((it.key[0], st.seq_len), []).append((len(pending), w))
+                windows.setdefault((self.model_key(it.key), st.seq_len), []).append((len(pending), w))
             pending.append((i, st, y, actual, season))
             st.y.append(y)
             st.sref.append(season if season is not None else y)
@@ -347,7 +355,8 @@ class OpTimingDetector:
             verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
         lstm_pred = self._predict(windows, pending)
         for j, (i, st, y, actual, season) in enumerate(pending):
-            verdicts[i] = self._judge(items[i].key[0], st, y, actual, season, lstm_pred.get(j), verdicts[i])
+            verdicts[i] = self._judge(self.model_key(items[i].key), st, y, actual, season, lstm_pred.get(j),
+                                      verdicts[i])
             st.learn_norm(y)
         return verdicts  # type: ignore[return-value]
 
@@ -355,8 +364,8 @@ class OpTimingDetector:
                  pending: list[tuple[int, KeyState, float, float, float | None]]) -> dict[int, float]:
         """One forward pass per job (and window length); the scored windows then train the job's model."""
         out: dict[int, float] = {}
-        for (job, _), group in windows.items():
-            model = self.model(job)
+        for (name, _), group in windows.items():
+            model = self.model(name)
             if model is None:
                 continue
             x = np.stack([w for _, w in group])

@@ -114,7 +114,11 @@ class Pipeline:
 
     @property
     def checkpoints(self) -> dict[tuple[str, int | None], str]:
-        return self.handlers["metrics/MetricsHandler"].checkpoints  # type: ignore[attr-defined]
+        return self.handler(MetricsHandler).checkpoints  # type: ignore[attr-defined]
+
+    def handler(self, cls: type) -> Any:
+        """The stage-1 handler of that class (e.g. `pipeline.handler(GpuMemoryHandler)`)."""
+        return next(h for h in self.handlers.values() if isinstance(h, cls))
 
     # ---- the stages --------------------------------------------------------------------------------------
     def first_stage(self, records: Iterable[Record]) -> tuple[list[Anomaly], list[Summary]]:

@@ -96,6 +96,10 @@ class JobStage:
         # stream: (worker, family) -> [watermark, wall time last heard]
         self.progress: dict[tuple[str, str], list[float]] = {}
 
+    def detector(self, cls: type) -> Any:
+        """This job's stage-2 detector of that class (e.g. `stage.detector(LogKeyJob)`)."""
+        return next(d for d in self.detectors if isinstance(d, cls))
+
     def process(self, summaries: list[Summary], wall: float | None = None) -> list[Anomaly]:
         """`wall`: the stream's processing time (None offline: then this also ticks on event time)."""
         out: list[Anomaly] = []

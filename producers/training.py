@@ -170,7 +170,8 @@ class TrainingMonitor:
         return found
 
     def _warn(self, a: Anomaly) -> None:
-        handler = self.pipeline.handlers["gpu"]
+        from rankwatch.processors.memory_stage import GpuMemoryHandler
+        handler = self.pipeline.handler(GpuMemoryHandler)
         det = handler.gpus.get((a.job, str(a.host), int(a.gpu or 0)))  # type: ignore[attr-defined]
         prediction = det.prediction if det is not None else None
         for fn in self.warning_callbacks:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--path", choices=("offline", "stream", "both"), default="both")
+    p.add_argument("--suite", choices=("training", "ops"), default="training",
+                   help="training metrics (default) or collective timing: stragglers, slow streams, hangs")
     p = sub.add_parser("report", help="trend plots with anomalies marked, and an index.html")
     _common(p)
     _detection_args(p)
@@ -272,6 +274,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rankwatch.evaluate import evaluate
 
     settings = _settings(args)
+    if args.suite == "ops":
+        from rankwatch.eval_ops import bar_met, evaluate_ops
+
+        lines, ops = evaluate_ops(args.seeds, args.path, settings.bootstrap, args.ranks)
+        print("\n".join(lines))
+        ok = all(bar_met(q, normal) for q, normal in ops.values())
+        print("bar (precision and recall >= 0.9 per fault type, straggler named >= 95%, hang within 2x the "
+              "threshold, no op-timing alarm on victims):", "MET" if ok else "MISSED")
+        return 0 if ok else 1
     lines, results = evaluate(args.seeds, args.ranks, args.steps, args.path, settings.bootstrap)
     print("\n".join(lines))
     ok = all(q.precision >= 0.9 and q.recall >= 0.9 and (not q.delays or max(q.delays) <= 1)

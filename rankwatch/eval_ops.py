@@ -131,6 +131,15 @@ def score(jobs: list[LabelledJob], found: dict[str, list[dict]], hang_threshold_
     return q, normal
 
 
+def bar_met(q: dict[str, OpsQuality], normal: dict[str, Any], hang_threshold_s: float = 30.0) -> bool:
+    """The issue's bar: precision and recall >= 0.9 per fault type, the straggler named in >= 95% of runs, hangs
+    reported within 2x the threshold (scored by the match window), zero op-timing alarms on victims."""
+    return (all(x.precision >= 0.9 and x.recall >= 0.9 for x in q.values())
+            and q["straggler"].named >= 0.95 * q["straggler"].faults
+            and all(d <= 2 * hang_threshold_s for d in q["hang"].delays)
+            and normal["victim_alarms"] == 0)
+
+
 def run_offline(jobs: list[LabelledJob], root: str) -> dict[str, list[dict]]:
     from rankwatch.processors.offline import analyze
 

@@ -106,7 +106,8 @@ class MemoryTimeline:
 
 
 def _detector(pipeline: Pipeline, key: tuple[str, str, int]) -> GpuMemoryDetector | None:
-    return pipeline.handlers["gpu"].gpus.get(key)  # type: ignore[attr-defined]
+    from rankwatch.processors.memory_stage import GpuMemoryHandler
+    return pipeline.handler(GpuMemoryHandler).gpus.get(key)  # type: ignore[attr-defined]
 
 
 def device_report(dev: DeviceSeries, det: GpuMemoryDetector | None, snapshots: int) -> dict[str, Any]:

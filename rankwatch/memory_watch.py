@@ -66,7 +66,8 @@ class MemoryWatcher:
             for fn in self.anomaly_callbacks:
                 fn(a)
             if a.detector == "oom":
-                det = self.pipeline.handlers["gpu"].gpus.get((a.job, str(a.host), int(a.gpu or 0)))  # type: ignore
+                from rankwatch.processors.memory_stage import GpuMemoryHandler
+                det = self.pipeline.handler(GpuMemoryHandler).gpus.get((a.job, str(a.host), int(a.gpu or 0)))  # type: ignore
                 for cb in self.warning_callbacks:
                     try:
                         cb(a.gpu, det.prediction if det is not None else None)

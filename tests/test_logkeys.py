@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from rankwatch.models.logkeys import Line, LogKeyConfig, LogKeyDetector, log_level
+from rankwatch.processors.logkey_stage import LogKeyJob
 from rankwatch.processors.offline import read_records, run_pipeline
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 
@@ -132,7 +133,7 @@ def test_no_alarms_on_a_normal_jobs_later_phases(tmp_path):
     sc = LogScenario(seed=11, **SMALL)
     write_log_job(sc, tmp_path / "normal")
     pipe, found = _run(str(tmp_path / "normal"))
-    stage = pipe.jobs["normal"].detectors[1]
+    stage = pipe.jobs["normal"].detector(LogKeyJob)
     assert stage.det.model_source == "bootstrap" and stage.det.stats["judged"] > 1000
     assert found == [], [a.message for a in found]
 
@@ -172,7 +173,7 @@ def test_stage_order_ids_and_verdicts_do_not_depend_on_arrival(job):
     got.extend(pipe.finish())
     got = [a for a in got if a.detector == "deeplog"]
     assert {a.id for a in got} == {a.id for a in ref} and ref
-    assert pipe.jobs["j"].detectors[1].det.miner.templates() == ref_pipe.jobs["j"].detectors[1].det.miner.templates()
+    assert pipe.jobs["j"].detector(LogKeyJob).det.miner.templates() == ref_pipe.jobs["j"].detector(LogKeyJob).det.miner.templates()
 
 
 def test_state_saved_mid_stream_resumes_with_the_same_verdicts(job):
@@ -195,7 +196,7 @@ def test_templates_published_gauges_set_and_anomaly_points_at_the_line(job):
     _, _, pipe, found = job
     out = pipe.outbox.drain()
     keys = {k for fam, k, _ in out if fam == "logkey"}
-    det = pipe.jobs["j"].detectors[1].det
+    det = pipe.jobs["j"].detector(LogKeyJob).det
     assert keys == {f"j/{tid}" for tid in det.miner.templates()}
     created = [v for _, _, v in out if v["change"] == "created"]
     assert all(v["schema"] == "rankwatch.logkey/v1" and v["template"] and v["file"] for v in created)
@@ -210,18 +211,18 @@ def test_templates_published_gauges_set_and_anomaly_points_at_the_line(job):
 
 def test_trained_checkpoint_is_used_and_reloaded_when_newer(tmp_path, job):
     directory, bursts, pipe, _ = job
-    boot = pipe.jobs["j"].detectors[1].det
+    boot = pipe.jobs["j"].detector(LogKeyJob).det
     ckpt = tmp_path / "models" / "best_model.pt"
     ckpt.parent.mkdir()
     boot.vocab.miner = boot.miner.save_state()
     save_checkpoint(ckpt, boot.model, boot.vocab)
     fresh, found = _run(directory, deeplog_model=str(ckpt.parent), deeplog_reload_check_s=0.0)
-    det = fresh.jobs["j"].detectors[1].det
+    det = fresh.jobs["j"].detector(LogKeyJob).det
     assert det.model_source == f"checkpoint:{ckpt}" and det.collected == 0
     assert score_bursts(found, bursts).precision() == 1.0 and found
     assert det.miner.templates() == boot.miner.templates()  # started from the model's own miner
     version = det.model_version
     newer = tmp_path / "models" / "epoch_9.pt"
     save_checkpoint(newer, boot.model, boot.vocab)
-    fresh.jobs["j"].detectors[1].tick(0.0)
+    fresh.jobs["j"].detector(LogKeyJob).tick(0.0)
     assert det.model_version == version + 1 and det.model_source == f"checkpoint:{newer}"

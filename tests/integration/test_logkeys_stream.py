@@ -10,6 +10,7 @@ import urllib.request
 import orjson
 import pytest
 from kafka import KafkaProducer
+from rankwatch.processors.logkey_stage import LogKeyJob
 from rankwatch.processors.offline import read_records, run_pipeline
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 
@@ -63,7 +64,7 @@ def test_two_workers_one_vocabulary_same_verdicts_as_analyze(broker, tmp_path):
     records = list(read_records([str(tmp_path / "job")]))
     ref_pipe = Pipeline(DetectionConfig(deeplog_bootstrap_lines=800, deeplog_bootstrap_steps=200))
     ref = [a for a in run_pipeline(ref_pipe, records) if a.detector == "deeplog"]
-    ref_templates = ref_pipe.jobs["job"].detectors[1].det.miner.templates()
+    ref_templates = ref_pipe.jobs["job"].detector(LogKeyJob).det.miner.templates()
     assert len(ref) >= 3
 
     workers = [WorkerProcess(settings, env_extra=ENV) for _ in range(2)]

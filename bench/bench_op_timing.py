@@ -1,0 +1,152 @@
+"""Collective-op timing at scale: records/s per worker process, batched vs one key at a time, state per key,
+shared vs per-key LSTM (quality and cost). docs/PERFORMANCE.md and docs/DETECTION.md record the figures.
+
+    python bench/bench_op_timing.py --throughput [--ranks 1024 4096] [--ops 200000]
+    python bench/bench_op_timing.py --memory [--ranks 4096]
+    python bench/bench_op_timing.py --share [--seeds 6]
+
+Throughput runs the worker's code path in process (decode excluded: see bench_shipper.py for the wire): op records
+of R ranks x 4 streams, in micro-batches as the worker takes them, through both stages (per rank/stream model and
+LSTM, then the job's cross-rank stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector
+from rankwatch.processors.pipeline import DetectionConfig, Pipeline
+
+from rankwatch.records import Record
+
+STREAMS = 4
+
+
+def synthetic_ops(ranks: int, steps: int, seed: int = 0) -> list[Record]:
+    """R ranks x 4 streams of a synchronous job: 3 ops per stream and step, in enqueue order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    t = 1000.0
+    for step in range(steps):
+        jitter = rng.normal(0, 0.002, (ranks, STREAMS, 3))
+        for k in range(3):
+            for s in range(STREAMS):
+                ts = t + 0.05 * (k + 1) + 0.01 * s
+                for r in range(ranks):
+                    out.append(Record("op", "bench", r, ts + jitter[r, s, k], f"rank{r}/nccl.log", len(out),
+                                      {"op": "AllReduce", "op_count": step * 3 + k, "stream": f"0xs{s}",
+                                       "comm": f"0xc{r}{s}", "comm_id": f"0xid{s}", "nranks": ranks,
+                                       "count": 1024}))
+        t += 0.5
+    return out
+
+
+def throughput(ranks: int, total_ops: int, batch: int) -> tuple[float, float]:
+    """(records/s, of which stage 2's share) for micro-batches of `batch` records."""
+    steps = max(60, total_ops // (ranks * STREAMS * 3))
+    recs = synthetic_ops(ranks, steps)
+    warm = ranks * STREAMS * 3 * 50  # the first 50 steps: warm-up of every key (not timed)
+    p = Pipeline(DetectionConfig(op_train_every=20_000))
+    for i in range(0, warm, 2000):
+        p.process(recs[i:i + 2000])
+    timed = recs[warm:]
+    t_stage2 = 0.0
+    t0 = time.perf_counter()
+    for i in range(0, len(timed), batch):
+        found, summaries = p.first_stage(timed[i:i + batch])
+        t1 = time.perf_counter()
+        p.second_stage(summaries)
+        t_stage2 += time.perf_counter() - t1
+    dt = time.perf_counter() - t0
+    return len(timed) / dt, t_stage2 / dt
+
+
+def per_key_rate(ranks: int, total_ops: int) -> float:
+    """One key at a time (no batching across keys): the model's update per op, LSTM forward per op."""
+    steps = max(60, total_ops // (ranks * STREAMS * 3))
+    recs = synthetic_ops(ranks, steps)
+    det = OpTimingDetector(OpTimingConfig(op_train_every=20_000))
+    items = [OpInput((r.job, r.rank, r.data["stream"]), r.ts, r.data["op_count"], r.data["comm"]) for r in recs]
+    warm = ranks * STREAMS * 3 * 50
+    det.update(items[:warm])
+    n = min(len(items) - warm, 20_000)
+    t0 = time.perf_counter()
+    for it in items[warm:warm + n]:
+        det.update([it])
+    return n / (time.perf_counter() - t0)
+
+
+def memory_per_key(ranks: int) -> tuple[float, float]:
+    """(bytes of stage-1 state per rank/stream key, bytes of the shared LSTM per job), by tracemalloc."""
+    recs = synthetic_ops(ranks, 80)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    det = OpTimingDetector(OpTimingConfig(op_use_lstm=False))
+    for i in range(0, len(recs), 4000):
+        det.update([OpInput((r.job, r.rank, r.data["stream"]), r.ts, r.data["op_count"], r.data["comm"])
+                    for r in recs[i:i + 4000]])
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    used = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    keys = len(det.keys)
+    lstm = OpTimingDetector(OpTimingConfig()).model("bench")
+    params = sum(p.numel() for p in lstm.net.parameters()) if lstm else 0
+    # inference copy + training copy + Adam's two moments, float32; plus the reservoir of training windows
+    shared = params * 4 * 4 + (lstm.buffer * 10 * 2 * 4 if lstm else 0)
+    return used / keys, shared
+
+
+def share_quality(seeds: int) -> list[str]:
+    """Shared LSTM per job vs one LSTM per rank/stream vs the seasonal predictor alone, on the labelled
+    collective scenarios: detection quality and time."""
+    from rankwatch.eval_ops import evaluate_ops
+
+    lines = []
+    for label, env in (("seasonal reference only", {"RANKWATCH_OP_PREDICTOR": "seasonal"}),
+                       ("LSTM shared per job", {"RANKWATCH_OP_PREDICTOR": "lstm", "RANKWATCH_OP_SHARE": "job"}),
+                       ("LSTM per rank/stream", {"RANKWATCH_OP_PREDICTOR": "lstm", "RANKWATCH_OP_SHARE": "key"})):
+        os.environ.update(env)
+        t0 = time.perf_counter()
+        out, _ = evaluate_ops(seeds=seeds, path="offline", normal_steps=600)
+        lines += [f"== {label}: {time.perf_counter() - t0:.0f} s"] + out[1:]
+        for k in env:
+            os.environ.pop(k)
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--share", action="store_true")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--ops", type=int, default=200_000)
+    ap.add_argument("--seeds", type=int, default=6)
+    a = ap.parse_args()
+    if not (a.throughput or a.memory or a.share):
+        a.throughput = a.memory = True
+    if a.throughput:
+        for r in a.ranks:
+            rate, s2 = throughput(r, a.ops, 500 * 20)  # 500 messages per micro-batch, ~20 records per pack
+            one = per_key_rate(r, 60_000)
+            print(f"{r} ranks x {STREAMS} streams: {rate:,.0f} op records/s batched (stage 2 {s2:.0%} of the time), "
+                  f"{one:,.0f}/s one key at a time", flush=True)
+    if a.memory:
+        for r in a.ranks:
+            per_key, shared = memory_per_key(r)
+            print(f"{r} ranks x {STREAMS} streams: {per_key / 1024:.1f} KiB of stage-1 state per key; shared LSTM "
+                  f"per job {shared / 2**20:.1f} MiB (weights, training copy, Adam moments, reservoir)", flush=True)
+    if a.share:
+        print("\n".join(share_quality(a.seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
