@@ -28,7 +28,7 @@ import numpy as np
 from rankwatch.models.op_lstm import SharedIntervalModel, torch_available
 
 EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
-_RECALIBRATE = 16  # ops between threshold recomputations per key (amortises the medians)
+_RECALIBRATE = 32  # ops between threshold recomputations per key (amortises the medians)
 
 
 @dataclass
@@ -159,8 +159,9 @@ class _Calibration:
         values = self.res.tail(self.res.size)
         if len(values) == 0:
             return
-        med = float(np.median(values))
-        mad = float(np.median(np.abs(values - med)))
+        half = len(values) // 2  # upper median: one partition instead of np.median's sort-and-average
+        med = float(np.partition(values, half)[half])
+        mad = float(np.partition(np.abs(values - med), half)[half])
         self.median, self.scale = med, max(1.4826 * mad, floor)
         self.threshold = med + k * self.scale
         self.since = 0
@@ -181,7 +182,9 @@ class KeyState:
         self.last_save: Any = None
         self.mean = 0.0
         self.var = 1.0
+        self.sd = 1.0
         self.n_norm = 0
+        self.model = ""  # the LSTM it shares (its job's, or its own with op_share = "key")
         self.period = 0
         self.since_period = 0
         self.cal = {"seasonal": _Calibration(cfg.op_residual_window), "lstm": _Calibration(cfg.op_residual_window)}
@@ -208,7 +211,7 @@ class KeyState:
 
     # ---- normalisation and the seasonal reference ------------------------------------------------------
     def z(self, y: float | np.ndarray) -> Any:
-        return (y - self.mean) / math.sqrt(self.var)
+        return (y - self.mean) / self.sd
 
     def learn_norm(self, y: float) -> None:
         self.n_norm += 1
@@ -216,6 +219,7 @@ class KeyState:
         d = y - self.mean
         self.mean += a * d
         self.var = max((1 - a) * (self.var + a * d * d), 1e-4)
+        self.sd = math.sqrt(self.var)
 
     def seasonal(self) -> float | None:
         """Prediction of the next log interval from the same phase of the previous steps."""
@@ -234,15 +238,12 @@ class KeyState:
             return
         self.since_period = 0
         h = self.y.tail(min(n, 4 * max_period))
-        best_p, best = 1, math.inf
-        scores = []
-        for p in range(1, min(max_period, len(h) // 3) + 1):
-            s = float(np.mean(np.abs(h[p:] - h[:-p])))
-            scores.append((p, s))
-            best = min(best, s)
+        lags = min(max_period, len(h) // 3)
+        # mean |y[i] - y[i - p]| for every lag p at once, over the same latest len(h) - lags points
+        w = np.lib.stride_tricks.sliding_window_view(h, lags + 1)
+        scores = np.abs(w[:, -1:] - w[:, -2::-1]).mean(axis=0)  # column p - 1: lag p
         # the shortest lag nearly as good as the best: multiples of the true period score the same
-        best_p = next(p for p, s in scores if s <= best * 1.1 + 1e-3)
-        self.period = best_p
+        self.period = int(np.argmax(scores <= scores.min() * 1.1 + 1e-3)) + 1
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
@@ -259,6 +260,7 @@ class KeyState:
                      "total"):
             if name in st:
                 setattr(self, name, st[name])
+        self.sd = math.sqrt(self.var)
         self.last_count = {str(k): int(v) for k, v in st.get("last_count", {}).items()}
         if isinstance(st.get("last_flag"), list):
             self.last_flag = [int(x) for x in st["last_flag"]]
@@ -290,6 +292,7 @@ class OpTimingDetector:
         st = self.keys.get(key)
         if st is None:
             st = self.keys[key] = KeyState(self.config, key[2])
+            st.model = self.model_key(key)
         return st
 
     def model_key(self, key: tuple[str, int | None, str]) -> str:
@@ -320,6 +323,7 @@ class OpTimingDetector:
     # ---- the batch update ---------------------------------------------------------------------------------
     def update(self, items: list[OpInput]) -> list[OpVerdict]:
         c = self.config
+        use_lstm = c.op_use_lstm and c.op_predictor != "seasonal" and torch_available()
         verdicts: list[OpVerdict | None] = [None] * len(items)
         pending: list[tuple[int, KeyState, float, float, float | None]] = []  # (i, state, y, actual, season)
         windows: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
@@ -342,20 +346,24 @@ class OpTimingDetector:
             st.index += 1
             y = math.log(actual + EPS)
             season = st.seasonal()
-            if season is not None and len(st.y) >= st.seq_len:
-                w = np.empty((st.seq_len, 2), np.float32)
-                w[:, 0] = st.z(st.y.tail(st.seq_len))
-                w[:-1, 1] = st.z(st.sref.tail(st.seq_len - 1)) if st.seq_len > 1 else 0.0
-                w[-1, 1] = st.z(season)
-                windows.setdefault((self.model_key(it.key), st.seq_len), []).append((len(pending), w))
+            if season is not None and use_lstm and len(st.y) >= st.seq_len:
+                L = st.seq_len
+                w = np.empty((L, 2), np.float32)
+                w[:, 0] = st.y.tail(L)
+                w[:-1, 1] = st.sref.tail(L - 1)
+                w[-1, 1] = season
+                w -= st.mean
+                w /= st.sd
+                windows.setdefault((st.model, L), []).append((len(pending), w))
             pending.append((i, st, y, actual, season))
             st.y.append(y)
             st.sref.append(season if season is not None else y)
             st.update_period(c.op_max_period)
             verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
         lstm_pred = self._predict(windows, pending)
+        active = {name: self.lstm_active(name) for name in self.models}  # once per batch, not per op
         for j, (i, st, y, actual, season) in enumerate(pending):
-            verdicts[i] = self._judge(self.model_key(items[i].key), st, y, actual, season, lstm_pred.get(j),
+            verdicts[i] = self._judge(st, y, actual, season, lstm_pred.get(j), active.get(st.model, False),
                                       verdicts[i])
             st.learn_norm(y)
         return verdicts  # type: ignore[return-value]
@@ -370,33 +378,35 @@ class OpTimingDetector:
                 continue
             x = np.stack([w for _, w in group])
             pred_z = model.predict(x)
-            for (j, _), pz in zip(group, pred_z, strict=True):
+            for (j, _), pz in zip(group, pred_z.tolist(), strict=True):
                 st = pending[j][1]
-                out[j] = float(pz) * math.sqrt(st.var) + st.mean
+                out[j] = pz * st.sd + st.mean
             targets = np.array([pending[j][1].z(pending[j][2]) for j, _ in group], np.float32)
             model.offer(x, targets)
         return out
 
-    def _judge(self, job: str, st: KeyState, y: float, actual: float, season: float | None,
-               lstm: float | None, v: OpVerdict) -> OpVerdict:
+    def _judge(self, st: KeyState, y: float, actual: float, season: float | None, lstm: float | None,
+               lstm_active: bool, v: OpVerdict) -> OpVerdict:
         c = self.config
         if season is None:
             return v
-        err = self.error.setdefault(job, [0.0, 0.0])
-        verdicts = {}
-        for name, pred in (("seasonal", season), ("lstm", lstm)):
-            if pred is None:
-                continue
-            r = y - pred
-            cal = st.cal[name]
-            cal.recalibrate(st.k, 0.05)
-            hit, z = cal.judge(r, st.k, 32)
-            verdicts[name] = (pred, r, hit, z, cal.threshold)
-            if lstm is not None:
-                idx = 0 if name == "seasonal" else 1
-                err[idx] += 0.01 * (abs(r) - err[idx])
-        name = "lstm" if lstm is not None and self.lstm_active(job) else "seasonal"
-        pred, r, hit, z, thr = verdicts[name]
+        k = st.k
+        cal = st.cal["seasonal"]
+        cal.recalibrate(k, 0.05)
+        r = y - season
+        hit, z = cal.judge(r, k, 32)
+        pred, thr = season, cal.threshold
+        if lstm is not None:  # both are scored on every op, before either learns from it
+            err = self.error.setdefault(st.model, [0.0, 0.0])
+            err[0] += 0.01 * (abs(r) - err[0])
+            r_l = y - lstm
+            err[1] += 0.01 * (abs(r_l) - err[1])
+            cal_l = st.cal["lstm"]
+            cal_l.recalibrate(k, 0.05)
+            hit_l, z_l = cal_l.judge(r_l, k, 32)
+            if lstm_active:
+                hit, z, pred, thr = hit_l, z_l, lstm, cal_l.threshold
+        name = "lstm" if lstm is not None and lstm_active else "seasonal"
         predicted = max(math.exp(pred) - EPS, 0.0)
         deviation = abs(actual - predicted) / max(predicted, EPS)
         if c.op_verdict == "relative":

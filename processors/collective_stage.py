@@ -12,6 +12,7 @@ comparable amount, just before, is a victim waiting at the collective; it is cou
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,7 @@ class CollectiveJob:
         self.signatures: dict[tuple[int, str], str] = {}  # fallback identity when no init line was seen
         self.last_ref: dict[int, tuple[str, int]] = {}  # rank -> (file, offset) of its latest op
         self.heard: dict[int, float] = {}  # stream: rank -> wall time its latest op summary arrived
+        self.refs: OrderedDict[tuple[str, int, int], tuple[str, int]] = OrderedDict()  # (comm, op, rank) -> line
         self.held: list[dict[str, Any]] = []  # op-timing candidates waiting for the cross-rank view
         self.evidence: list[Summary] = []  # watchdog timeouts waiting for the cross-rank view
         self.clock = float("-inf")  # latest op time seen (a partition ahead of others can push it early)
@@ -171,7 +173,11 @@ class CollectiveJob:
             if t == "op":
                 rank = int(s["rank"])
                 nranks = s.get("nranks")
-                for ev in self.tracker.add(self._comm(s, rank), rank, int(s["n"]), ts, str(s.get("op", "")),
+                comm, n = self._comm(s, rank), int(s["n"])
+                self.refs[(comm, n, rank)] = (str(s.get("file", "")), int(s.get("offset", -1)))
+                while len(self.refs) > 65536:  # recent ops only: a late op is judged within seconds
+                    self.refs.popitem(last=False)
+                for ev in self.tracker.add(comm, rank, n, ts, str(s.get("op", "")),
                                            int(nranks) if isinstance(nranks, (int, float)) else 0):
                     out.append(self._straggler_anomaly(ev))
                 self.last_ref[rank] = (str(s.get("file", "")), int(s.get("offset", -1)))
@@ -185,9 +191,7 @@ class CollectiveJob:
             elif t == "nccl_init" and s.get("comm_id"):
                 self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
-                self.evidence.append(dict(s))
-                if self.ctx.wall is not None:
-                    self.evidence[-1]["since"] = self.ctx.wall
+                self.evidence.append(s)
         out.extend(self._judge(self.clock))
         out.extend(self._release(self.judged_at))
         return out
@@ -209,9 +213,11 @@ class CollectiveJob:
         self.judged_at = max(self.judged_at, now)
         out = self._judge(now)
         out.extend(self._release(now))
-        wall = self.ctx.wall  # stream: ranks arrive in no order, so evidence also waits a little in wall time
-        ripe = [e for e in self.evidence if float(e["ts"]) + self.config.victim_hold_s <= now
-                and (wall is None or wall - e.setdefault("since", wall) >= self.config.victim_wait_s)]
+        # stream: ranks arrive in no order, and a watchdog line is a rare log line that can overtake the job's
+        # backlog of ops; it waits until the job's ops have stopped arriving (in a hang they have)
+        wall = self.ctx.wall
+        quiet = wall is None or wall - max(self.heard.values(), default=wall) >= self.config.victim_wait_s
+        ripe = [e for e in self.evidence if float(e["ts"]) + self.config.victim_hold_s <= now and quiet]
         for ev in ripe:
             self.evidence.remove(ev)
             h = self.tracker.hang_from_evidence(
@@ -288,7 +294,8 @@ class CollectiveJob:
         # everyone on every comm it is late on waits for it (data- and tensor-parallel peers alike)
         waiting = {r for c in self.tracker.comms.values() if any(c.verdicts.get(ev.rank, ())) for r in c.last}
         ev.peers = len(waiting - {ev.rank})
-        file, offset = self.last_ref.get(ev.rank, ("", -1))
+        # the late op that decided it: the same line (and id) whatever the batching or the worker
+        file, offset = self.refs.get((ev.comm, ev.op_count, ev.rank), self.last_ref.get(ev.rank, ("", -1)))
         msg = (f"rank {ev.rank} enqueues collectives {ev.lag:.3g}s after the median rank: late on {ev.late_ops} of "
                f"the last {ev.window} ops of comm {ev.comm}; {ev.peers} peers wait for it")
         ctx = {"lag_s": ev.lag, "late_ops": ev.late_ops, "window": ev.window, "comm": ev.comm,
@@ -325,6 +332,7 @@ class CollectiveJob:
                 "comm_ids": [[r, p, c] for (r, p), c in self.comm_ids.items()],
                 "signatures": [[r, p, c] for (r, p), c in self.signatures.items()],
                 "last_ref": {str(r): list(v) for r, v in self.last_ref.items()}, "held": self.held,
+                "refs": [[c, n, r, *v] for (c, n, r), v in list(self.refs.items())[-4096:]],
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
                 "paused": self.paused}
@@ -335,6 +343,7 @@ class CollectiveJob:
         self.signatures = {(int(r), str(p)): c for r, p, c in state.get("signatures", [])}
         self.last_ref = {int(r): (str(v[0]), int(v[1])) for r, v in state.get("last_ref", {}).items()}
         self.held = list(state.get("held", []))
+        self.refs = OrderedDict(((str(c), int(n), int(r)), (str(f), int(o))) for c, n, r, f, o in state.get("refs", []))
         self.evidence = list(state.get("evidence", []))
         if state.get("clock") is not None:
             self.clock = float(state["clock"])
