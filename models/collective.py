@@ -38,10 +38,10 @@ class CollectiveConfig:
     straggler_report_s: float = 60.0  # while an episode lasts, an updated finding at most this often
     op_stale_s: float = 5.0  # an op not enqueued by every known rank after this long is judged without them
     victim_hold_s: float = 0.5  # an op-timing finding is judged once the job's clock is this far past it ...
-    victim_wait_s: float = 10.0  # ... and its op is in from every rank, or (stream) after this much wall time
+    victim_wait_s: float = 30.0  # ... and its op is in from every rank, or (stream) after this much wall time
     hang_factor: float = 10.0
     hang_min_s: float = 30.0
-    hang_quiet_s: float = 10.0  # stream: the stalled ranks' ops must also have stopped arriving this long (wall)
+    hang_quiet_s: float = 30.0  # stream: the stalled ranks' ops must also have stopped arriving this long (wall)
 
 
 @dataclass

@@ -1,17 +1,15 @@
-"""Collective-op deployment assets: hang/straggler/slow-stream alert rules pass promtool's unit tests, use only
-metrics the worker exports, are loaded by Prometheus and mounted by compose; the dashboard queries exported
-metrics."""
+"""Collective-op deployment assets: the hang/straggler/slow-stream alerts exist (promtool tests, loading, mounting
+and exported metrics are checked for every rule file in tests/test_deploy.py); the dashboard queries exported
+metrics; the worker mirrors the detectors' gauges."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.test_deploy import needs_promtool, promtool
 from tests.test_memory_deploy import _exported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,28 +17,11 @@ PROM = ROOT / "deploy" / "prometheus"
 RULES = "rankwatch-collective-alerts.yml"
 
 
-@needs_promtool
-def test_collective_alert_rules_unit_tests_pass():
-    r = subprocess.run([promtool or "promtool", "test", "rules", "rankwatch-collective-alerts.test.yml"], cwd=PROM,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS" in r.stdout + r.stderr
-
-
-def test_collective_alerts_use_exported_metrics_and_are_deployed():
-    exported = _exported()
+def test_collective_alerts_exist():
+    """promtool tests, loading, mounting and exported metrics are checked for every rule file in test_deploy.py."""
     rules = yaml.safe_load((PROM / RULES).read_text())
-    names = set()
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            names.add(rule["alert"])
-            used = set(re.findall(r"\b(rankwatch_[a-z_]+)", rule["expr"]))
-            assert used and used <= exported, f"{rule['alert']} uses unknown metrics {used - exported}"
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert {"RankwatchCollectiveHang", "RankwatchStraggler", "RankwatchSlowStreams"} <= names
-    prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    assert f"/etc/prometheus/rules/{RULES}" in prom["rule_files"]
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert f"./deploy/prometheus/{RULES}:/etc/prometheus/rules/{RULES}:ro" in compose["services"]["prometheus"]["volumes"]
 
 
 def test_collective_dashboard_queries_exported_metrics():
