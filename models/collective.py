@@ -4,7 +4,8 @@ Input: per op, (rank, communicator identity, opCount, enqueue time). NCCL's opCo
 same collective on every rank of it, so the enqueue times of (comm, opCount) are directly comparable.
 
 - **Lateness.** An op is judged when every rank seen on its comm has enqueued it, or, once more than half have,
-  `op_stale_s` after its first enqueue. A rank is late on it when it enqueued more than max(k x the comm's usual
+  `op_stale_s` after its first enqueue; decisions are taken once the job's clock is past them, in event-time
+  order over all comms, so the stream and an offline run give the same findings. A rank is late on it when it enqueued more than max(k x the comm's usual
   spread, `straggler_min_lag_s`) after the median rank (of a pair, the earlier one); the spread is a robust scale of recent offsets, learned
   without the late ones. Ranks reach stage 2 through different partitions and workers, in no global order: a
   rank whose report arrives after its op was judged is judged against that op's stored median and limit.
@@ -20,6 +21,7 @@ No I/O; plain data; JSON state.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+_OP, _LATE = 0, 1  # what `judge` decides at a moment: an op, or one late report of an op already judged
 
 
 @dataclass
@@ -114,11 +118,11 @@ class CollectiveTracker:
         self.episodes: dict[int, dict[str, Any]] = {}  # straggler rank -> episode
         self.hang: HangEvent | None = None
         self.evidence: list[dict] = []
+        self.late_reports: list[tuple[float, str, int, int]] = []  # (enqueue, comm, rank, op) of judged ops
 
     # ---- ops --------------------------------------------------------------------------------------------
-    def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "", nranks: int = 0
-            ) -> list[StragglerEvent]:
-        """`nranks`: the comm's size as NCCL printed it, so an op is not judged complete before every rank of
+    def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "", nranks: int = 0) -> None:
+        """Record one enqueue; it is judged by `judge`. `nranks`: the comm's size as NCCL printed it, so an op is not judged complete before every rank of
         the comm could have reported it (ranks reach stage 2 in no particular order)."""
         c = self.comms.get(comm)
         if c is None:
@@ -129,33 +133,65 @@ class CollectiveTracker:
             if c.max_count >= 0 and math.isfinite(c.advanced_at):
                 c.gaps.append(max(ts - c.advanced_at, 0.0))
             c.max_count, c.advanced_at = op_count, ts
-        if op_count <= c.judged_upto:  # its op was judged without it: judge it against the stored median
-            judged = c.medians.get(op_count)
-            return self._verdict(comm, c, rank, op_count, ts, *judged) if judged else []
+        if op_count <= c.judged_upto:  # its op was judged without it: judged against the stored median, in turn
+            self.late_reports.append((ts, comm, rank, op_count))
+            return
         c.pending.setdefault(op_count, {})[rank] = ts
         c.first_seen.setdefault(op_count, ts)
-        return []
 
     def judge(self, now: float) -> tuple[list[StragglerEvent], list[int]]:
-        """Judge the ops that are complete, or mostly there and stale, in opCount order. Returns (straggler
-        findings: new episodes and periodic updates, each at the op that decided it; ranks whose episode ended)."""
-        events: list[StragglerEvent] = []
+        """Judge what the job's clock `now` has passed, in event-time order over all comms: ops complete by
+        then (dated by their last enqueue), ops more than half there and `op_stale_s` old (dated then; ranks
+        after that are late reporters), and late reporters (dated by their enqueue). The stream and the offline
+        run feed ranks in different orders and tick at different moments; deciding in this order, only behind
+        the clock, gives both the same verdicts. Returns (straggler findings: new episodes and periodic
+        updates, each at the op that decided it; ranks whose episode ended)."""
+        due: list[tuple[float, int, str, int, int]] = []  # heap of (decided at, kind, comm, op, rank)
+        stale_s = self.config.op_stale_s
         for name, c in self.comms.items():
-            members = max(len(c.last), c.expected)
-            while c.pending:
-                n, arrivals = next(iter(c.pending.items()))
-                complete = len(arrivals) >= members
-                stale = 2 * len(arrivals) > members and now - c.first_seen.get(n, now) >= self.config.op_stale_s
-                if not (complete or stale or len(c.pending) > 4096):
+            members, prev = max(len(c.last), c.expected), -math.inf
+            for n, arrivals in c.pending.items():  # opCount order: an op is decided after the ones before it
+                first = c.first_seen.get(n, now)
+                if len(arrivals) >= members and max(arrivals.values()) < first + stale_s:
+                    at = max(arrivals.values())
+                elif 2 * len(arrivals) > members or len(c.pending) > 4096:
+                    at = first + stale_s
+                else:
                     break
-                c.pending.popitem(last=False)
-                c.first_seen.pop(n, None)
-                c.judged_upto = max(c.judged_upto, n)
-                if complete:
-                    c.complete.add(n)
-                    c.complete.discard(n - 4096)
-                if len(arrivals) >= 2:
-                    events.extend(self._judge_op(name, c, n, arrivals))
+                prev = at = max(at, prev)
+                if at > now and len(c.pending) <= 4096:
+                    break
+                due.append((at, _OP, name, n, -1))
+        keep = []
+        for ts, name, rank, n in self.late_reports:
+            if ts > now:
+                keep.append((ts, name, rank, n))
+            elif n in self.comms[name].medians:  # (one whose op is long forgotten is dropped)
+                due.append((ts, _LATE, name, n, rank))
+        self.late_reports = keep
+        heapq.heapify(due)
+        events: list[StragglerEvent] = []
+        while due:
+            at, kind, name, n, rank = heapq.heappop(due)
+            c = self.comms[name]
+            if kind == _LATE:
+                events.extend(self._verdict(name, c, rank, n, at, *c.medians[n]))
+                continue
+            arrivals = c.pending.pop(n)
+            c.first_seen.pop(n, None)
+            on_time = {r: t for r, t in arrivals.items() if t <= at}
+            for r, t in arrivals.items():
+                if t > at:  # enqueued after its op went stale: a late reporter
+                    if t <= now:
+                        heapq.heappush(due, (t, _LATE, name, n, r))
+                    else:
+                        self.late_reports.append((t, name, r, n))
+            c.judged_upto = max(c.judged_upto, n)
+            if len(on_time) >= max(len(c.last), c.expected):
+                c.complete.add(n)
+                c.complete.discard(n - 4096)
+            if len(on_time) >= 2:
+                events.extend(self._judge_op(name, c, n, on_time))
         ended = [r for r in self.episodes if not any(any(c.verdicts.get(r, ())) for c in self.comms.values())]
         for r in ended:
             del self.episodes[r]

@@ -160,6 +160,7 @@ class CollectiveJob:
         self.clock = float("-inf")  # latest op time seen (a partition ahead of others can push it early)
         self.judged_at = float("-inf")  # the job clock of the last tick (processors/stages.py)
         self.victims = 0
+        self.gauge_rank: int | None = None  # the straggler the job's gauge series names
         self.paused = 0  # op-timing candidates explained by a pause of every rank
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
@@ -177,9 +178,8 @@ class CollectiveJob:
                 self.refs[(comm, n, rank)] = (str(s.get("file", "")), int(s.get("offset", -1)))
                 while len(self.refs) > 65536:  # recent ops only: a late op is judged within seconds
                     self.refs.popitem(last=False)
-                for ev in self.tracker.add(comm, rank, n, ts, str(s.get("op", "")),
-                                           int(nranks) if isinstance(nranks, (int, float)) else 0):
-                    out.append(self._straggler_anomaly(ev))
+                self.tracker.add(comm, rank, n, ts, str(s.get("op", "")),
+                                 int(nranks) if isinstance(nranks, (int, float)) else 0)
                 self.last_ref[rank] = (str(s.get("file", "")), int(s.get("offset", -1)))
                 if self.ctx.wall is not None:
                     self.heard[rank] = self.ctx.wall
@@ -192,7 +192,7 @@ class CollectiveJob:
                 self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
                 self.evidence.append(s)
-        out.extend(self._judge(self.clock))
+        # ops are judged at ticks, behind the job's clock (see CollectiveTracker.judge)
         out.extend(self._release(self.judged_at))
         return out
 
@@ -241,9 +241,24 @@ class CollectiveJob:
         events, ended = self.tracker.judge(now)
         for ev in events:
             out.append(self._straggler_anomaly(ev))
-        for r in ended:
-            self.ctx.gauges.remove(STRAGGLER_GAUGE, (self.job, str(r)))
+        if self.gauge_rank in ended:  # show the next-worst straggler still going, if any
+            self.ctx.gauges.remove(STRAGGLER_GAUGE, (self.job, str(self.gauge_rank)))
+            self.gauge_rank = None
+            eps = self.tracker.episodes
+            if eps:
+                worst = max(eps, key=lambda r: eps[r]["max_lag"])
+                self._show_straggler(worst, eps[worst]["max_lag"])
         return out
+
+    def _show_straggler(self, rank: int, lag: float) -> None:
+        """One series per job (bounded cardinality): the rank holding the job back most, with its lag."""
+        if self.gauge_rank is not None and self.gauge_rank != rank:
+            shown = self.tracker.episodes.get(self.gauge_rank)
+            if shown is not None and shown["max_lag"] > lag:
+                return
+            self.ctx.gauges.remove(STRAGGLER_GAUGE, (self.job, str(self.gauge_rank)))
+        self.gauge_rank = rank
+        self.ctx.gauges.set(STRAGGLER_GAUGE, (self.job, str(rank)), lag)
 
     def _release(self, now: float) -> list[Anomaly]:
         """Candidates whose op the cross-rank view has judged (or whose hold expired): a rank that only paused
@@ -290,7 +305,7 @@ class CollectiveJob:
 
     # ---- anomalies -------------------------------------------------------------------------------------
     def _straggler_anomaly(self, ev: StragglerEvent) -> Anomaly:
-        self.ctx.gauges.set(STRAGGLER_GAUGE, (self.job, str(ev.rank)), ev.lag)
+        self._show_straggler(ev.rank, ev.lag)
         # everyone on every comm it is late on waits for it (data- and tensor-parallel peers alike)
         waiting = {r for c in self.tracker.comms.values() if any(c.verdicts.get(ev.rank, ())) for r in c.last}
         ev.peers = len(waiting - {ev.rank})

@@ -32,7 +32,7 @@ def enqueue_times(ranks: int, ops: int, late: dict[int, tuple[int, int, float]] 
 def feed(tracker: CollectiveTracker, events, order=None):
     found = []
     for r, n, t in order or events:
-        found += tracker.add("c1", r, n, t, "AllReduce", 8)
+        tracker.add("c1", r, n, t, "AllReduce", 8)
         found += tracker.judge(t)[0]
     return found
 
@@ -67,6 +67,46 @@ def test_order_of_arrival_across_ranks_does_not_change_the_verdict():
     a = feed(CollectiveTracker(), events)
     b = feed(CollectiveTracker(), events, shuffled)
     assert [(e.rank, e.op_count) for e in a] == [(e.rank, e.op_count) for e in b] == [(2, a[0].op_count)]
+
+
+def test_a_rank_on_two_comms_gets_the_same_first_finding_whatever_the_order_and_ticks():
+    """A rank is in a data-parallel comm and a tensor-parallel one, late on both. Offline reads in time order and
+    ticks every second; the stream reads ranks in bursts, meets the comms in the other order and ticks on the
+    slowest rank's watermark at odd moments. The finding must come from the same op either way."""
+    dp = [("dp", r, n, t) for r, n, t in enqueue_times(8, 150, {5: (50, 149, 0.2)}, seed=4)]
+    tp = [("tp", r, n, t + 0.03) for r, n, t in enqueue_times(8, 150, {5: (50, 149, 0.2)}, seed=5)
+          if r in (4, 5)]
+    offline = sorted(dp + tp, key=lambda e: e[3])
+    rng = random.Random(11)
+    streams = {r: [e for e in offline if e[1] == r] for r in range(8)}
+    seen = {r: -math.inf for r in streams}
+    shuffled, ticks = [], []
+    first = next(e for e in offline if e[0] == "tp")
+    shuffled.append(first)  # the stream meets the tp comm first
+    streams[first[1]].remove(first)
+    while any(streams.values()):
+        r = rng.choice([r for r, v in streams.items() if v])
+        k = rng.randint(1, 30)  # a rank's partition read ahead in bursts
+        chunk, streams[r] = streams[r][:k], streams[r][k:]
+        shuffled += chunk
+        seen[r] = chunk[-1][3]
+        ticks.append((len(shuffled), min(seen.values())))
+
+    def run(events, clock):
+        tr, found = CollectiveTracker(), []
+        for i, (comm, r, n, t) in enumerate(events, 1):
+            tr.add(comm, r, n, t, "AllReduce", 8 if comm == "dp" else 2)
+            now = clock(i, t)
+            if now is not None:
+                found += tr.judge(now)[0]
+        found += tr.judge(max(t for *_, t in events))[0]
+        return [(e.rank, e.comm, e.op_count, round(e.ts, 6)) for e in found]
+
+    in_order = run(offline, lambda i, t: math.floor(t))
+    marks = dict(ticks)
+    streamed = run(shuffled, lambda i, t: marks.get(i) if rng.random() < 0.5 else None)
+    assert in_order and in_order[0][0] == 5
+    assert streamed == in_order
 
 
 def test_hang_names_the_rank_that_never_reached_the_op_and_resolves():
@@ -211,3 +251,28 @@ def test_state_survives_a_restart_mid_job(tmp_path):
     strip = lambda xs: sorted((a["id"], a["detector"], a["rank"]) for a in xs)  # noqa: E731
     assert strip(part1 + part2) == strip(whole)
     assert {("straggler", 1), ("op_timing", 3)} <= {(a["detector"], a["rank"]) for a in part2}
+
+
+def test_the_straggler_gauge_keeps_one_series_per_job_naming_the_worst(tmp_path):
+    """Two ranks straggle at once: the job's gauge names the one holding it back most, never both (bounded
+    cardinality on a 4,000-rank job), and goes away when the episodes end."""
+    from rankwatch.processors.collective_stage import STRAGGLER_GAUGE
+    from rankwatch.processors.offline import read_records
+
+    from rankwatch.simulate import Fault, Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=260, seed=9, faults=[Fault("straggler", 1, 40, 120, 0.15),
+                                                     Fault("straggler", 6, 80, 40, 0.35)])
+    write_job(sc, tmp_path / "job")
+    recs = list(read_records([str(tmp_path / "job")]))
+    p = Pipeline(DetectionConfig())
+    shown, found = set(), set()
+    for i in range(0, len(recs), 500):
+        found |= {a.rank for a in p.process(recs[i:i + 500]) if a.detector == "straggler"}
+        series = p.gauges.values.get(STRAGGLER_GAUGE, {})
+        assert len(series) <= 1, series
+        shown |= {labels for labels in series}
+    p.finish()
+    assert found == {1, 6}
+    assert {rank for _, rank in shown} == {"1", "6"} and len({job for job, _ in shown}) == 1
+    assert not p.gauges.values.get(STRAGGLER_GAUGE)  # both episodes over by the end of the job

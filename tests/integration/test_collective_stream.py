@@ -55,7 +55,11 @@ def test_two_workers_give_the_collective_verdicts_of_analyze(broker, tmp_path):
             return verdicts(a for a in got if a["job"] in jobs)
 
         # the hang is judged once both workers report the job read to its end and its silence has lasted
-        _wait(lambda: streamed() >= expected, 150, "the stream to reach analyze's verdicts")
+        try:
+            _wait(lambda: streamed() >= expected, 150, "the stream to reach analyze's verdicts")
+        except AssertionError as e:
+            got = streamed()
+            raise AssertionError(f"{e}; missing {sorted(expected - got)}, extra {sorted(got - expected)}") from None
         time.sleep(3.0)
         assert streamed() == expected
     finally:
