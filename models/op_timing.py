@@ -269,6 +269,34 @@ class KeyState:
                 self.cal[name].load_state(cal)
 
 
+class _Windows:
+    """The LSTM inputs of one batch for one model and window length, filled in place: per op, its key's last L
+    log intervals and seasonal references (the current op's reference last), standardised all at once."""
+
+    __slots__ = ("x", "mean", "sd", "rows")
+
+    def __init__(self, capacity: int, length: int) -> None:
+        self.x = np.empty((capacity, length, 2), np.float32)
+        self.mean = np.empty(capacity, np.float32)
+        self.sd = np.empty(capacity, np.float32)
+        self.rows: list[int] = []  # index into the batch's pending ops
+
+    def add(self, row: int, st: KeyState, season: float) -> None:
+        i = len(self.rows)
+        w = self.x[i]
+        w[:, 0] = st.y.tail(len(w))
+        w[:-1, 1] = st.sref.tail(len(w) - 1)
+        w[-1, 1] = season
+        self.mean[i], self.sd[i] = st.mean, st.sd
+        self.rows.append(row)
+
+    def standardised(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(self.rows)
+        mean, sd = self.mean[:n], self.sd[:n]
+        x = (self.x[:n] - mean[:, None, None]) / sd[:, None, None]
+        return x.astype(np.float32, copy=False), mean, sd
+
+
 @dataclass(slots=True)
 class OpInput:
     key: tuple[str, int | None, str]  # job, rank, stream
@@ -326,7 +354,7 @@ class OpTimingDetector:
         use_lstm = c.op_use_lstm and c.op_predictor != "seasonal" and torch_available()
         verdicts: list[OpVerdict | None] = [None] * len(items)
         pending: list[tuple[int, KeyState, float, float, float | None]] = []  # (i, state, y, actual, season)
-        windows: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+        windows: dict[tuple[str, int], _Windows] = {}
         for i, it in enumerate(items):
             st = self.key_state(it.key)
             new_run = False
@@ -347,14 +375,10 @@ class OpTimingDetector:
             y = math.log(actual + EPS)
             season = st.seasonal()
             if season is not None and use_lstm and len(st.y) >= st.seq_len:
-                L = st.seq_len
-                w = np.empty((L, 2), np.float32)
-                w[:, 0] = st.y.tail(L)
-                w[:-1, 1] = st.sref.tail(L - 1)
-                w[-1, 1] = season
-                w -= st.mean
-                w /= st.sd
-                windows.setdefault((st.model, L), []).append((len(pending), w))
+                group = windows.get((st.model, st.seq_len))
+                if group is None:
+                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len)
+                group.add(len(pending), st, season)
             pending.append((i, st, y, actual, season))
             st.y.append(y)
             st.sref.append(season if season is not None else y)
@@ -368,7 +392,7 @@ class OpTimingDetector:
             st.learn_norm(y)
         return verdicts  # type: ignore[return-value]
 
-    def _predict(self, windows: dict[tuple[str, int], list[tuple[int, np.ndarray]]],
+    def _predict(self, windows: dict[tuple[str, int], _Windows],
                  pending: list[tuple[int, KeyState, float, float, float | None]]) -> dict[int, float]:
         """One forward pass per job (and window length); the scored windows then train the job's model."""
         out: dict[int, float] = {}
@@ -376,13 +400,11 @@ class OpTimingDetector:
             model = self.model(name)
             if model is None:
                 continue
-            x = np.stack([w for _, w in group])
-            pred_z = model.predict(x)
-            for (j, _), pz in zip(group, pred_z.tolist(), strict=True):
-                st = pending[j][1]
-                out[j] = pz * st.sd + st.mean
-            targets = np.array([pending[j][1].z(pending[j][2]) for j, _ in group], np.float32)
-            model.offer(x, targets)
+            x, mean, sd = group.standardised()
+            pred = model.predict(x) * sd + mean
+            out.update(zip(group.rows, pred.tolist(), strict=True))
+            y = np.fromiter((pending[j][2] for j in group.rows), np.float32, len(group.rows))
+            model.offer(x, (y - mean) / sd)
         return out
 
     def _judge(self, st: KeyState, y: float, actual: float, season: float | None, lstm: float | None,
