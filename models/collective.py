@@ -90,6 +90,7 @@ class _Comm:
     def __init__(self) -> None:
         self.last: dict[int, tuple[int, float, str]] = {}  # rank -> (op_count, ts, op name)
         self.pending: OrderedDict[int, dict[int, float]] = OrderedDict()
+        self.waiting = 0  # enqueues in `pending`
         self.first_seen: dict[int, float] = {}
         self.offsets: deque[float] = deque(maxlen=512)  # |offset from median| of on-time enqueues
         self.verdicts: dict[int, deque[bool]] = {}  # rank -> late or not on its last judged ops
@@ -100,6 +101,15 @@ class _Comm:
         self.medians: OrderedDict[int, tuple[float, float]] = OrderedDict()  # judged op -> (median, limit)
         self.expected = 0  # the comm's size as printed (0: unknown)
         self.complete: set[int] = set()  # recent ops judged with every rank in (bounded like medians)
+
+    # While catching up a backlog, one rank's partition can be read thousands of ops ahead of its peers' (a
+    # tensor-parallel pair's other rank on another worker): its ops wait for them. The wait is bounded by the
+    # enqueues held, not by the number of ops, so a small comm can wait long and a 4,096-rank one stays bounded.
+    MAX_WAITING = 1 << 20  # enqueues held per comm (~100 MB at the very worst)
+    MAX_PENDING_OPS = 1 << 16
+
+    def overflowing(self) -> bool:
+        return self.waiting > self.MAX_WAITING or len(self.pending) > self.MAX_PENDING_OPS
 
     def spread(self) -> float:
         if len(self.offsets) < 16:
@@ -137,6 +147,7 @@ class CollectiveTracker:
             self.late_reports.append((ts, comm, rank, op_count))
             return
         c.pending.setdefault(op_count, {})[rank] = ts
+        c.waiting += 1
         c.first_seen.setdefault(op_count, ts)
 
     def judge(self, now: float) -> tuple[list[StragglerEvent], list[int]]:
@@ -154,12 +165,12 @@ class CollectiveTracker:
                 first = c.first_seen.get(n, now)
                 if len(arrivals) >= members and max(arrivals.values()) < first + stale_s:
                     at = max(arrivals.values())
-                elif 2 * len(arrivals) > members or len(c.pending) > 4096:
+                elif 2 * len(arrivals) > members or c.overflowing():
                     at = first + stale_s
                 else:
                     break
                 prev = at = max(at, prev)
-                if at > now and len(c.pending) <= 4096:
+                if at > now and not c.overflowing():
                     break
                 due.append((at, _OP, name, n, -1))
         keep = []
@@ -178,6 +189,7 @@ class CollectiveTracker:
                 events.extend(self._verdict(name, c, rank, n, at, *c.medians[n]))
                 continue
             arrivals = c.pending.pop(n)
+            c.waiting -= len(arrivals)
             c.first_seen.pop(n, None)
             on_time = {r: t for r, t in arrivals.items() if t <= at}
             for r, t in arrivals.items():

@@ -276,3 +276,15 @@ def test_the_straggler_gauge_keeps_one_series_per_job_naming_the_worst(tmp_path)
     assert found == {1, 6}
     assert {rank for _, rank in shown} == {"1", "6"} and len({job for job, _ in shown}) == 1
     assert not p.gauges.values.get(STRAGGLER_GAUGE)  # both episodes over by the end of the job
+
+
+def test_a_rank_read_thousands_of_ops_ahead_of_its_peer_waits_for_it():
+    """Catching up a backlog, one rank's partition can run far ahead of its tensor-parallel peer's (on another
+    worker). Its ops wait for the peer's rather than being judged alone: every op is judged with both ranks."""
+    events = enqueue_times(2, 6000, step=0.05)
+    tr = CollectiveTracker()
+    for r, n, t in [e for e in events if e[0] == 0] + [e for e in events if e[0] == 1]:
+        tr.add("tp", r, n, t, "AllReduce", 2)
+    tr.judge(max(t for *_, t in events) + 1)
+    assert tr.judged("tp", 5999, complete=True) and tr.judged("tp", 2000, complete=True)
+    assert tr.comms["tp"].waiting == 0
