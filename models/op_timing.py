@@ -52,6 +52,7 @@ class OpTimingConfig:
     op_background_training: bool = False  # the worker sets it: training rounds on a thread
     op_device: str = "auto"  # auto | cpu | cuda
     op_use_lstm: bool = True  # False: the seasonal moving-average predictor only
+    op_shadow_every: int = 4  # auto, while the seasonal reference judges a job: the LSTM scores 1 op in this many
     op_predictor: str = "auto"  # auto: the LSTM once it predicts the job better than the seasonal one | lstm | seasonal
     op_share: str = "job"  # job: one LSTM per job (shared weights) | key: one per rank/stream (for comparison)
     op_stream_params: dict = field(default_factory=dict)  # {"0x1234": {"sequence_length": 8, "threshold": 1.5}}
@@ -355,6 +356,10 @@ class OpTimingDetector:
         verdicts: list[OpVerdict | None] = [None] * len(items)
         pending: list[tuple[int, KeyState, float, float, float | None]] = []  # (i, state, y, actual, season)
         windows: dict[tuple[str, int], _Windows] = {}
+        # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
+        # sample of the ops (enough to train it and to tell when it predicts better), not every one
+        active = {name: self.lstm_active(name) for name in self.models}
+        shadow = max(1, c.op_shadow_every)
         for i, it in enumerate(items):
             st = self.key_state(it.key)
             new_run = False
@@ -374,7 +379,8 @@ class OpTimingDetector:
             st.index += 1
             y = math.log(actual + EPS)
             season = st.seasonal()
-            if season is not None and use_lstm and len(st.y) >= st.seq_len:
+            if (season is not None and use_lstm and len(st.y) >= st.seq_len
+                    and (st.index % shadow == 0 or active.get(st.model, True))):
                 group = windows.get((st.model, st.seq_len))
                 if group is None:
                     group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len)
@@ -385,7 +391,6 @@ class OpTimingDetector:
             st.update_period(c.op_max_period)
             verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
         lstm_pred = self._predict(windows, pending)
-        active = {name: self.lstm_active(name) for name in self.models}  # once per batch, not per op
         for j, (i, st, y, actual, season) in enumerate(pending):
             verdicts[i] = self._judge(st, y, actual, season, lstm_pred.get(j), active.get(st.model, False),
                                       verdicts[i])

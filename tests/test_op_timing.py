@@ -88,7 +88,7 @@ def test_per_stream_overrides():
 
 
 def test_lstm_trains_in_rounds_and_state_roundtrips_exactly(tmp_path):
-    cfg = OpTimingConfig(op_train_every=500, op_train_steps=5, op_train_batch=64)
+    cfg = OpTimingConfig(op_train_every=100, op_train_steps=5, op_train_batch=64)
     det = OpTimingDetector(cfg)
     times = periodic_times(500, seed=4)
     run(det, times[:1500])
