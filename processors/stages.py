@@ -104,6 +104,7 @@ class JobStage:
         """`wall`: the stream's processing time (None offline: then this also ticks on event time)."""
         out: list[Anomaly] = []
         by_detector: dict[int, list[Summary]] = defaultdict(list)
+        progressed = False
         for s in summaries:
             t = s.get("type")
             if t == "clock":
@@ -111,6 +112,7 @@ class JobStage:
                 continue
             if t == "progress":
                 self._progress(s, wall)
+                progressed = True
                 continue
             for det in self.routes.get(t, ()):
                 by_detector[id(det)].append(s)
@@ -120,6 +122,8 @@ class JobStage:
                 out.extend(det.process(batch))
         if wall is None and self.event_time - self.last_tick >= self.tick_every_s:
             out.extend(self._tick(self.event_time))
+        elif wall is not None and progressed:  # the job's clock may have moved: judge now, not at the next timer
+            out.extend(self.tick(wall))
         return out
 
     def _progress(self, s: Summary, wall: float | None) -> None:
