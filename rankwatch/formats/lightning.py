@@ -32,7 +32,10 @@ def _is_header(cells: list[str]) -> bool:
 
 def _split(line: str) -> list[str]:
     if '"' in line:
-        return next(csv.reader([line]))
+        try:
+            return next(csv.reader([line]), [])
+        except csv.Error:  # e.g. a bare carriage return in a field: not a row we can read, a plain log line
+            return []
     return line.split(",")
 
 
