@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 import tracemalloc
@@ -105,19 +104,19 @@ def memory_per_key(ranks: int) -> tuple[float, float]:
 
 def share_quality(seeds: int) -> list[str]:
     """Shared LSTM per job vs one LSTM per rank/stream vs the seasonal predictor alone, on the labelled
-    collective scenarios: detection quality and time."""
+    collective scenarios: detection quality, how often the LSTM judged, and time. The LSTM rows force the LSTM to
+    judge once trained (`op_predictor = "lstm"`) and train faster than the default (every 200 windows, 50 steps a
+    round), so that it judges within these jobs' length."""
     from rankwatch.eval_ops import evaluate_ops
 
+    lstm = {"op_predictor": "lstm", "op_train_every": 200, "op_train_steps": 50, "op_shadow_every": 1}
     lines = []
-    for label, env in (("seasonal reference only", {"RANKWATCH_OP_PREDICTOR": "seasonal"}),
-                       ("LSTM shared per job", {"RANKWATCH_OP_PREDICTOR": "lstm", "RANKWATCH_OP_SHARE": "job"}),
-                       ("LSTM per rank/stream", {"RANKWATCH_OP_PREDICTOR": "lstm", "RANKWATCH_OP_SHARE": "key"})):
-        os.environ.update(env)
+    for label, cfg in (("seasonal reference only", {"op_predictor": "seasonal"}),
+                       ("LSTM shared per job", {**lstm, "op_share": "job"}),
+                       ("LSTM per rank/stream", {**lstm, "op_share": "key"})):
         t0 = time.perf_counter()
-        out, _ = evaluate_ops(seeds=seeds, path="offline", normal_steps=600)
+        out, _ = evaluate_ops(seeds=seeds, path="offline", normal_steps=600, detection=DetectionConfig(**cfg))
         lines += [f"== {label}: {time.perf_counter() - t0:.0f} s"] + out[1:]
-        for k in env:
-            os.environ.pop(k)
     return lines
 
 

@@ -145,11 +145,13 @@ def _folder(root: str, job: LabelledJob, stream_group: int) -> str:
     return os.path.join(root, f"group{seed - seed % stream_group}", job.name)
 
 
-def run_offline(jobs: list[LabelledJob], root: str, stream_group: int = 4) -> dict[str, list[dict]]:
+def run_offline(jobs: list[LabelledJob], root: str, stream_group: int = 4, detection: Any = None
+                ) -> dict[str, list[dict]]:
+    """`detection`: a DetectionConfig (default: the defaults)."""
     from rankwatch.processors.offline import analyze
 
-    return {j.name: [_with_time(a.to_dict(), a.event_time) for a in analyze([_folder(root, j, stream_group)])]
-            for j in jobs}
+    return {j.name: [_with_time(a.to_dict(), a.event_time) for a in
+                     analyze([_folder(root, j, stream_group)], detection=detection)] for j in jobs}
 
 
 def _with_time(d: dict[str, Any], t: float) -> dict[str, Any]:
@@ -182,7 +184,9 @@ def _count_lines(folder: str) -> int:
 
 
 def evaluate_ops(seeds: int = 20, path: str = "offline", bootstrap: str | None = None, ranks: int = 8,
-                 steps: int = 400, normal_steps: int = 1200, stream_group: int = 4) -> tuple[list[str], dict[str, Any]]:
+                 steps: int = 400, normal_steps: int = 1200, stream_group: int = 4, detection: Any = None
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """`detection` (a DetectionConfig) applies to the offline path; the stream's worker reads its own config."""
     jobs = [j for s in range(seeds) for j in scenarios(s, ranks, steps, normal_steps)]
     out: list[str] = []
     results: dict[str, Any] = {}
@@ -190,7 +194,7 @@ def evaluate_ops(seeds: int = 20, path: str = "offline", bootstrap: str | None =
         for j in jobs:
             write_job(j.scenario, _folder(root, j, stream_group))
         if path in ("offline", "both"):
-            q, normal = score(jobs, run_offline(jobs, root, stream_group))
+            q, normal = score(jobs, run_offline(jobs, root, stream_group, detection))
             results["offline"] = (q, normal)
             out += report(f"collective timing, rankwatch analyze: {seeds} seeds x {ranks} ranks", q, normal)
         if path in ("stream", "both"):
