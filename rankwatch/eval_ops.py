@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rankwatch.evaluate import Quality
 from rankwatch.sim_collectives import build_timeline
 from rankwatch.simulate import Fault, Scenario, write_job
 
@@ -24,22 +25,12 @@ TIERS = {"straggler": ((0.1, 0.2), (0.2, 0.4)), "slow_stream": ((1.5, 2.0), (2.0
 
 
 @dataclass
-class OpsQuality:
-    faults: int = 0
-    detected: int = 0
-    tp: int = 0
-    fp: int = 0
+class OpsQuality(Quality):
+    """The training eval's counts (precision, recall, delays in seconds here), plus who was named and recall per
+    magnitude tier."""
+
     named: int = 0  # straggler/hang: the right rank named
-    delays: list[float] = field(default_factory=list)
     by_tier: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
-
-    @property
-    def recall(self) -> float:
-        return self.detected / self.faults if self.faults else 1.0
 
 
 @dataclass

@@ -70,7 +70,7 @@ class Quality:
     fp: int = 0
     faults: int = 0
     detected: int = 0
-    delays: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)  # steps (training eval) or seconds (ops eval)
 
     @property
     def precision(self) -> float:
