@@ -7,12 +7,15 @@ networks of ~50k parameters each (GBs of weights and optimizer state). Every key
 phase of the previous steps), so a step boundary, which is periodic, is expected rather than surprising.
 
 Training is online: windows that were just scored go into a reservoir; a round of a few Adam steps runs every
-`train_every` new windows, on a separate copy of the weights, optionally on a background thread (the worker) so it
-never blocks the event loop; the inference copy takes the new weights between micro-batches.
+`train_every` new windows (after `budget` steps, every ~50 new windows per key), on a separate copy of the
+weights, on a background thread in the worker so it never blocks the event loop; the inference copy takes the
+new weights between micro-batches. Inference runs in chunks of 1,024 windows on one more thread, beside the loop
+that builds the next chunk (models/op_timing.py).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -27,7 +30,9 @@ except ImportError:  # pragma: no cover - exercised by tests that hide torch
     nn = None  # type: ignore[assignment]
 
 N_FEATURES = 2
+CHUNK = 1024  # windows per forward pass (see predict)
 _EXECUTOR: ThreadPoolExecutor | None = None
+_INFER: ThreadPoolExecutor | None = None
 
 
 def torch_available() -> bool:
@@ -39,6 +44,19 @@ def _executor() -> ThreadPoolExecutor:
     if _EXECUTOR is None:
         _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankwatch-op-train")
     return _EXECUTOR
+
+
+def infer_executor() -> ThreadPoolExecutor:
+    """One thread for forward passes: torch releases the GIL inside the LSTM kernel, so a chunk's forward pass
+    runs on the second core while the event loop builds the next chunk's windows (models/op_timing.py)."""
+    global _INFER
+    if _INFER is None:
+        _INFER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankwatch-op-infer")
+        # the forward pass takes the GIL back a few times per chunk (module calls, tensor conversions); at the
+        # default 5 ms switch interval each hand-over waits out the event loop's slice and the two threads run
+        # one after the other (measured: no overlap at all); at 0.5 ms they overlap
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+    return _INFER
 
 
 def pick_device(name: str) -> str:
@@ -89,6 +107,7 @@ class SharedIntervalModel:
         self.budget = budget  # training steps until the model has converged; then rounds are 10x rarer
         self.seen = 0  # windows offered to the reservoir
         self.since_round = 0
+        self.keys = 0  # rank/stream keys sharing this model (the detector counts them)
         self.steps_trained = 0
         self.bx: np.ndarray | None = None  # reservoir of windows [buffer, L, 2] (per window length)
         self.by: np.ndarray | None = None
@@ -98,15 +117,20 @@ class SharedIntervalModel:
 
     # ---- inference -----------------------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """x: [B, L, 2] float32 -> predicted standardised next value [B]."""
-        self._take_pending()
+        """x: [B, L, 2] float32 -> predicted standardised next value [B]. Thread-safe against training rounds
+        (they write another copy of the weights); callers run one predict at a time per model."""
         out = np.empty(len(x), np.float32)
         with torch.inference_mode():
             # chunks of 1,024: the CPU LSTM is ~40% slower per window on larger batches (cache), and a bounded
             # set of batch sizes keeps the kernels' per-shape caches bounded
-            for i in range(0, len(x), 1024):
-                out[i:i + 1024] = self.net(torch.from_numpy(x[i:i + 1024]).to(self.device)).float().cpu().numpy()
+            for i in range(0, len(x), CHUNK):
+                out[i:i + CHUNK] = self.net(torch.from_numpy(x[i:i + CHUNK]).to(self.device)).float().cpu().numpy()
         return out
+
+    def take_weights(self) -> None:
+        """The weights of a finished training round become the inference weights: between batches only, so
+        every window of a batch is scored by the same weights."""
+        self._take_pending()
 
     # ---- training -------------------------------------------------------------------------------------
     def offer(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -129,7 +153,11 @@ class SharedIntervalModel:
             self.bx[slots[keep]], self.by[slots[keep]] = x[fill:][keep], y[fill:][keep]
         self.seen += n
         self.since_round += n
-        every = self.train_every if self.steps_trained < self.budget else 10 * self.train_every
+        # once converged, rounds only follow drift: every ~50 new windows per key (at least 10x rarer). Per job
+        # and not per key, the rate would grow with the job: a 4,096-rank job judged by the LSTM offers ~60k
+        # windows/s, a round every 20k would keep a core busy training (measured: 0.36 s per round)
+        every = (self.train_every if self.steps_trained < self.budget
+                 else max(10 * self.train_every, 50 * self.keys))
         if self.since_round >= every and min(self.seen, self.buffer) >= self.train_batch:
             self.since_round = 0
             self._start_round()

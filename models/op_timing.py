@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from rankwatch.models.op_lstm import SharedIntervalModel, torch_available
+from rankwatch.models.op_lstm import CHUNK, SharedIntervalModel, infer_executor, torch_available
 
 EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
 _RECALIBRATE = 32  # ops between threshold recomputations per key (amortises the medians)
@@ -81,12 +82,13 @@ class OpVerdict:
 class _Ring:
     """Fixed-size float window, O(1) append, contiguous tail reads."""
 
-    __slots__ = ("buf", "n", "size")
+    __slots__ = ("buf", "n", "size", "filled")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.buf = np.zeros(2 * size, np.float32)
         self.n = 0
+        self.filled = 0  # min(n, size), kept as an attribute: read on every op of the hot path
 
     def append(self, x: float) -> None:
         if self.n == 2 * self.size:
@@ -94,15 +96,18 @@ class _Ring:
             self.n = self.size
         self.buf[self.n] = x
         self.n += 1
+        if self.filled < self.size:
+            self.filled += 1
 
     def tail(self, k: int) -> np.ndarray:
         return self.buf[max(0, self.n - k): self.n]
 
     def __len__(self) -> int:
-        return min(self.n, self.size)
+        return self.filled
 
     def clear(self) -> None:
         self.n = 0
+        self.filled = 0
 
     def to_list(self) -> list[float]:
         return [float(v) for v in self.tail(self.size)]
@@ -127,7 +132,7 @@ class _Calibration:
         self.flagged_run = 0
 
     def judge(self, r: float, k: float, min_points: int) -> tuple[bool, float]:
-        if len(self.res) < min_points:
+        if self.res.filled < min_points:
             self.learn(r, False)
             return False, 0.0
         z = (r - self.median) / self.scale
@@ -225,11 +230,10 @@ class KeyState:
     def seasonal(self) -> float | None:
         """Prediction of the next log interval from the same phase of the previous steps."""
         p = self.period
-        n = len(self.y)
-        if p == 0 or n < 3 * p:
+        y = self.y
+        if p == 0 or y.filled < 3 * p:
             return None
-        t = self.y.tail(3 * p)
-        a, b, c = float(t[0]), float(t[p]), float(t[2 * p])
+        a, b, c = y.buf[y.n - 3 * p: y.n: p].tolist()  # one read of the three values: scalars box slowly
         return max(min(a, b), min(max(a, b), c))  # median of three
 
     def update_period(self, max_period: int) -> None:
@@ -272,30 +276,70 @@ class KeyState:
 
 class _Windows:
     """The LSTM inputs of one batch for one model and window length, filled in place: per op, its key's last L
-    log intervals and seasonal references (the current op's reference last), standardised all at once."""
+    log intervals and seasonal references (the current op's reference last). Every full chunk is standardised
+    and handed to the inference thread at once, so the forward passes (GIL released) run beside the loop that
+    builds the next windows; results are collected in order, so the verdicts do not depend on the overlap."""
 
-    __slots__ = ("x", "mean", "sd", "rows")
+    __slots__ = ("x", "mean", "sd", "rows", "model", "sent", "chunks", "preds")
 
-    def __init__(self, capacity: int, length: int) -> None:
+    def __init__(self, capacity: int, length: int, model: SharedIntervalModel | None) -> None:
         self.x = np.empty((capacity, length, 2), np.float32)
         self.mean = np.empty(capacity, np.float32)
         self.sd = np.empty(capacity, np.float32)
         self.rows: list[int] = []  # index into the batch's pending ops
+        self.model = model
+        self.sent = 0  # rows handed to the inference thread so far
+        self.chunks: list[Any] = []  # futures of [chunk] predictions, in row order
+        self.preds: list[list[float]] = []  # the collected chunks, de-standardised
 
-    def add(self, row: int, st: KeyState, season: float) -> None:
+    def submit(self, inline: bool = False) -> None:
+        """Standardise the rows not sent yet and start their forward pass on the inference thread (or run it
+        here: a small batch's only chunk gains nothing from the hand-over)."""
+        a, b = self.sent, len(self.rows)
+        if self.model is None or b == a:
+            return
+        mean, sd = self.mean[a:b], self.sd[a:b]
+        self.x[a:b] = (self.x[a:b] - mean[:, None, None]) / sd[:, None, None]  # standardised in place
+        if inline:
+            done: Future = Future()
+            done.set_result(self.model.predict(self.x[a:b]))
+            self.chunks.append(done)
+        else:
+            self.chunks.append(infer_executor().submit(self.model.predict, self.x[a:b]))
+        self.sent = b
+
+    def pred_at(self, pos: int) -> float:
+        """The prediction for row `pos` (log seconds), waiting for its chunk: the verdicts of earlier chunks'
+        ops are decided while later chunks are still on the inference thread."""
+        k = pos // CHUNK  # every chunk but the last holds exactly CHUNK rows
+        while len(self.preds) <= k:
+            j = len(self.preds)
+            a = j * CHUNK
+            pred = self.chunks[j].result()
+            self.preds.append((pred * self.sd[a:a + len(pred)] + self.mean[a:a + len(pred)]).tolist())
+        return self.preds[k][pos - k * CHUNK]
+
+    def train_on(self, ys: list[float]) -> None:
+        """The scored windows and what followed them join the model's reservoir (after the verdicts, which
+        these weights no longer affect)."""
+        if self.model is None:
+            return
+        n = len(self.rows)
+        y = np.asarray(ys, np.float32)
+        self.model.offer(self.x[:n], (y - self.mean[:n]) / self.sd[:n])
+
+    def add(self, row: int, st: KeyState, season: float) -> int:
         i = len(self.rows)
         w = self.x[i]
-        w[:, 0] = st.y.tail(len(w))
-        w[:-1, 1] = st.sref.tail(len(w) - 1)
+        n, L, y, ref = st.y.n, len(w), st.y, st.sref  # rings hold >= L values here (checked by the caller)
+        w[:, 0] = y.buf[n - L: n]
+        w[:-1, 1] = ref.buf[ref.n - L + 1: ref.n]
         w[-1, 1] = season
         self.mean[i], self.sd[i] = st.mean, st.sd
         self.rows.append(row)
-
-    def standardised(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = len(self.rows)
-        mean, sd = self.mean[:n], self.sd[:n]
-        x = (self.x[:n] - mean[:, None, None]) / sd[:, None, None]
-        return x.astype(np.float32, copy=False), mean, sd
+        if i + 1 - self.sent >= CHUNK:
+            self.submit()
+        return i
 
 
 @dataclass(slots=True)
@@ -322,6 +366,9 @@ class OpTimingDetector:
         if st is None:
             st = self.keys[key] = KeyState(self.config, key[2])
             st.model = self.model_key(key)
+            m = self.model(st.model)
+            if m is not None:
+                m.keys += 1
         return st
 
     def model_key(self, key: tuple[str, int | None, str]) -> str:
@@ -354,14 +401,18 @@ class OpTimingDetector:
         c = self.config
         use_lstm = c.op_use_lstm and c.op_predictor != "seasonal" and torch_available()
         verdicts: list[OpVerdict | None] = [None] * len(items)
-        pending: list[tuple[int, KeyState, float, float, float | None]] = []  # (i, state, y, actual, season)
+        # (i, state, y, actual, season, the LSTM window group and row of the op or None)
+        pending: list[tuple[int, KeyState, float, float, float | None, _Windows | None, int]] = []
         windows: dict[tuple[str, int], _Windows] = {}
         # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
         # sample of the ops (enough to train it and to tell when it predicts better), not every one
+        for m in self.models.values():
+            m.take_weights()
         active = {name: self.lstm_active(name) for name in self.models}
         shadow = max(1, c.op_shadow_every)
+        keys = self.keys
         for i, it in enumerate(items):
-            st = self.key_state(it.key)
+            st = keys.get(it.key) or self.key_state(it.key)
             new_run = False
             if not st.continues(it.comm, it.op_count, it.save_count):
                 if st.last_ts is not None or st.total:
@@ -379,38 +430,27 @@ class OpTimingDetector:
             st.index += 1
             y = math.log(actual + EPS)
             season = st.seasonal()
-            if (season is not None and use_lstm and len(st.y) >= st.seq_len
+            group, pos = None, -1
+            if (season is not None and use_lstm and st.y.filled >= st.seq_len
                     and (st.index % shadow == 0 or active.get(st.model, True))):
                 group = windows.get((st.model, st.seq_len))
                 if group is None:
-                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len)
-                group.add(len(pending), st, season)
-            pending.append((i, st, y, actual, season))
+                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len, self.model(st.model))
+                pos = group.add(len(pending), st, season)  # a full chunk starts its forward pass beside this loop
+            pending.append((i, st, y, actual, season, group, pos))
             st.y.append(y)
             st.sref.append(season if season is not None else y)
             st.update_period(c.op_max_period)
             verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
-        lstm_pred = self._predict(windows, pending)
-        for j, (i, st, y, actual, season) in enumerate(pending):
-            verdicts[i] = self._judge(st, y, actual, season, lstm_pred.get(j), active.get(st.model, False),
-                                      verdicts[i])
+        for group in windows.values():
+            group.submit(inline=not group.chunks)
+        for i, st, y, actual, season, group, pos in pending:
+            lstm = group.pred_at(pos) if group is not None and group.model is not None else None
+            verdicts[i] = self._judge(st, y, actual, season, lstm, active.get(st.model, False), verdicts[i])
             st.learn_norm(y)
+        for group in windows.values():  # one reservoir offer per job (and window length); maybe a round
+            group.train_on([pending[j][2] for j in group.rows])
         return verdicts  # type: ignore[return-value]
-
-    def _predict(self, windows: dict[tuple[str, int], _Windows],
-                 pending: list[tuple[int, KeyState, float, float, float | None]]) -> dict[int, float]:
-        """One forward pass per job (and window length); the scored windows then train the job's model."""
-        out: dict[int, float] = {}
-        for (name, _), group in windows.items():
-            model = self.model(name)
-            if model is None:
-                continue
-            x, mean, sd = group.standardised()
-            pred = model.predict(x) * sd + mean
-            out.update(zip(group.rows, pred.tolist(), strict=True))
-            y = np.fromiter((pending[j][2] for j in group.rows), np.float32, len(group.rows))
-            model.offer(x, (y - mean) / sd)
-        return out
 
     def _judge(self, st: KeyState, y: float, actual: float, season: float | None, lstm: float | None,
                lstm_active: bool, v: OpVerdict) -> OpVerdict:

@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faust
 import orjson
@@ -62,7 +62,9 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         consumer_auto_offset_reset=worker.start_from,
         producer_acks=-1,
     )
-    pipeline = Pipeline(detection)
+    # training rounds of the collective-timing LSTM run on a thread in the worker: a round (~0.4 s) inside the
+    # event loop would hold every partition's records back that long (`analyze` trains in line: reproducible)
+    pipeline = Pipeline(replace(detection or DetectionConfig(), op_background_training=True))
     if worker.state_file:
         load_pipeline_state(pipeline, worker.state_file)
     metrics = metrics or WorkerMetrics(max_job_labels=settings.max_job_labels)
