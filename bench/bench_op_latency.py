@@ -1,16 +1,22 @@
 """Detection latency of collective-timing findings, line written -> anomaly on the topic, live.
 
-    python bench/bench_op_latency.py [--ranks 16] [--steps 160] [--speed 1.0]
+    python bench/bench_op_latency.py [--ranks 16] [--steps 160] [--speed 1.0] [--load 20000]
 
 A simulated job (rankwatch/sim_collectives.py) with stragglers and slow streams is written in real time (x
 `--speed`) into rank files; the real shipper tails them, the embedded broker and a real worker judge them. For
 each straggler and op-timing anomaly, the latency is the wall time from writing its source line (the late op that
 decided it) to reading the anomaly from the `anomalies` topic. Prints p50/p99/max and the load (records/s).
+
+`--load R` adds a second, healthy job of 1,024 ranks x 4 streams whose op records a separate process sends
+straight to the ops topic at R records/s (event time = wall time, one message per rank/stream and step, as a
+shipper packs what it read of a key in one poll), so the worker judges the measured job while it carries that
+load. The worker's consumed rate is printed from its metrics: if it falls behind R, the latency says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -18,8 +24,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 from rankwatch.producers.shipper import Shipper, ShipperConfig
 
 from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
@@ -28,11 +36,52 @@ from rankwatch.consume import follow_anomalies
 from rankwatch.simulate import Fault, Scenario, job_lines
 
 
+def op_events(port: int) -> float:
+    """The worker's count of op records processed, from its /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("rankwatch_events_total{") and 'kind="op"' in line)
+
+
+LOAD_RANKS, LOAD_STREAMS, LOAD_OPS = 1024, 4, 3  # the load job: ops per rank/stream and step
+
+
+def send_load(s: Settings, rate: float, stop: Any) -> None:
+    """A healthy synchronous job at `rate` op records/s, sent as the shipper would (packs per key), until stop."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=5, batch_size=256 * 1024, acks=1)
+    per_step = LOAD_RANKS * LOAD_STREAMS * LOAD_OPS
+    step_s = per_step / rate
+    rng = np.random.default_rng(0)
+    step = 0
+    t_next = time.time()
+    while not stop.is_set():
+        t0 = t_next
+        for r in range(LOAD_RANKS):
+            for st in range(LOAD_STREAMS):
+                ops = [{"kind": "op", "job": "load-job", "rank": r,
+                        "ts": round(t0 + step_s * (k + 1) / (LOAD_OPS + 1) + 0.01 * st + float(rng.normal(0, 2e-3)),
+                                    6),
+                        "file": f"rank{r}/nccl.log", "offset": step * 1000 + st * 10 + k,
+                        "data": {"op": "AllReduce", "op_count": step * LOAD_OPS + k, "stream": f"0xs{st}",
+                                 "comm": f"0xc{r}{st}", "comm_id": f"0xid{st}", "nranks": LOAD_RANKS,
+                                 "count": 1024}} for k in range(LOAD_OPS)]
+                producer.send(s.topic_ops, key=f"load-job/{r}/0xs{st}".encode(), value=orjson.dumps(ops))
+        step += 1
+        t_next = t0 + step_s
+        time.sleep(max(0.0, t_next - time.time()))
+    producer.flush()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, default=16)
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--load", type=float, default=0.0, help="op records/s of a second, healthy job (see module)")
     a = ap.parse_args()
     faults = [Fault("straggler", 3, 50, 30, 0.2), Fault("slow_stream", 9 % a.ranks, 110, 14, 2.5, stream="tp"),
               Fault("straggler", 12 % a.ranks, 135, 20, 0.3)]
@@ -44,7 +93,8 @@ def main() -> int:
     s.use_topic_prefix(s.app_id)
     ensure_topics(s)
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
+    prof = ["-m", "cProfile", "-o", os.environ["RW_PROFILE"]] if os.environ.get("RW_PROFILE") else []
+    worker = subprocess.Popen([sys.executable, *prof, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
                                str(port)], env={**os.environ, **s.env()}, preexec_fn=die_with_parent,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root.mkdir(parents=True)
@@ -60,9 +110,17 @@ def main() -> int:
 
     threading.Thread(target=consume, daemon=True).start()
     time.sleep(8.0)  # the worker joins its group (embedded broker: ~5 s)
+    consumed = ""
+    stop_load = mp.get_context("spawn").Event()
+    loader = None
+    if a.load > 0:
+        loader = mp.get_context("spawn").Process(target=send_load, args=(s, a.load, stop_load), daemon=True)
+        loader.start()
+        time.sleep(10.0)  # the load job's keys warm up before the measured job starts
     handles: dict[str, object] = {}
     sizes: dict[str, int] = {}
     t0_event, t0_wall = lines[0][0], time.monotonic()
+    ops_before = op_events(port)
     try:
         for ts, rel, text in lines:
             due = (ts - t0_event) / a.speed - (time.monotonic() - t0_wall)
@@ -83,8 +141,12 @@ def main() -> int:
         for fh in handles.values():
             fh.flush()
         wall = time.monotonic() - t0_wall
+        consumed = f"{(op_events(port) - ops_before) / wall:,.0f} op records/s while the measured job ran"
         time.sleep(15.0)
     finally:
+        stop_load.set()
+        if loader is not None:
+            loader.join(10)
         for fh in handles.values():
             fh.close()
         shipper.stop_event.set()
@@ -93,8 +155,14 @@ def main() -> int:
     lat = [arrived - written[(r["source"]["file"], r["source"]["offset"])] for r, arrived in seen
            if r["detector"] in ("straggler", "op_timing") and (r["source"]["file"], r["source"]["offset"]) in written]
     found = sorted({(r["detector"], r["rank"]) for r, _ in seen if r["detector"] in ("straggler", "op_timing")})
+    for r, arrived in seen:
+        key = (r["source"]["file"], r["source"]["offset"])
+        if r["detector"] in ("straggler", "op_timing") and key in written:
+            print(f"  {r['detector']:9} rank {r['rank']:>3}: {(arrived - written[key]) * 1000:5.0f} ms")
     print(f"{a.ranks} ranks, {len(lines):,} lines in {wall:.0f} s ({len(lines) / wall:,.0f} lines/s, "
           f"x{a.speed} real time); findings {found}")
+    if a.load:
+        print(f"load: a 1,024-rank job sent at {a.load:,.0f} op records/s; worker consumed {consumed}")
     if lat:
         print(f"line written -> anomaly read: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
               f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms over {len(lat)} findings")
