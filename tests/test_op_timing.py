@@ -134,3 +134,50 @@ def test_equal_timestamps_and_out_of_order_times_do_not_break_it():
     times[60] = times[58]  # and clocks step back
     verdicts = run(det, times)
     assert all(math.isfinite(v.predicted_s) and v.actual_s >= 0 for v in verdicts)
+
+
+def lstm_judging(**kw) -> OpTimingDetector:
+    return OpTimingDetector(OpTimingConfig(op_predictor="lstm", op_train_every=50, op_train_steps=20,
+                                           op_train_batch=64, **kw))
+
+
+def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(monkeypatch):
+    """Chunks go to the inference thread while the batch is built, and verdicts are read back per chunk: with
+    tiny chunks (many of them per batch, most on the thread) every prediction and verdict must be the one a
+    single forward pass gives, op for op, across several keys interleaved in each batch."""
+    from rankwatch.models import op_timing
+
+    keys = [("job", r, s) for r in range(3) for s in ("0xs0", "0xs1")]
+    items = []
+    for n, key in enumerate(keys):
+        times = periodic_times(260, seed=n, slow=(700, 760, 2.5) if n == 4 else None)
+        items += [OpInput(key, t, i, "0xc") for i, t in enumerate(times)]
+    items.sort(key=lambda it: it.ts)  # keys interleaved, as a micro-batch of a job's ranks
+
+    def verdicts(chunk: int) -> list[tuple]:
+        monkeypatch.setattr(op_timing, "CHUNK", chunk)
+        det = lstm_judging()
+        out = []
+        for i in range(0, len(items), 211):
+            out += [(v.is_anomaly, v.predictor, v.predicted_s) for v in det.update(items[i:i + 211])]
+        return out
+
+    one, chunked = verdicts(4096), verdicts(5)
+    assert sum(p == "lstm" for _, p, _ in one) > 1000  # the LSTM did judge, so its predictions are compared
+    assert any(hit for hit, _, _ in one)  # and the slow stream was found
+    assert [v[:2] for v in chunked] == [v[:2] for v in one]
+    # float32 kernels round differently for other batch shapes: the same prediction to ~1e-7 relative
+    np.testing.assert_allclose([v[2] for v in chunked], [v[2] for v in one], rtol=1e-5)
+
+
+def test_converged_model_trains_every_50_windows_per_key():
+    """Once past its budget, a job's model trains every ~50 new windows per key (at least 10x `train_every`):
+    a round every 20,000 windows would keep a core busy on a 4,096-rank job."""
+    model = op_lstm.SharedIntervalModel(seed=0, train_every=100, train_steps=1, train_batch=8, budget=0)
+    model.keys = 1000  # 50 x 1,000 keys = 50,000 windows per round; 10 x train_every would be 1,000
+    rounds = []
+    model._train = lambda xs, ys: rounds.append(model.seen)  # count rounds, do not train
+    x = np.zeros((1000, 10, 2), np.float32)
+    for _ in range(120):
+        model.offer(x, np.zeros(1000, np.float32))
+    assert rounds == [50_000, 100_000]
