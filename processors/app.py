@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -37,7 +38,8 @@ class WorkerConfig:
     start_from: str = "earliest"  # where a new consumer group starts: earliest | latest
     tick_interval_s: float = 1.0  # how often stage 2 judges silent jobs (hangs)
     progress_interval_s: float = 0.25  # how often each worker reports its watermarks (bounds detection latency)
-    caught_up_messages: int = 0  # a partition at most this many messages behind counts as read to its end
+    caught_up_messages: int = 0  # a partition at most this many messages behind counts as read to its end ...
+    caught_up_s: float = 0.25  # ... as does one whose unread messages arrived in the last this many seconds
     lag_interval_s: float = 2.0
 
 
@@ -173,9 +175,10 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         for topic, part in behind:
             if topic in families:
                 assigned.setdefault(families[topic], []).append(part)
-        to_end = lambda fam, part: behind.get((sources.get(fam, ""), part), 1) <= worker.caught_up_messages  # noqa: E731
+        now = time.time()
         by_job: dict[str, list[bytes]] = {}
-        for job, ts in watermarks.report(time.time(), to_end, assigned).items():
+        for job, ts in watermarks.report(now, lambda fam, part: backlog_s(behind, sources.get(fam, ""), part, now),
+                                         assigned, worker.caught_up_s).items():
             by_job.setdefault(job, []).append(orjson.dumps(
                 {"type": "progress", "job": job, "family": "all", "source": source, "ts": ts}))
         for job, encoded in by_job.items():
@@ -199,6 +202,28 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 summary_partitions.pop(job, None)
         await publish(pipeline.tick(now, owned))
 
+    arrivals: dict[tuple[str, int], list[float]] = {}  # (topic, partition) -> [high water, when, messages/s]
+    highs: dict[tuple[str, int], int] = {}  # (topic, partition) -> its high water at the last look
+
+    def backlog_s(behind: dict[tuple[str, int], int], topic: str, part: int, now: float) -> float:
+        """Seconds of unread messages in a partition: its backlog over its arrival rate (smoothed over the
+        progress reports). 0 when read to its end, inf while its rate is unknown."""
+        n = behind.get((topic, part), 1)
+        if n <= worker.caught_up_messages:
+            return 0.0
+        high = highs.get((topic, part))
+        if high is None:  # not yet fetched
+            return math.inf
+        seen = arrivals.get((topic, part))
+        if seen is None or high < seen[0]:
+            arrivals[(topic, part)] = [high, now, 0.0]
+            return math.inf
+        if now - seen[1] >= worker.progress_interval_s / 2:
+            rate = (high - seen[0]) / (now - seen[1])
+            seen[2] = rate if seen[2] == 0.0 else 0.7 * seen[2] + 0.3 * rate
+            seen[0], seen[1] = high, now
+        return n / seen[2] if seen[2] > 0 else math.inf
+
     def behind_by_partition() -> dict[tuple[str, int], int]:
         """Messages not yet read per (topic, partition) of this worker's assignment. A partition not fetched
         yet counts as far behind: nothing is known of it."""
@@ -211,6 +236,8 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 high = None
             # Faust keeps the last offset it read per partition (private, but the only source of it).
             pos = getattr(consumer, "_read_offset", {}).get(tp)
+            if high is not None:
+                highs[(tp.topic, tp.partition)] = high
             out[(tp.topic, tp.partition)] = 1 << 30 if high is None else max(
                 0, high - (pos + 1 if pos is not None else 0))
         return out

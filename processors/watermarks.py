@@ -10,10 +10,17 @@ since it moved, so a job that went silent (a hang) lets time pass at wall speed.
 that has unread messages but has not yet shown a key of the job may hold any of its records: the watermark is
 unknown until it has been read. Wall time is added only as a duration: log timestamps need not agree with the
 worker's clock.
+
+Under continuous load a partition is never read to its very end, and the exact rule above makes the clock trail
+by the gap of the job's sparsest key (measured: p99 latency 0.9 s at 2,000 records/s of other traffic, 1.9 s at
+5,000). So a partition whose unread messages arrived within the last `caught_up_s` (its backlog in seconds, from
+its message rate) counts as read to its end, and the time it passes is reduced by that backlog: a record waiting
+there is at most that much older than what was read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 
@@ -31,22 +38,28 @@ class Watermarks:
         elif ts > k[0]:
             k[0], k[1] = ts, wall
 
-    def report(self, wall: float, read_to_end: Callable[[str, int], bool],
-               assigned: dict[str, list[int]] | None = None) -> dict[str, float]:
-        """job -> watermark. `read_to_end(family, partition)`: is nothing left to read there? `assigned`:
-        family -> this worker's partitions of that family's topic."""
+    def report(self, wall: float, backlog: Callable[[str, int], float | bool],
+               assigned: dict[str, list[int]] | None = None, caught_up_s: float = 0.0) -> dict[str, float]:
+        """job -> watermark. `backlog(family, partition)`: seconds of unread messages there (0: read to its
+        end, inf: unknown; True/False: read to its end or not). `assigned`: family -> this worker's partitions
+        of that family's topic. A partition at most `caught_up_s` behind counts as read to its end."""
+        def behind_s(family: str, part: int) -> float:
+            b = backlog(family, part)
+            return 0.0 if b is True else math.inf if b is False else float(b)
+
         pending: dict[str, float] = {}
         done: dict[str, float] = {}
         for (job, family), parts in list(self.latest.items()):
             self._forget(job, family, parts, wall)
             if not parts:
                 continue
-            if any(p not in parts and not read_to_end(family, p) for p in (assigned or {}).get(family, ())):
+            if any(p not in parts and behind_s(family, p) > caught_up_s for p in (assigned or {}).get(family, ())):
                 pending[job] = float("-inf")
             for part, keys in parts.items():
-                if read_to_end(family, part):
+                b = behind_s(family, part)
+                if b <= caught_up_s:
                     done[job] = max(done.get(job, float("-inf")),
-                                    max(ts + max(0.0, wall - moved) for ts, moved in keys.values()))
+                                    max(ts + max(0.0, wall - moved - b) for ts, moved in keys.values()))
                 else:
                     pending[job] = min(pending.get(job, float("inf")), min(ts for ts, _ in keys.values()))
         return {job: pending.get(job, done.get(job, float("-inf"))) for job in {*pending, *done}}

@@ -227,6 +227,22 @@ def test_watermark_is_the_slowest_key_of_unread_partitions_and_advances_when_all
     assert wm.report(1005.0, lambda f, p: p != 2, {"op": [0, 1, 2]}) == {"j": -math.inf}
 
 
+def test_a_partition_a_moment_behind_counts_as_read_less_its_backlog():
+    """Under continuous load no partition is ever read to its very end; one whose unread messages arrived in
+    the last `caught_up_s` counts as read, and the time it lets pass is reduced by that backlog."""
+    wm = Watermarks()
+    wm.observe("j", "op", 0, "j/0/s", 10.0, wall=1000.0)
+    wm.observe("j", "op", 0, "j/1/s", 7.0, wall=1000.0)  # a sparse key: its next record is due later
+    backlog = {0: 0.1}
+    rep = lambda wall, caught_up: wm.report(wall, lambda f, p: backlog[p], caught_up_s=caught_up)  # noqa: E731
+    assert rep(1002.0, 0.0) == {"j": 7.0}  # the exact rule: the sparse key holds the clock back
+    assert rep(1002.0, 0.25) == {"j": 10.0 + 2.0 - 0.1}
+    backlog[0] = 3.0  # three seconds behind: not caught up, whatever the threshold
+    assert rep(1002.0, 0.25) == {"j": 7.0}
+    backlog[0] = math.inf  # rate unknown yet
+    assert rep(1002.0, 0.25) == {"j": 7.0}
+
+
 def test_state_survives_a_restart_mid_job(tmp_path):
     """Op-timing keys, the shared LSTM and the cross-rank state go through the worker's JSON state file: a
     restarted pipeline gives the verdicts of one that never stopped."""
