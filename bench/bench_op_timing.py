@@ -17,6 +17,8 @@ import gc
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector
@@ -47,64 +49,69 @@ def synthetic_ops(ranks: int, steps: int, seed: int = 0) -> list[Record]:
     return out
 
 
+WARM_STEPS = 50  # steps that warm every key up (not timed)
+
+
+def warm_up(update: Callable[[list], object], items: list, det: OpTimingDetector, ranks: int,
+            predictor: str) -> list:
+    """Feed the warm-up steps in batches of 2,000, wait for the training round under way, and check that the
+    predictor asked for judges; returns the items left to time."""
+    warm = ranks * STREAMS * 3 * WARM_STEPS
+    for i in range(0, warm, 2000):
+        update(items[i:i + 2000])
+    det.models["bench"].wait()
+    if predictor == "lstm" and not det.lstm_active("bench"):
+        raise SystemExit("the LSTM is not judging after the warm-up: this figure would not be the LSTM's")
+    return items[warm:]
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """A worker holds one micro-batch of records at a time, this bench holds millions: without this, the
+    collector's full passes over them (not the detector) would be a large part of what is timed."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def throughput(ranks: int, total_ops: int, batch: int, predictor: str = "auto") -> tuple[float, float]:
     """(records/s, of which stage 2's share) for micro-batches of `batch` records. predictor "lstm": the LSTM
     judges every op once trained (what a job costs after the LSTM has won); "auto": the default, where the
     seasonal reference judges these jobs and the LSTM scores 1 op in 4 per key."""
-    steps = max(60, total_ops // (ranks * STREAMS * 3))
-    recs = synthetic_ops(ranks, steps)
-    warm = ranks * STREAMS * 3 * 50  # the first 50 steps: warm-up of every key (not timed)
+    steps = max(WARM_STEPS + 10, total_ops // (ranks * STREAMS * 3))
     # as the worker runs it (processors/app.py): training rounds on their thread
     p = Pipeline(DetectionConfig(op_predictor=predictor, op_background_training=True))
-    for i in range(0, warm, 2000):
-        p.process(recs[i:i + 2000])
-    det = p.handler(OpHandler).detector
-    det.models["bench"].wait()
-    if predictor == "lstm" and not det.lstm_active("bench"):
-        raise SystemExit("the LSTM is not judging after the warm-up: this figure would not be the LSTM's")
-    timed = recs[warm:]
-    # a worker holds one micro-batch of records at a time, this bench holds millions: without this, the
-    # collector's full passes over them (not the detector) would be a large part of what is timed
-    del recs
-    gc.collect()
-    gc.freeze()
+    timed = warm_up(p.process, synthetic_ops(ranks, steps), p.handler(OpHandler).detector, ranks, predictor)
     t_stage2 = 0.0
-    t0 = time.perf_counter()
-    for i in range(0, len(timed), batch):
-        found, summaries = p.first_stage(timed[i:i + batch])
-        t1 = time.perf_counter()
-        p.second_stage(summaries)
-        t_stage2 += time.perf_counter() - t1
-    dt = time.perf_counter() - t0
-    gc.unfreeze()
+    with frozen_gc():
+        t0 = time.perf_counter()
+        for i in range(0, len(timed), batch):
+            found, summaries = p.first_stage(timed[i:i + batch])
+            t1 = time.perf_counter()
+            p.second_stage(summaries)
+            t_stage2 += time.perf_counter() - t1
+        dt = time.perf_counter() - t0
     return len(timed) / dt, t_stage2 / dt
 
 
 def per_key_rate(ranks: int, predictor: str = "lstm", n: int = 5000) -> tuple[float, float]:
     """Stage 1 alone, the LSTM judging every op: (records/s in micro-batches of 10,000, records/s one op per
     update, i.e. one forward pass per op, as a model per key without batching would run)."""
-    recs = synthetic_ops(ranks, 60)
-    items = [OpInput((r.job, r.rank, r.data["stream"]), r.ts, r.data["op_count"], r.data["comm"]) for r in recs]
-    del recs
     det = OpTimingDetector(OpTimingConfig(op_predictor=predictor, op_background_training=True))
-    warm = ranks * STREAMS * 3 * 50
-    for i in range(0, warm, 2000):
-        det.update(items[i:i + 2000])
-    det.models["bench"].wait()
-    if predictor == "lstm" and not det.lstm_active("bench"):
-        raise SystemExit("the LSTM is not judging after the warm-up: this figure would not be the LSTM's")
-    timed = items[warm:]
-    gc.collect()
-    gc.freeze()
-    t0 = time.perf_counter()
-    for i in range(0, len(timed) - n, 10_000):
-        det.update(timed[i:i + 10_000])
-    batched = (len(timed) - n) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for it in timed[-n:]:
-        det.update([it])
-    one = n / (time.perf_counter() - t0)
-    gc.unfreeze()
+    timed = warm_up(det.update, [OpInput((r.job, r.rank, r.data["stream"]), r.ts, r.data["op_count"], r.data["comm"])
+                                 for r in synthetic_ops(ranks, WARM_STEPS + 10)], det, ranks, predictor)
+    with frozen_gc():
+        t0 = time.perf_counter()
+        for i in range(0, len(timed) - n, 10_000):
+            det.update(timed[i:i + 10_000])
+        batched = (len(timed) - n) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for it in timed[-n:]:
+            det.update([it])
+        one = n / (time.perf_counter() - t0)
     return batched, one
 
 
