@@ -34,16 +34,7 @@ from rankwatch.broker import EmbeddedBroker, die_with_parent, ensure_topics, fre
 from rankwatch.config import Settings
 from rankwatch.consume import follow_anomalies
 from rankwatch.simulate import Fault, Scenario, job_lines
-
-
-def op_events(port: int) -> float:
-    """The worker's count of op records processed, from its /metrics."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rankwatch_events_total{") and 'kind="op"' in line)
-
+from rankwatch.stream_eval import events_processed
 
 LOAD_RANKS, LOAD_STREAMS, LOAD_OPS = 1024, 4, 3  # the load job: ops per rank/stream and step
 
@@ -120,7 +111,7 @@ def main() -> int:
     handles: dict[str, object] = {}
     sizes: dict[str, int] = {}
     t0_event, t0_wall = lines[0][0], time.monotonic()
-    ops_before = op_events(port)
+    ops_before = events_processed(port, ("op",))
     try:
         for ts, rel, text in lines:
             due = (ts - t0_event) / a.speed - (time.monotonic() - t0_wall)
@@ -141,7 +132,8 @@ def main() -> int:
         for fh in handles.values():
             fh.flush()
         wall = time.monotonic() - t0_wall
-        consumed = f"{(op_events(port) - ops_before) / wall:,.0f} op records/s while the measured job ran"
+        ops_during = events_processed(port, ("op",)) - ops_before
+        consumed = f"{ops_during / wall:,.0f} op records/s while the measured job ran"
         time.sleep(15.0)
     finally:
         stop_load.set()

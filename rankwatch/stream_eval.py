@@ -23,7 +23,8 @@ def _scrape(port: int) -> str:
         return ""
 
 
-def _events(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
+def events_processed(port: int, kinds: tuple[str, ...] = ("metrics",)) -> float:
+    """Records of these kinds a worker has processed, from its /metrics."""
     total = 0.0
     for line in _scrape(port).splitlines():
         if any(line.startswith(f'rankwatch_events_total{{kind="{k}"}}') for k in kinds):
@@ -91,9 +92,9 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
                                    "--metrics-port", str(port)], env=env, preexec_fn=die_with_parent,
                                   stdout=subprocess.DEVNULL, stderr=_worker_log())
         deadline = time.monotonic() + timeout
-        while _events(port, kinds) < expected:
+        while events_processed(port, kinds) < expected:
             if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"worker processed {_events(port, kinds):.0f} of {expected} records")
+                raise RuntimeError(f"worker processed {events_processed(port, kinds):.0f} of {expected} records")
             time.sleep(0.5)
         while _behind(port) > 0 and time.monotonic() < deadline:  # stage 2 may still be reading summaries
             time.sleep(0.5)
@@ -112,7 +113,7 @@ def run_stream_jobs(root: str, expected: int, bootstrap: str | None = None, time
             quiet = quiet + 1 if now == last and now[1] >= now[0] else 0
             last = now
         if os.environ.get("RANKWATCH_EVAL_WORKER_LOG"):
-            print(f"stream eval: {_events(port, kinds):.0f} of {expected} records, {last[0]:.0f} anomalies "
+            print(f"stream eval: {events_processed(port, kinds):.0f} of {expected} records, {last[0]:.0f} anomalies "
                   f"published, {last[1]} read", file=sys.stderr)
         for a in anomalies:
             found[a["job"]].append(a)
