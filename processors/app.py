@@ -170,15 +170,19 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     async def report_progress() -> None:
         """Tell each job's stage 2 how far this worker has read its records (a low watermark): the clock
         that judges silence and releases held findings (processors/stages.py) trusts no more than that."""
-        behind = behind_by_partition()
+        positions = behind_by_partition()
         assigned: dict[str, list[int]] = {}
-        for topic, part in behind:
+        for topic, part in positions:
             if topic in families:
                 assigned.setdefault(families[topic], []).append(part)
         now = time.time()
+
+        def backlog(fam: str, part: int) -> float:
+            tp = (sources.get(fam, ""), part)
+            return backlog_s(tp, *positions.get(tp, (1, None)), now)
+
         by_job: dict[str, list[bytes]] = {}
-        for job, ts in watermarks.report(now, lambda fam, part: backlog_s(behind, sources.get(fam, ""), part, now),
-                                         assigned, worker.caught_up_s).items():
+        for job, ts in watermarks.report(now, backlog, assigned, worker.caught_up_s).items():
             by_job.setdefault(job, []).append(orjson.dumps(
                 {"type": "progress", "job": job, "family": "all", "source": source, "ts": ts}))
         for job, encoded in by_job.items():
@@ -203,20 +207,18 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         await publish(pipeline.tick(now, owned))
 
     arrivals: dict[tuple[str, int], list[float]] = {}  # (topic, partition) -> [high water, when, messages/s]
-    highs: dict[tuple[str, int], int] = {}  # (topic, partition) -> its high water at the last look
 
-    def backlog_s(behind: dict[tuple[str, int], int], topic: str, part: int, now: float) -> float:
-        """Seconds of unread messages in a partition: its backlog over its arrival rate (smoothed over the
-        progress reports). 0 when read to its end, inf while its rate is unknown."""
-        n = behind.get((topic, part), 1)
+    def backlog_s(tp: tuple[str, int], n: int, high: int | None, now: float) -> float:
+        """Seconds of unread messages in a partition (`n` of them, `high` its high water): the backlog over its
+        arrival rate (smoothed over the progress reports). 0 when read to its end, inf while the rate is
+        unknown."""
         if n <= worker.caught_up_messages:
             return 0.0
-        high = highs.get((topic, part))
         if high is None:  # not yet fetched
             return math.inf
-        seen = arrivals.get((topic, part))
+        seen = arrivals.get(tp)
         if seen is None or high < seen[0]:
-            arrivals[(topic, part)] = [high, now, 0.0]
+            arrivals[tp] = [high, now, 0.0]
             return math.inf
         if now - seen[1] >= worker.progress_interval_s / 2:
             rate = (high - seen[0]) / (now - seen[1])
@@ -224,11 +226,11 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             seen[0], seen[1] = high, now
         return n / seen[2] if seen[2] > 0 else math.inf
 
-    def behind_by_partition() -> dict[tuple[str, int], int]:
-        """Messages not yet read per (topic, partition) of this worker's assignment. A partition not fetched
-        yet counts as far behind: nothing is known of it."""
+    def behind_by_partition() -> dict[tuple[str, int], tuple[int, int | None]]:
+        """(messages not yet read, high water) per (topic, partition) of this worker's assignment. A partition
+        not fetched yet counts as far behind: nothing is known of it."""
         consumer = app.consumer
-        out: dict[tuple[str, int], int] = {}
+        out: dict[tuple[str, int], tuple[int, int | None]] = {}
         for tp in consumer.assignment():
             try:
                 high = consumer.highwater(tp)
@@ -236,10 +238,8 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 high = None
             # Faust keeps the last offset it read per partition (private, but the only source of it).
             pos = getattr(consumer, "_read_offset", {}).get(tp)
-            if high is not None:
-                highs[(tp.topic, tp.partition)] = high
-            out[(tp.topic, tp.partition)] = 1 << 30 if high is None else max(
-                0, high - (pos + 1 if pos is not None else 0))
+            out[(tp.topic, tp.partition)] = (1 << 30 if high is None else max(
+                0, high - (pos + 1 if pos is not None else 0)), high)
         return out
 
     @app.agent(deadletter, name="rankwatch.deadletter")
@@ -263,7 +263,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     @app.timer(worker.lag_interval_s)
     async def report_lag() -> None:
         by_topic: dict[str, int] = {}
-        for (topic, _), behind in behind_by_partition().items():
+        for (topic, _), (behind, _) in behind_by_partition().items():
             if behind < 1 << 30:  # never fetched: unknown, not a number of messages
                 by_topic[topic] = by_topic.get(topic, 0) + behind
         for topic, behind in by_topic.items():

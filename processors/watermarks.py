@@ -20,7 +20,6 @@ there is at most that much older than what was read.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 
@@ -38,25 +37,21 @@ class Watermarks:
         elif ts > k[0]:
             k[0], k[1] = ts, wall
 
-    def report(self, wall: float, backlog: Callable[[str, int], float | bool],
+    def report(self, wall: float, backlog: Callable[[str, int], float],
                assigned: dict[str, list[int]] | None = None, caught_up_s: float = 0.0) -> dict[str, float]:
         """job -> watermark. `backlog(family, partition)`: seconds of unread messages there (0: read to its
-        end, inf: unknown; True/False: read to its end or not). `assigned`: family -> this worker's partitions
-        of that family's topic. A partition at most `caught_up_s` behind counts as read to its end."""
-        def behind_s(family: str, part: int) -> float:
-            b = backlog(family, part)
-            return 0.0 if b is True else math.inf if b is False else float(b)
-
+        end, inf: unknown). `assigned`: family -> this worker's partitions of that family's topic. A partition
+        at most `caught_up_s` behind counts as read to its end."""
         pending: dict[str, float] = {}
         done: dict[str, float] = {}
         for (job, family), parts in list(self.latest.items()):
             self._forget(job, family, parts, wall)
             if not parts:
                 continue
-            if any(p not in parts and behind_s(family, p) > caught_up_s for p in (assigned or {}).get(family, ())):
+            if any(p not in parts and backlog(family, p) > caught_up_s for p in (assigned or {}).get(family, ())):
                 pending[job] = float("-inf")
             for part, keys in parts.items():
-                b = behind_s(family, part)
+                b = backlog(family, part)
                 if b <= caught_up_s:
                     done[job] = max(done.get(job, float("-inf")),
                                     max(ts + max(0.0, wall - moved - b) for ts, moved in keys.values()))

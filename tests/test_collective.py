@@ -221,10 +221,10 @@ def test_watermark_is_the_slowest_key_of_unread_partitions_and_advances_when_all
     wm.observe("j", "op", 0, "j/1/s", 7.0, wall=1000.0)  # same partition, another key behind
     wm.observe("j", "op", 1, "j/2/s", 12.0, wall=1000.0)
     unread = {("op", 0)}
-    assert wm.report(1001.0, lambda f, p: (f, p) not in unread) == {"j": 7.0}
-    assert wm.report(1005.0, lambda f, p: True) == {"j": 12.0 + 5.0}  # all read: silence passes at wall speed
+    assert wm.report(1001.0, lambda f, p: math.inf if (f, p) in unread else 0.0) == {"j": 7.0}
+    assert wm.report(1005.0, lambda f, p: 0.0) == {"j": 12.0 + 5.0}  # all read: silence passes at wall speed
     # a partition with unread messages that has not shown the job yet may hold any of its records
-    assert wm.report(1005.0, lambda f, p: p != 2, {"op": [0, 1, 2]}) == {"j": -math.inf}
+    assert wm.report(1005.0, lambda f, p: math.inf if p == 2 else 0.0, {"op": [0, 1, 2]}) == {"j": -math.inf}
 
 
 def test_a_partition_a_moment_behind_counts_as_read_less_its_backlog():
