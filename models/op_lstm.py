@@ -127,11 +127,6 @@ class SharedIntervalModel:
                 out[i:i + CHUNK] = self.net(torch.from_numpy(x[i:i + CHUNK]).to(self.device)).float().cpu().numpy()
         return out
 
-    def take_weights(self) -> None:
-        """The weights of a finished training round become the inference weights: between batches only, so
-        every window of a batch is scored by the same weights."""
-        self._take_pending()
-
     # ---- training -------------------------------------------------------------------------------------
     def offer(self, x: np.ndarray, y: np.ndarray) -> None:
         """Scored windows join the reservoir (uniform sample of everything seen), then maybe a round."""
@@ -169,7 +164,7 @@ class SharedIntervalModel:
         xs, ys = self.bx[idx], self.by[idx]  # copies: the round never reads the live reservoir
         if not self.background:
             self._train(xs, ys)
-            self._take_pending()
+            self.take_weights()
         elif self._round is None or self._round.done():
             self._round = _executor().submit(self._train, xs, ys)
 
@@ -189,7 +184,9 @@ class SharedIntervalModel:
             self._pending = weights
             self.steps_trained += len(xs)
 
-    def _take_pending(self) -> None:
+    def take_weights(self) -> None:
+        """The weights of a finished training round become the inference weights: the detector calls it
+        between batches only, so every window of a batch is scored by the same weights."""
         if self._pending is None:
             return
         with self._lock:
@@ -201,7 +198,7 @@ class SharedIntervalModel:
         """Finish a background round (tests, shutdown)."""
         if self._round is not None:
             self._round.result()
-        self._take_pending()
+        self.take_weights()
 
     # ---- persistence ----------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:

@@ -282,7 +282,7 @@ class _Windows:
 
     __slots__ = ("x", "mean", "sd", "rows", "model", "sent", "chunks", "preds")
 
-    def __init__(self, capacity: int, length: int, model: SharedIntervalModel | None) -> None:
+    def __init__(self, capacity: int, length: int, model: SharedIntervalModel) -> None:
         self.x = np.empty((capacity, length, 2), np.float32)
         self.mean = np.empty(capacity, np.float32)
         self.sd = np.empty(capacity, np.float32)
@@ -296,7 +296,7 @@ class _Windows:
         """Standardise the rows not sent yet and start their forward pass on the inference thread (or run it
         here: a small batch's only chunk gains nothing from the hand-over)."""
         a, b = self.sent, len(self.rows)
-        if self.model is None or b == a:
+        if b == a:
             return
         mean, sd = self.mean[a:b], self.sd[a:b]
         self.x[a:b] = (self.x[a:b] - mean[:, None, None]) / sd[:, None, None]  # standardised in place
@@ -322,8 +322,6 @@ class _Windows:
     def train_on(self, ys: list[float]) -> None:
         """The scored windows and what followed them join the model's reservoir (after the verdicts, which
         these weights no longer affect)."""
-        if self.model is None:
-            return
         n = len(self.rows)
         y = np.asarray(ys, np.float32)
         self.model.offer(self.x[:n], (y - self.mean[:n]) / self.sd[:n])
@@ -435,7 +433,9 @@ class OpTimingDetector:
                     and (st.index % shadow == 0 or active.get(st.model, True))):
                 group = windows.get((st.model, st.seq_len))
                 if group is None:
-                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len, self.model(st.model))
+                    model = self.model(st.model)
+                    assert model is not None  # use_lstm: the conditions under which model() gives one
+                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len, model)
                 pos = group.add(len(pending), st, season)  # a full chunk starts its forward pass beside this loop
             pending.append((i, st, y, actual, season, group, pos))
             st.y.append(y)
@@ -445,7 +445,7 @@ class OpTimingDetector:
         for group in windows.values():
             group.submit(inline=not group.chunks)
         for i, st, y, actual, season, group, pos in pending:
-            lstm = group.pred_at(pos) if group is not None and group.model is not None else None
+            lstm = group.pred_at(pos) if group is not None else None
             verdicts[i] = self._judge(st, y, actual, season, lstm, active.get(st.model, False), verdicts[i])
             st.learn_norm(y)
         for group in windows.values():  # one reservoir offer per job (and window length); maybe a round
