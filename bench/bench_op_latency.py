@@ -11,6 +11,7 @@ decided it) to reading the anomaly from the `anomalies` topic. Prints p50/p99/ma
 straight to the ops topic at R records/s (event time = wall time, one message per rank/stream and step, as a
 shipper packs what it read of a key in one poll), so the worker judges the measured job while it carries that
 load. The worker's consumed rate is printed from its metrics: if it falls behind R, the latency says so.
+`RW_PROFILE=FILE` runs the worker under cProfile, its profile written to FILE when it stops.
 """
 
 from __future__ import annotations
@@ -144,13 +145,12 @@ def main() -> int:
         shipper.stop_event.set()
         stop_process(worker, 15)
         broker.stop()
-    lat = [arrived - written[(r["source"]["file"], r["source"]["offset"])] for r, arrived in seen
-           if r["detector"] in ("straggler", "op_timing") and (r["source"]["file"], r["source"]["offset"]) in written]
+    timed = [(r, arrived - written[(r["source"]["file"], r["source"]["offset"])]) for r, arrived in seen
+             if r["detector"] in ("straggler", "op_timing") and (r["source"]["file"], r["source"]["offset"]) in written]
+    lat = [t for _, t in timed]
     found = sorted({(r["detector"], r["rank"]) for r, _ in seen if r["detector"] in ("straggler", "op_timing")})
-    for r, arrived in seen:
-        key = (r["source"]["file"], r["source"]["offset"])
-        if r["detector"] in ("straggler", "op_timing") and key in written:
-            print(f"  {r['detector']:9} rank {r['rank']:>3}: {(arrived - written[key]) * 1000:5.0f} ms")
+    for r, t in timed:
+        print(f"  {r['detector']:9} rank {r['rank']:>3}: {t * 1000:5.0f} ms")
     print(f"{a.ranks} ranks, {len(lines):,} lines in {wall:.0f} s ({len(lines) / wall:,.0f} lines/s, "
           f"x{a.speed} real time); findings {found}")
     if a.load:
