@@ -44,9 +44,14 @@ _WARN_DETAILS = (
     ("len", re.compile(r"\blen[= ](\d+)"), int),
     ("vendor_err", re.compile(r"vendor err (\d+)"), int),
     ("net", re.compile(r"\bNET/(\w+)"), str),
-    ("peer", re.compile(r"peer (\S+?)<\d+>"), str),
-    ("cuda_error", re.compile(r"Cuda failure '([^']*)'"), str),
-    ("call", re.compile(r"Call to (\w+) failed"), str),
+    # "Got completion from peer 10.2.3.4<54862>", "Connection closed by remote peer node1<57557>", and the socket
+    # calls' "Call to recv from 11.127.49.2<36048> failed", "Connect to 10.0.0.2<45763> failed"
+    ("peer", re.compile(r"(?:peer|from|to) (\S+?)<\d+>"), str),
+    # NCCL's CUDA runtime checks print "Cuda failure 'invalid argument'", its driver-API checks (CUCHECK, 2.19+)
+    # the error number too: "Cuda failure 700 'an illegal memory access was encountered'"
+    ("cuda_error", re.compile(r"Cuda failure (?:\d+ )?'([^']*)'"), str),
+    ("cuda_error_code", re.compile(r"Cuda failure (\d+) '"), int),
+    ("call", re.compile(r"Call to (\w+)(?: (?:from|to) \S+)? failed"), str),
 )
 _INT_FIELDS = {"rank": "comm_rank", "nranks": "nranks", "nRanks": "nranks", "cudaDev": "cuda_dev",
                "nvmlDev": "nvml_dev", "color": "color", "key": "key", "nNodes": "nnodes",

@@ -2,6 +2,10 @@
 
 Recognised, in this order (each optional):
 - ANSI colour/style codes anywhere (torchtitan, rich, colorlog) are removed first;
+- a Ray worker's `(RayTrainWorker pid=615, ip=10.72.7.6) ` / `(MegatronPolicyWorker[rank=31] pid=3264030, ip=..) `,
+  removed (the torchrun prefix usually follows it);
+- Open MPI's `mpirun --tag-output` `[1,0]<stdout>:` (job, rank), optionally after `--timestamp-output`'s ctime
+  (`Fri Aug 11 12:31:45 2023`), which gives the global rank (and the time) like torchrun's prefix;
 - the torchrun prefix `[rank3]:` / `[default3]:` (`--tee`/`--log-dir` output), which gives the global rank;
 - a logger tag before the time: `[titan] ` (torchtitan), `[INFO|trainer.py:2035] ` (transformers' logging),
   `[INFO 2020-06-08 05:26:19]` (early DeepSpeed);
@@ -21,6 +25,9 @@ from rankwatch.formats.base import SourceContext
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 TORCHRUN = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+RAY = re.compile(r"^\((?:[\w.\[\]=-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\) ")
+MPI_TAG = re.compile(r"^(?:[A-Z][a-z]{2} ([A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2} \d{4}))?"
+                     r"\[\d+,(\d+)\]<std(?:out|err)>:")
 _TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\|[^\]\s]+\]\s| (?=\d{4}-)))")
 TS = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:[.,](\d+))?\s?(Z|[+-]\d{2}:?\d{2})?\]?\s*")
 # c10/glog: level letter, month (c10 does not zero-pad it: E626 is June 26) and day, time with up to 9 fraction digits, optional thread id, source file:line
@@ -74,11 +81,26 @@ def _glog_ts(m: re.Match[str], reference: float) -> float:
 
 
 def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, int | None, float | None]:
-    """line (ANSI already removed) -> (body, torchrun rank, event time). Times that do not exist (month 13) stay
-    part of the body."""
-    rank = None
+    """line (ANSI already removed) -> (body, launcher rank (torchrun / mpirun), event time). Times that do not exist
+    (month 13) stay part of the body."""
+    rank: int | None = None
+    ts: float | None = None
     if line[:1] in " \t":  # Megatron's " [2024-04-06 03:02:12] iteration ...", indented pastes
         line = line.lstrip()
+    if line[:1] == "(":
+        m = RAY.match(line)
+        if m:
+            line = line[m.end():]
+    if "]<std" in line[:48]:  # cheap test first: almost no line has the tag
+        m = MPI_TAG.match(line)
+        if m:
+            rank = int(m.group(2))
+            line = line[m.end():]
+            if m.group(1):
+                try:  # local time without zone, taken as UTC like the other naive times
+                    ts = datetime.strptime(m.group(1), "%b %d %H:%M:%S %Y").replace(tzinfo=timezone.utc).timestamp()
+                except ValueError:
+                    ts = None
     if line[:1] == "[":
         m = TORCHRUN.match(line)
         if m:
@@ -88,9 +110,8 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
             m = _TAG.match(line)
             if m:
                 line = line[m.end():]
-    ts = None
     c = line[:1]
-    if c.isdigit() or c == "[":
+    if ts is None and (c.isdigit() or c == "["):
         m = TS.match(line)
         if m:
             try:
@@ -109,4 +130,5 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     return line, rank, ts
 
 
-__all__ = ["ANSI", "TORCHRUN", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso", "split_prefix"]
+__all__ = ["ANSI", "TORCHRUN", "RAY", "MPI_TAG", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso",
+           "split_prefix"]

@@ -46,6 +46,9 @@ BUILTINS: tuple[tuple[str, str, Parser], ...] = (
     ("last enqueued", torch_dist.NAME, torch_dist.parse_watchdog),
     ("NCCL operations", torch_dist.NAME, torch_dist.parse_watchdog),
     ("entire process down", torch_dist.NAME, torch_dist.parse_watchdog),
+    ("dump signal", torch_dist.NAME, torch_dist.parse_watchdog),  # "Last enqueued": capitalised, so not the key above
+    ("Heartbeat monitor timed out", torch_dist.NAME, torch_dist.parse_watchdog),
+    ("watchdog got stuck", torch_dist.NAME, torch_dist.parse_watchdog),
     ("rror", torch_dist.NAME, _nccl_error),
     ("CUDA", torch_dist.NAME, torch_dist.parse_cuda),
     ("iteration", megatron.NAME, _megatron),

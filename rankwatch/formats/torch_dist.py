@@ -16,6 +16,12 @@ Events (`data["event"]`, fields in `data["fields"]`):
   enqueued NCCL work: 1582, last completed NCCL work: 1579.`, `Timeout at NCCL work: ...` and `failure detected by
   watchdog at work sequence id: 120049 PG status: last enqueued work: 120051, last completed work: 120048` ->
   rank, pg, seq_num, last_enqueued, last_completed (which collectives the rank got through: the hang's position).
+  Ranks told to dump debug info (2.6+ in the real-line corpus) print `Received a dump signal due to a collective
+  timeout from this local rank | from  rank 6 and ... Last enqueued NCCL work: 22, last completed NCCL work: 21.`
+  (kind `dump_signal`, no seq_num; `signal_from_rank` when another rank signalled; -1 before any collective).
+- `nccl_watchdog_stuck`: the heartbeat monitor's `Heartbeat monitor timed out! Process will be terminated after
+  dumping debug info. workMetaList_.size()=103` and `ProcessGroupNCCL's watchdog got stuck for 480 seconds
+  without making progress ...` -> rank, pg, stuck_s, pending_work (as printed): the watchdog itself hung.
 - `nccl_ops_failed`: `Some NCCL operations have failed or timed out ...` and `To avoid data inconsistency, we are
   taking the entire process down.` (`action: "abort"`) -> rank.
 - `nccl_error`: `NCCL error in: ...ProcessGroupNCCL.cpp:1275, unhandled system error ..., NCCL version 2.14.3`,
@@ -44,6 +50,12 @@ _WORK_FIELDS = (("seq_num", re.compile(r"SeqNum=(\d+)"), int), ("op_type", re.co
                 ("timeout_ms", re.compile(r"Timeout\(ms\)=(\d+)"), int))
 _FAILURE = re.compile(r"(?:at work|at NCCL work|at work sequence id):\s*(\d+)[,.]?\s*(?:PG status: )?last enqueued "
                       r"(?:NCCL )?work: (\d+), last completed (?:NCCL )?work: (\d+)")
+# "Received a dump signal ... from this local rank | from  rank 6 ... Last enqueued NCCL work: 22, last completed NCCL
+# work: 21." (PyTorch 2.6+ in the corpus; -1 when the group ran no collective yet)
+_DUMP_SIGNAL = re.compile(r"dump signal due to a collective timeout from (?:this local rank|\s*rank (?P<src>\d+))\b.*?"
+                          r"Last enqueued NCCL work: (?P<enq>-?\d+), last completed NCCL work: (?P<done>-?\d+)")
+_STUCK_FOR = re.compile(r"watchdog got stuck for (\d+) seconds")
+_PENDING_WORK = re.compile(r"workMetaList_\.size\(\) ?= ?(\d+)")
 _NCCL_ERROR = re.compile(r"NCCL error(?: in: (?P<where>\S+?),?|:) (?P<what>[^,]*?)(?: \(run with[^)]*\))?, "
                          r"NCCL version (?P<ver>[\w.+]+)")
 _NCCL_REASON = re.compile(r"\b(nccl[A-Z]\w*Error|ncclInvalidUsage|ncclInvalidArgument|ncclInternalError)\b:?"
@@ -60,11 +72,13 @@ _OOM_PARTS = (
      size_bytes),
     ("reserved_unallocated_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) is reserved by PyTorch but "
                                               r"unallocated"), size_bytes),
-    ("total_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B) total capacity"), size_bytes),
-    ("already_allocated_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B) already allocated"), size_bytes),
-    ("free_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B) free\b"), size_bytes),
-    ("reserved_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B) reserved in total by PyTorch"), size_bytes),
-    ("cached_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B) cached"), size_bytes),
+    # the pre-2.1 "(GPU 0; 4.00 GiB total capacity; 3.08 GiB already allocated; 0 bytes free; ...)" form: zero is
+    # printed as "0 bytes" there too
+    ("total_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) total capacity"), size_bytes),
+    ("already_allocated_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) already allocated"), size_bytes),
+    ("free_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) free\b"), size_bytes),
+    ("reserved_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) reserved in total by PyTorch"), size_bytes),
+    ("cached_bytes", re.compile(r"([\d.]+ ?[KMGTP]?i?B|\d+ bytes) cached"), size_bytes),
 )
 
 
@@ -96,11 +110,33 @@ def parse_watchdog(body: str, ctx: SourceContext) -> Parsed | None:
             fields.update(seq_num=int(m.group(1)), last_enqueued=int(m.group(2)), last_completed=int(m.group(3)))
             fields["kind"] = "timeout" if "Timeout at" in body else "failure"
             return Parsed("log", {"event": "nccl_watchdog_failure", "fields": fields}, rank)
+    if "dump signal" in body:
+        d = _DUMP_SIGNAL.search(body)
+        if d:
+            fields, rank = _pg_fields(body)
+            fields.update(last_enqueued=int(d.group("enq")), last_completed=int(d.group("done")), kind="dump_signal")
+            if d.group("src") is not None:
+                fields["signal_from_rank"] = int(d.group("src"))
+            return Parsed("log", {"event": "nccl_watchdog_failure", "fields": fields}, rank)
+    if "Heartbeat monitor timed out" in body or "watchdog got stuck" in body:
+        return _stuck(body)
     if "Some NCCL operations have failed" in body or "taking the entire process down" in body:
         fields, rank = _pg_fields(body)
         fields["action"] = "abort" if "taking the entire process down" in body else "report"
         return Parsed("log", {"event": "nccl_ops_failed", "fields": fields}, rank)
     return None
+
+
+def _stuck(body: str) -> Parsed:
+    """The heartbeat monitor's verdict that the watchdog thread itself stopped making progress (PyTorch 2.2+)."""
+    fields, rank = _pg_fields(body)
+    s = _STUCK_FOR.search(body)
+    if s:
+        fields["stuck_s"] = int(s.group(1))
+    w = _PENDING_WORK.search(body)
+    if w:
+        fields["pending_work"] = int(w.group(1))
+    return Parsed("log", {"event": "nccl_watchdog_stuck", "fields": fields}, rank)
 
 
 def _timeout(body: str) -> Parsed | None:
