@@ -106,6 +106,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     async def handle(events) -> None:
         """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
         records = []
+        kinds: dict[str, int] = {}
         now = time.time()
         for ev in events:
             msg = ev.message
@@ -115,10 +116,12 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 await deadletter.send(key=ev.key, value=dead_letter(
                     f"{len(errors)} invalid record(s): {errors[0]}", ev.value or b"", stage="decode"))
             for rec in decoded:
-                metrics.events.labels(rec.kind).inc()
+                kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
                 if msg.timestamp:
                     metrics.latency.observe(max(0.0, now - msg.timestamp))
             records.extend((rec, msg.partition) for rec in decoded)
+        for kind, n in kinds.items():  # one labelled increment per kind and batch, not per record
+            metrics.events.labels(kind).inc(n)
         errors_before = pipeline.errors
         found, summaries = pipeline.first_stage(rec for rec, _ in records)
         count_skipped(errors_before)

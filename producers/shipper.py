@@ -18,20 +18,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from rankwatch.producers.checkpoint import CheckpointStore
+from rankwatch.producers.packing import Message, PartitionMap, pack_messages
 from rankwatch.producers.reconcile import end_positions, shipped_since, tp_key
 from rankwatch.producers.tail import HOST, Line, Tailer
 
 from rankwatch.config import ConfigError, Settings, load_config
 from rankwatch.formats.user import UserFormat, load_user_formats
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
-from rankwatch.records import dead_letter, encode_pack, encode_record
+from rankwatch.records import dead_letter, encode_record
 
 log = logging.getLogger("rankwatch.producer")
 
@@ -49,7 +50,7 @@ class ShipperConfig:
     max_line_bytes: int = 65536
     metrics_port: int = 9109  # 0: no HTTP endpoint
     compression: str | None = None  # gzip | snappy | lz4 | zstd (the last three need their Python package)
-    pack_bytes: int = 256 * 1024  # most bytes of records of one key packed into one message
+    pack_bytes: int = 256 * 1024  # most bytes of records packed into one message (producers/packing.py)
 
 
 class ShipperMetrics:
@@ -88,21 +89,6 @@ class TailerCollector:
             yield CounterMetricFamily(f"rankwatch_shipper_{name}", doc, value=value)
 
 
-@dataclass
-class _Pack:
-    topic: str
-    key: bytes
-    values: list[bytes] = field(default_factory=list)
-    size: int = 0
-
-    def add(self, value: bytes) -> None:
-        self.values.append(value)
-        self.size += len(value) + 1
-
-    def message(self) -> tuple[str, bytes, bytes]:
-        return self.topic, self.key, self.values[0] if len(self.values) == 1 else encode_pack(self.values)
-
-
 class StoppedWhileStalled(RuntimeError):
     """Shutdown was requested while records were still unacknowledged."""
 
@@ -131,6 +117,7 @@ class Shipper:
         self._inflight_marked = False
         self._acked_files: dict[str, dict] = {}
         self.producer: KafkaProducer | None = None
+        self.partitions = PartitionMap(lambda topic: self.producer.partitions_for(topic) if self.producer else None)
         self.shipped_total = 0
         self.stop_event = threading.Event()
 
@@ -198,23 +185,6 @@ class Shipper:
         self.metrics.lines.labels(rec.kind).inc()
         return self.topics[rec.family()], rec.key().encode(), encode_record(rec), True
 
-    def _pack(self, msgs: list[tuple[str, bytes, bytes, bool]]) -> list[tuple[str, bytes, bytes]]:
-        """Records of one key read in this batch travel as one message (a JSON array), in their order; that
-        keeps per-key order and divides kafka-python's per-message cost (most of the shipper's time).
-        Dead letters stay single messages."""
-        out: list[tuple[str, bytes, bytes] | _Pack] = []
-        open_packs: dict[tuple[str, bytes], _Pack] = {}
-        for topic, key, value, is_record in msgs:
-            if not is_record:
-                out.append((topic, key, value))
-                continue
-            pack = open_packs.get((topic, key))
-            if pack is None or pack.size + len(value) > self.config.pack_bytes:
-                pack = open_packs[(topic, key)] = _Pack(topic, key)
-                out.append(pack)
-            pack.add(value)
-        return [m.message() if isinstance(m, _Pack) else m for m in out]
-
     def ship_once(self) -> int:
         """Read what is there (up to batch_lines), ship it, wait for acks, checkpoint. Returns lines shipped."""
         lines = self.tailer.poll(self.config.batch_lines)
@@ -227,7 +197,7 @@ class Shipper:
         if not self._inflight_marked:
             self._save(inflight=True)  # from here until the next clean save, a crash triggers reconciliation
         now = self.clock()
-        msgs = self._pack([self._encode(line, now) for line in lines])
+        msgs = pack_messages([self._encode(line, now) for line in lines], self.partitions, self.config.pack_bytes)
         if log.isEnabledFor(logging.DEBUG):
             spans: dict[str, list[int]] = {}
             for ln in lines:
@@ -242,11 +212,11 @@ class Shipper:
         self.shipped_total += len(lines)
         return len(lines)
 
-    def _deliver(self, msgs: list[tuple[str, bytes, bytes]]) -> None:
+    def _deliver(self, msgs: list[Message]) -> None:
         assert self.producer is not None
         todo = msgs
         while todo:
-            futures = [self.producer.send(t, key=k, value=v) for t, k, v in todo]
+            futures = [self.producer.send(t, key=k, value=v, partition=p) for t, k, v, p in todo]
             self.metrics.pending.set(len(futures))
             started = time.monotonic()
             while True:
@@ -288,13 +258,17 @@ class Shipper:
         log.info("shipping %s to %s", ", ".join(self.paths), self.settings.bootstrap)
         last_lag = 0.0
         while not self.stop_event.is_set():
+            started = time.monotonic()
             n = self.ship_once()
             now = time.monotonic()
             if now - last_lag > 2.0:
                 self.metrics.lag.set(self.tailer.lag_bytes())
                 last_lag = now
-            if n == 0:
-                self.stop_event.wait(self.config.poll_interval_s)
+            if n < self.config.batch_lines:
+                # Caught up: read again one poll interval after this read began, not at once. Shipping what a
+                # few milliseconds wrote would cost the worker a message per partition for a record or two;
+                # a line still waits at most one interval, as when the files are idle.
+                self.stop_event.wait(max(0.0, self.config.poll_interval_s - (now - started)))
 
     def run_until_idle(self, idle_s: float = 1.0) -> int:
         """Ship until nothing new has arrived for idle_s (batch ingestion and tests)."""

@@ -142,3 +142,41 @@ def test_malformed_lines_are_dead_lettered_counted_and_shipping_continues(broker
     text = generate_latest(sh.registry).decode()
     assert "rankwatch_shipper_parse_errors_total" in text and "rankwatch_shipper_truncated_lines_total 1.0" in text
     assert "rankwatch_shipper_rotations_total 0.0" in text
+
+
+def test_records_of_one_partition_share_a_message_and_each_key_keeps_its_partition(broker, tmp_path):
+    """Packing per partition (producers/packing.py) must put every record where Kafka's own partitioner puts
+    its key, or a key's records would split across workers; and it must cut the messages a poll sends."""
+    from kafka import KafkaProducer
+    from rankwatch.producers.packing import key_partition
+
+    from rankwatch.consume import messages_from_beginning
+    from rankwatch.records import decode_records
+
+    s = make_settings(broker.bootstrap)
+    logdir = tmp_path / "packjob"
+    ranks = 24
+    for r in range(ranks):
+        (logdir / f"rank{r}").mkdir(parents=True)
+        with open(logdir / f"rank{r}" / "train.log", "w") as fh:
+            fh.writelines(f'{{"step": {i}, "loss": {1.0 + r / 100}}}\n' for i in range(20))
+    sh = Shipper([str(logdir)], s, ShipperConfig(checkpoint=str(tmp_path / "c.json"), metrics_port=0))
+    assert sh.run_until_idle(0.5) == ranks * 20
+    sh.close()
+    msgs = list(messages_from_beginning(s, [s.topic_metrics]))
+    steps: dict[str, list[int]] = {}
+    where: dict[str, set[int]] = {}
+    for m in msgs:
+        recs, errors = decode_records(m.value)
+        assert not errors
+        for rec in recs:
+            steps.setdefault(rec.key(), []).append(rec.data["step"])
+            where.setdefault(rec.key(), set()).add(m.partition)
+    assert len(steps) == ranks and all(v == list(range(20)) for v in steps.values())  # all there, in order
+    assert len(msgs) <= s.partitions < ranks  # one read of 24 ranks' files: a message per partition
+    probe = KafkaProducer(**s.kafka_kwargs())
+    parts = sorted(probe.partitions_for(s.topic_metrics))
+    for key, found in where.items():
+        kafka_says = probe.send(s.topic_metrics, key=key.encode(), value=b"{}").get(timeout=30).partition
+        assert found == {key_partition(key.encode(), parts)} == {kafka_says}, key
+    probe.close()
