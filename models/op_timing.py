@@ -14,7 +14,9 @@ per key:
 
 The LSTM (models/op_lstm.py, shared per job) is used for a job's verdicts once it predicts that job's intervals
 better than the seasonal predictor does (both are scored on every op, before either learns from it).
-Consecutive anomalous ops of a key form one episode: one finding at its onset, not one per op.
+Anomalous ops of a key fewer than `op_episode_gap` ops apart form one episode, reported once, when its
+`op_confirm`-th anomalous op arrives (its onset): on long normal runs the findings left were single slow
+collectives (heavy-tailed jitter, 1.6-2x), which a slow stream or rank never is (docs/DETECTION.md).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class OpTimingConfig:
     op_min_history: int = 48  # ops of a run before its first verdict
     op_max_period: int = 64  # longest step pattern (ops per step per stream) the seasonal reference follows
     op_episode_gap: int = 16  # anomalous ops fewer than this many ops apart form one episode
+    op_confirm: int = 2  # an episode is reported at its 2nd anomalous op: one slow collective is jitter, not a fault
     op_train_every: int = 2000  # new windows per job between training rounds
     op_train_steps: int = 20
     op_train_batch: int = 128
@@ -67,7 +70,7 @@ class OpTimingConfig:
 class OpVerdict:
     ready: bool
     is_anomaly: bool = False
-    onset: bool = False  # first anomalous op of an episode
+    onset: bool = False  # the op that reports its episode: the episode's op_confirm-th anomalous op
     actual_s: float = 0.0
     predicted_s: float = 0.0
     deviation: float = 0.0  # the seed's score: |actual - predicted| / predicted
@@ -197,6 +200,7 @@ class KeyState:
         self.run = -1  # the first op starts run 0
         self.index = 0  # ops in the current run
         self.last_flag = [-1, 0]  # (run, index) of the key's last anomalous op
+        self.episode_hits = 0  # anomalous ops of the key's current episode
         self.total = 0
 
     # ---- runs ---------------------------------------------------------------------------------------------
@@ -256,13 +260,14 @@ class KeyState:
                 "last_count": dict(self.last_count), "last_save": self.last_save, "mean": self.mean,
                 "var": self.var, "n_norm": self.n_norm, "period": self.period, "since_period": self.since_period,
                 "run": self.run, "index": self.index, "last_flag": self.last_flag, "total": self.total,
+                "episode_hits": self.episode_hits,
                 "cal": {name: c.save_state() for name, c in self.cal.items()}}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.y.extend(st.get("y", []))
         self.sref.extend(st.get("sref", []))
         for name in ("last_ts", "last_save", "mean", "var", "n_norm", "period", "since_period", "run", "index",
-                     "total"):
+                     "total", "episode_hits"):
             if name in st:
                 setattr(self, name, st[name])
         self.sd = math.sqrt(self.var)
@@ -489,7 +494,10 @@ class OpTimingDetector:
         elif math.isfinite(thr):
             v.threshold_s = max(math.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
         if hit:
-            v.onset = (v.run, v.index - c.op_episode_gap) > tuple(st.last_flag)
+            if (v.run, v.index - c.op_episode_gap) > tuple(st.last_flag):
+                st.episode_hits = 0  # a new episode
+            st.episode_hits += 1
+            v.onset = st.episode_hits == max(1, c.op_confirm)
             st.last_flag = [v.run, v.index]
         return v
 

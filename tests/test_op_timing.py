@@ -52,7 +52,7 @@ def test_slow_stream_is_one_episode_at_its_onset():
     flagged = [i for i, v in enumerate(verdicts) if v.is_anomaly]
     onsets = [i for i, v in enumerate(verdicts) if v.onset]
     assert flagged and 1200 <= flagged[0] <= 1204
-    assert onsets == [flagged[0]]  # consecutive anomalous ops: one finding
+    assert onsets == [flagged[1]]  # consecutive anomalous ops: one finding, at the second (op_confirm)
     v = verdicts[flagged[0]]
     assert v.actual_s > 1.3 * v.predicted_s and v.predictor == "seasonal"
     assert v.deviation == pytest.approx(abs(v.actual_s - v.predicted_s) / v.predicted_s)
@@ -181,3 +181,20 @@ def test_converged_model_trains_every_50_windows_per_key():
     for _ in range(120):
         model.offer(x, np.zeros(1000, np.float32))
     assert rounds == [50_000, 100_000]
+
+
+def test_a_single_slow_collective_is_not_reported_but_a_second_within_the_gap_is():
+    """op_confirm: the finding comes at an episode's 2nd anomalous op; lone slow ops (jitter) report nothing,
+    and anomalous ops farther apart than op_episode_gap do not add up."""
+    times = periodic_times(600, seed=3)
+    gaps = np.diff(times)
+    for at in (1000, 1100, 1200):  # three lone spikes, 100 ops apart: 3 anomalous ops, 0 findings
+        gaps[at] *= 4.0
+    for at in (1500, 1505, 1510):  # three within the gap: one episode, one finding, at the second
+        gaps[at] *= 4.0
+    verdicts = run(seasonal_only(), np.concatenate([[times[0]], times[0] + np.cumsum(gaps)]))
+    flagged = [i for i, v in enumerate(verdicts) if v.is_anomaly]
+    assert {1001, 1101, 1201, 1501, 1506, 1511} <= set(flagged)
+    assert [i for i, v in enumerate(verdicts) if v.onset] == [1506]
+    once = run(seasonal_only(op_confirm=1), np.concatenate([[times[0]], times[0] + np.cumsum(gaps)]))
+    assert [i for i, v in enumerate(once) if v.onset] == [1001, 1101, 1201, 1501]

@@ -171,7 +171,7 @@ class _Op:
     verdict: OpVerdict
     judged: bool = False  # past the run's warm-up, with a prediction
     anomalous: bool = False
-    onset: bool = False  # first anomalous op of an episode (what `rankwatch analyze` reports)
+    onset: bool = False  # the op that reports its episode: its op_confirm-th anomalous op (what `analyze` reports)
 
 
 def _split_runs(pairs: list[tuple[dict[str, Any], OpVerdict]], c: OpTimingConfig) -> list[list[_Op]]:
@@ -183,7 +183,7 @@ def _split_runs(pairs: list[tuple[dict[str, Any], OpVerdict]], c: OpTimingConfig
     batch merge; and its episode memory crosses run boundaries. Counting here keeps this library's numbers
     independent of how ops were batched (they equal the model's when each batch holds one op per key)."""
     runs: list[list[_Op]] = []
-    last_flag = 0
+    last_flag = hits = 0
     for e, v in pairs:
         if not runs or v.run != runs[-1][-1].verdict.run:
             runs.append([])
@@ -191,7 +191,8 @@ def _split_runs(pairs: list[tuple[dict[str, Any], OpVerdict]], c: OpTimingConfig
         judged = v.ready and v.index >= c.op_min_history
         op = _Op(e, v, judged, v.is_anomaly and judged)
         if op.anomalous:
-            op.onset = v.index - last_flag > c.op_episode_gap
+            hits = 1 if v.index - last_flag > c.op_episode_gap else hits + 1
+            op.onset = hits == max(1, c.op_confirm)  # reported at its op_confirm-th anomalous op, as the model does
             last_flag = v.index
         runs[-1].append(op)
     return runs
