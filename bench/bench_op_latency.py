@@ -8,9 +8,11 @@ each straggler and op-timing anomaly, the latency is the wall time from writing 
 decided it) to reading the anomaly from the `anomalies` topic. Prints p50/p99/max and the load (records/s).
 
 `--load R` adds a second, healthy job of 1,024 ranks x 4 streams whose op records a separate process sends
-straight to the ops topic at R records/s (event time = wall time, one message per rank/stream and step, as a
-shipper packs what it read of a key in one poll), so the worker judges the measured job while it carries that
-load. The worker's consumed rate is printed from its metrics: if it falls behind R, the latency says so.
+straight to the ops topic at R records/s (event time = wall time), shipped as `--shippers` node shippers (8 ranks
+each) would: every `--cycle` seconds each ships what its ranks enqueued since its last read, packed per partition
+(producers/packing.py; `--packing key`: one message per key, as shippers did before). So the worker judges the
+measured job while it carries that load. The worker's consumed rate is printed from its metrics, with the
+messages/s it was sent: if it falls behind R, the latency says so.
 `RW_PROFILE=FILE` runs the worker under cProfile, its profile written to FILE when it stops.
 """
 
@@ -40,31 +42,54 @@ from rankwatch.stream_eval import events_processed
 LOAD_RANKS, LOAD_STREAMS, LOAD_OPS = 1024, 4, 3  # the load job: ops per rank/stream and step
 
 
-def send_load(s: Settings, rate: float, stop: Any) -> None:
-    """A healthy synchronous job at `rate` op records/s, sent as the shipper would (packs per key), until stop."""
+def load_ops(step: int, t0: float, step_s: float, rng: np.random.Generator) -> list[tuple[float, int, bytes, bytes]]:
+    """One step of the load job: (enqueue time, rank, key, encoded record) of every rank/stream's ops."""
+    out = []
+    noise = rng.normal(0, 2e-3, (LOAD_RANKS, LOAD_STREAMS, LOAD_OPS))
+    for r in range(LOAD_RANKS):
+        for st in range(LOAD_STREAMS):
+            key = f"load-job/{r}/0xs{st}".encode()
+            for k in range(LOAD_OPS):
+                ts = round(t0 + step_s * (k + 1) / (LOAD_OPS + 1) + 0.01 * st + float(noise[r, st, k]), 6)
+                out.append((ts, r, key, orjson.dumps({
+                    "kind": "op", "job": "load-job", "rank": r, "ts": ts, "file": f"rank{r}/nccl.log",
+                    "offset": step * 1000 + st * 10 + k,
+                    "data": {"op": "AllReduce", "op_count": step * LOAD_OPS + k, "stream": f"0xs{st}",
+                             "comm": f"0xc{r}{st}", "comm_id": f"0xid{st}", "nranks": LOAD_RANKS, "count": 1024}})))
+    return out
+
+
+def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float, packing: str,
+              sent: Any) -> None:
+    """A healthy synchronous job at `rate` op records/s, shipped as `shippers` node shippers would: each ships,
+    every `cycle_s`, what its ranks enqueued since its last read, packed per partition (or per key, as shippers
+    did before producers/packing.py), until stop. `sent` counts the messages."""
     from kafka import KafkaProducer
+    from rankwatch.producers.packing import key_partition, pack_messages
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=5, batch_size=256 * 1024, acks=1)
-    per_step = LOAD_RANKS * LOAD_STREAMS * LOAD_OPS
-    step_s = per_step / rate
+    parts = sorted(producer.partitions_for(s.topic_ops))
+    partition_of = (lambda _t, key: key_partition(key, parts)) if packing == "partition" else (lambda _t, _k: None)
+    ranks_per_node = max(1, LOAD_RANKS // shippers)
+    step_s = LOAD_RANKS * LOAD_STREAMS * LOAD_OPS / rate
     rng = np.random.default_rng(0)
-    step = 0
-    t_next = time.time()
+    t_start = time.time()
+    step, pending = 0, []
     while not stop.is_set():
-        t0 = t_next
-        for r in range(LOAD_RANKS):
-            for st in range(LOAD_STREAMS):
-                ops = [{"kind": "op", "job": "load-job", "rank": r,
-                        "ts": round(t0 + step_s * (k + 1) / (LOAD_OPS + 1) + 0.01 * st + float(rng.normal(0, 2e-3)),
-                                    6),
-                        "file": f"rank{r}/nccl.log", "offset": step * 1000 + st * 10 + k,
-                        "data": {"op": "AllReduce", "op_count": step * LOAD_OPS + k, "stream": f"0xs{st}",
-                                 "comm": f"0xc{r}{st}", "comm_id": f"0xid{st}", "nranks": LOAD_RANKS,
-                                 "count": 1024}} for k in range(LOAD_OPS)]
-                producer.send(s.topic_ops, key=f"load-job/{r}/0xs{st}".encode(), value=orjson.dumps(ops))
-        step += 1
-        t_next = t0 + step_s
-        time.sleep(max(0.0, t_next - time.time()))
+        time.sleep(max(0.0, cycle_s - (time.time() - t_start) % cycle_s))
+        now = time.time()
+        while t_start + step * step_s <= now:
+            pending.extend(load_ops(step, t_start + step * step_s, step_s, rng))
+            step += 1
+        due = [op for op in pending if op[0] <= now]
+        pending = [op for op in pending if op[0] > now]
+        by_node: dict[int, list] = {}
+        for _ts, r, key, value in sorted(due, key=lambda op: op[0]):
+            by_node.setdefault(r // ranks_per_node, []).append((s.topic_ops, key, value, True))
+        for items in by_node.values():
+            for topic, key, value, part in pack_messages(items, partition_of):
+                producer.send(topic, key=key, value=value, partition=part)
+                sent.value += 1
     producer.flush()
 
 
@@ -74,6 +99,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--speed", type=float, default=1.0)
     ap.add_argument("--load", type=float, default=0.0, help="op records/s of a second, healthy job (see module)")
+    ap.add_argument("--shippers", type=int, default=128, help="node shippers of the load job (8 ranks each)")
+    ap.add_argument("--cycle", type=float, default=0.1, help="seconds between a load shipper's reads")
+    ap.add_argument("--packing", choices=("partition", "key"), default="partition",
+                    help="the load shippers' messages: per partition and read (today) or per key (before)")
     a = ap.parse_args()
     faults = [Fault("straggler", 3, 50, 30, 0.2), Fault("slow_stream", 9 % a.ranks, 110, 14, 2.5, stream="tp"),
               Fault("straggler", 12 % a.ranks, 135, 20, 0.3)]
@@ -104,15 +133,17 @@ def main() -> int:
     time.sleep(8.0)  # the worker joins its group (embedded broker: ~5 s)
     consumed = ""
     stop_load = mp.get_context("spawn").Event()
+    sent = mp.get_context("spawn").Value("q", 0, lock=False)
     loader = None
     if a.load > 0:
-        loader = mp.get_context("spawn").Process(target=send_load, args=(s, a.load, stop_load), daemon=True)
+        loader = mp.get_context("spawn").Process(target=send_load, daemon=True, args=(
+            s, a.load, stop_load, a.shippers, a.cycle, a.packing, sent))
         loader.start()
         time.sleep(10.0)  # the load job's keys warm up before the measured job starts
     handles: dict[str, object] = {}
     sizes: dict[str, int] = {}
     t0_event, t0_wall = lines[0][0], time.monotonic()
-    ops_before = events_processed(port, ("op",))
+    ops_before, sent_before = events_processed(port, ("op",)), sent.value
     try:
         for ts, rel, text in lines:
             due = (ts - t0_event) / a.speed - (time.monotonic() - t0_wall)
@@ -134,7 +165,8 @@ def main() -> int:
             fh.flush()
         wall = time.monotonic() - t0_wall
         ops_during = events_processed(port, ("op",)) - ops_before
-        consumed = f"{ops_during / wall:,.0f} op records/s while the measured job ran"
+        consumed = (f"{ops_during / wall:,.0f} op records/s while the measured job ran; the load came in "
+                    f"{(sent.value - sent_before) / wall:,.0f} messages/s")
         time.sleep(15.0)
     finally:
         stop_load.set()
@@ -154,7 +186,8 @@ def main() -> int:
     print(f"{a.ranks} ranks, {len(lines):,} lines in {wall:.0f} s ({len(lines) / wall:,.0f} lines/s, "
           f"x{a.speed} real time); findings {found}")
     if a.load:
-        print(f"load: a 1,024-rank job sent at {a.load:,.0f} op records/s; worker consumed {consumed}")
+        print(f"load: a 1,024-rank job at {a.load:,.0f} op records/s from {a.shippers} shippers reading every "
+              f"{a.cycle} s, packed per {a.packing}; worker consumed {consumed}")
     if lat:
         print(f"line written -> anomaly read: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
               f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms over {len(lat)} findings")
