@@ -81,8 +81,8 @@ def score(jobs: list[LabelledJob], found: dict[str, list[dict]], hang_threshold_
     for job in jobs:
         anomalies = found.get(job.name, [])
         if job.normal:
-            normal["op_records"] += job.scenario.ranks * job.scenario.steps * (job.scenario.tp_ops +
-                                                                               job.scenario.dp_buckets)
+            sc = job.scenario
+            normal["op_records"] += sc.ranks * sc.steps * (sc.tp_ops * sc.grad_accum + sc.dp_buckets)
             for a in anomalies:
                 if a["detector"] in ("op_timing", "straggler", "hang"):
                     normal["alarms"][a["detector"]] += 1

@@ -57,19 +57,27 @@ def _t(rng: np.random.Generator, size: int | tuple = 1, df: float = 5.0) -> np.n
 
 
 def step_plan(sc: Scenario) -> list[tuple[str, str, float]]:
-    """One step's ops in program order: (stream, op name, share of the step's compute before it). Forward is a
-    third of the compute, backward two thirds; the DP gradient buckets become ready during the last part of
-    backward, each after one of the last tensor-parallel all-reduces."""
+    """One step's ops in program order: (stream, op name, share of the step's compute before it). Per micro-batch
+    forward is a third of the compute, backward two thirds; the DP gradient buckets become ready during the last
+    part of the last micro-batch's backward (gradient accumulation: no DP collective before), each after one of
+    the last tensor-parallel all-reduces."""
     half = max(sc.tp_ops // 2, 1)
-    plan: list[tuple[str, str]] = [("tp", "AllReduce")] * half
-    bwd_tp = sc.tp_ops - half
-    for j in range(bwd_tp):
-        plan.append(("tp", "AllReduce"))
-        if j >= bwd_tp - sc.dp_buckets:
-            plan.append(("dp", "AllReduce"))
-    plan += [("dp", "AllReduce")] * (sc.dp_buckets - sum(1 for s, _ in plan if s == "dp"))
-    n_bwd = len(plan) - half
-    return [(s, name, (1 / 3) / half if i < half else (2 / 3) / n_bwd) for i, (s, name) in enumerate(plan)]
+    micro = max(1, sc.grad_accum)
+    out: list[tuple[str, str, float]] = []
+    for m in range(micro):
+        plan: list[tuple[str, str]] = [("tp", "AllReduce")] * half
+        bwd_tp = sc.tp_ops - half
+        last = m == micro - 1
+        for j in range(bwd_tp):
+            plan.append(("tp", "AllReduce"))
+            if last and j >= bwd_tp - sc.dp_buckets:
+                plan.append(("dp", "AllReduce"))
+        if last:
+            plan += [("dp", "AllReduce")] * (sc.dp_buckets - sum(1 for s, _ in plan if s == "dp"))
+        n_bwd = len(plan) - half
+        out += [(s, name, ((1 / 3) / half if i < half else (2 / 3) / n_bwd) / micro)
+                for i, (s, name) in enumerate(plan)]
+    return out
 
 
 def build_timeline(sc: Scenario) -> Timeline:
@@ -90,6 +98,7 @@ def build_timeline(sc: Scenario) -> Timeline:
         start = release[s]
         drift = 1.0 + sc.step_drift * s / max(sc.steps, 1)
         last_enqueue = start
+        batch = np.exp(sc.batch_cv * rng.standard_normal(max(sc.ranks // sc.tp, 1) + 1)) if sc.batch_cv else None
         for r in range(sc.ranks):
             if hang is not None and s >= hang.step and r == hang.rank:
                 tl.stopped.setdefault(r, start)
@@ -104,6 +113,8 @@ def build_timeline(sc: Scenario) -> Timeline:
                 if f.rank == r and f.step == s:
                     t += f.magnitude
             gaps = compute * drift * np.array([share for _, _, share in plan]) * (1 + 0.04 * _t(rng, len(plan)))
+            if sc.batch_cv:  # this data-parallel rank's batch this step (its TP group shares it): longer sequences
+                gaps = gaps * batch[r // sc.tp]
             for _, f in by_kind.get("throughput_drop", []):  # job-wide: every rank computes slower
                 if f.step <= s < f.step + f.length:
                     gaps = gaps * f.magnitude

@@ -67,6 +67,8 @@ class Scenario:
     tp: int = 2  # tensor-parallel group size (TP comms of `tp` ranks, DP comms of ranks / tp)
     tp_ops: int = 4  # tensor-parallel all-reduces per step (half in forward, half in backward)
     dp_buckets: int = 3  # data-parallel gradient buckets per step
+    grad_accum: int = 1  # micro-batches per step: TP ops in each, the DP buckets only in the last one's backward
+    batch_cv: float = 0.0  # per DP rank and step, compute x exp(cv * N(0,1)): variable sequence lengths (TP shares)
     nccl_style: str = "2.18"  # NCCL init-line form: "2.14" (no commId), "2.18", "2.19" (ncclCommInitRank)
     step_drift: float = 0.0  # relative step-time growth over the run (normal drift)
     pauses: dict[int, float] = field(default_factory=dict)  # step -> seconds every rank pauses after it (eval)
@@ -181,7 +183,7 @@ def _hang_lines(sc: Scenario, tl: Timeline, ids: dict[int, RankIdentity]) -> lis
         for r, ident in ids.items():
             out.append((t, f"rank{r}/gpu.jsonl", _gpu_line(t, ident, r, frozen_step)))
         t += sc.gpu_interval_s
-    seq = (tl.last_step + 2) * (sc.tp_ops + sc.dp_buckets)
+    seq = (tl.last_step + 2) * (sc.tp_ops * sc.grad_accum + sc.dp_buckets)
     for r in ids:
         if r in tl.stopped:
             continue
