@@ -9,8 +9,11 @@ same collective on every rank of it, so the enqueue times of (comm, opCount) are
   spread, `straggler_min_lag_s`) after the median rank (of a pair, the earlier one); the spread is a robust scale of recent offsets, learned
   without the late ones. Ranks reach stage 2 through different partitions and workers, in no global order: a
   rank whose report arrives after its op was judged is judged against that op's stored median and limit.
-- **Straggler**: late in >= `straggler_min_late` of its last `straggler_window` ops on a comm. Victims wait
-  for it at the collective, so their intervals grow too, but they are never late: lateness tells them apart.
+- **Straggler**: late in >= 60% (`straggler_min_late` / `straggler_window`) of its ops on a comm over the last
+  `straggler_steps` of the comm's steps (at least `straggler_window` ops; a step is the comm's period, from the
+  gaps between its ops' median enqueue times), against the comm's usual spread at that point of the step: a rank
+  whose batch was long is late on one step's every op, a straggler step after step. Victims wait for it at the
+  collective, so their intervals grow too, but they are never late: lateness tells them apart.
 - **Hang**: a comm whose opCount stopped advancing for max(`hang_min_s`, `hang_factor` x its usual longest gap
   between advances) while some ranks never reached the op the others are stuck in: those are the stalled
   ranks. A pause in which every rank stopped at the same op (evaluation, checkpointing, the end of the job) is
@@ -22,6 +25,7 @@ No I/O; plain data; JSON state.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -29,14 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rankwatch.models.op_timing import step_period
 
 _OP, _LATE = 0, 1  # what `judge` decides at a moment: an op, or one late report of an op already judged
+_MAX_PERIOD = 64  # longest step pattern (ops per step of one comm) the straggler window follows
 
 
 @dataclass
 class CollectiveConfig:
     straggler_window: int = 10  # a comm's last judged ops considered
-    straggler_min_late: int = 6  # late in at least this many of them
+    straggler_min_late: int = 6  # late in at least this many of them (the same share of a longer window below)
+    straggler_steps: int = 3  # the window spans at least this many of the comm's steps (ops per step: its period)
     straggler_spread_k: float = 6.0  # late: behind the median rank by > k x the comm's usual spread ...
     straggler_min_lag_s: float = 0.05  # ... and by at least this (hosts' clocks must agree better than this)
     straggler_report_s: float = 60.0  # while an episode lasts, an updated finding at most this often
@@ -82,6 +89,7 @@ class HangEvent:
     silent_s: float
     threshold_s: float
     evidence: list[dict] = field(default_factory=list)
+    from_watchdog: bool = False  # found from PyTorch's watchdog lines alone (no collective op view of the job)
 
 
 class _Comm:
@@ -93,6 +101,7 @@ class _Comm:
         self.waiting = 0  # enqueues in `pending`
         self.first_seen: dict[int, float] = {}
         self.offsets: deque[float] = deque(maxlen=512)  # |offset from median| of on-time enqueues
+        self.phase_offsets: dict[int, deque[float]] = {}  # the same per position in the step (opCount % period)
         self.verdicts: dict[int, deque[bool]] = {}  # rank -> late or not on its last judged ops
         self.max_count = -1
         self.advanced_at = -math.inf
@@ -101,6 +110,7 @@ class _Comm:
         self.medians: OrderedDict[int, tuple[float, float]] = OrderedDict()  # judged op -> (median, limit)
         self.expected = 0  # the comm's size as printed (0: unknown)
         self.complete: set[int] = set()  # recent ops judged with every rank in (bounded like medians)
+        self.period = 0  # ops per step, from the median enqueue times (0: not known yet)
 
     # While catching up a backlog, one rank's partition can be read thousands of ops ahead of its peers' (a
     # tensor-parallel pair's other rank on another worker): its ops wait for them. The wait is bounded by the
@@ -111,11 +121,34 @@ class _Comm:
     def overflowing(self) -> bool:
         return self.waiting > self.MAX_WAITING or len(self.pending) > self.MAX_PENDING_OPS
 
-    def spread(self) -> float:
-        if len(self.offsets) < 16:
+    def spread(self, phase: int | None = None) -> float:
+        """The usual |offset from the median rank| at this point of the step where known, else over all ops.
+        Ranks' batches differ (sequence lengths, MoE routing), so offsets grow through a step: the last
+        buckets of backward are spread wide by that imbalance alone, the first ops of forward barely."""
+        d = self.phase_offsets.get(phase) if phase is not None else None
+        src = d if d is not None and len(d) >= 16 else self.offsets
+        if len(src) < 16:
             return math.inf  # not judged until the comm's usual spread is known
-        a = np.fromiter(self.offsets, float)
-        return float(1.4826 * np.median(a))
+        return float(1.4826 * np.median(np.fromiter(src, float)))
+
+
+def stalled_from_watchdog(evidence: list[dict]) -> tuple[dict[int, int], str, int]:
+    """(rank -> the last collective it enqueued, process group, the collective the others are stuck in) from
+    watchdog lines. A timed-out rank waits in the op it enqueued last (`WorkNCCL(SeqNum=N)`, or `last enqueued
+    NCCL work: N` of the failure and dump-signal lines); the rank that holds the job never enqueued it, so it
+    reports a lower number, or nothing at all (then it cannot be named from these lines). Sequence numbers
+    count per process group, so only one group's lines are compared: the one most ranks reported in."""
+    by_pg: dict[str, dict[int, int]] = {}
+    for e in evidence:
+        reached, rank = e.get("reached", e.get("seq_num")), e.get("rank")
+        if isinstance(reached, int) and isinstance(rank, int):
+            ranks = by_pg.setdefault(str(e.get("pg") or "0"), {})
+            ranks[rank] = max(ranks.get(rank, reached), reached)
+    if not by_pg:
+        return {}, "", -1
+    pg, ranks = max(by_pg.items(), key=lambda kv: len(kv[1]))
+    top = max(ranks.values())
+    return {r: n for r, n in ranks.items() if n < top}, f"pg {pg}", top
 
 
 class CollectiveTracker:
@@ -204,7 +237,9 @@ class CollectiveTracker:
                 c.complete.discard(n - 4096)
             if len(on_time) >= 2:
                 events.extend(self._judge_op(name, c, n, on_time))
-        ended = [r for r in self.episodes if not any(any(c.verdicts.get(r, ())) for c in self.comms.values())]
+        ended = [r for r in self.episodes
+                 if not any(any(itertools.islice(reversed(c.verdicts.get(r, ())), self._window(c)))
+                            for c in self.comms.values())]
         for r in ended:
             del self.episodes[r]
         return events, ended
@@ -214,14 +249,21 @@ class CollectiveTracker:
         ts = np.fromiter(arrivals.values(), float)
         # the median rank; of two (a tensor-parallel pair), the earlier: a midpoint would halve the lag
         med = float(np.median(ts)) if len(ts) > 2 else float(ts.min())
-        limit = max(cfg.straggler_spread_k * c.spread(), cfg.straggler_min_lag_s)
+        phase = n % c.period if c.period > 1 else None
+        limit = max(cfg.straggler_spread_k * c.spread(phase), cfg.straggler_min_lag_s)
         c.medians[n] = (med, limit)
         while len(c.medians) > 4096:  # judged ops kept for late reporters and held findings
             c.medians.popitem(last=False)
+        if len(c.medians) >= 48 and (c.period == 0 or n % 64 == 0):
+            period = self._period(c)
+            if period != c.period:
+                c.period, c.phase_offsets = period, {}
         # learn the usual spread from on-time ranks (a sample, so a 4,096-rank comm stays cheap)
         on_time = [abs(t - med) for t in arrivals.values() if t - med <= limit]
-        step = max(1, len(on_time) // 16)
-        c.offsets.extend(on_time[::step])
+        sample = on_time[::max(1, len(on_time) // 16)]
+        c.offsets.extend(sample)
+        if phase is not None and c.period > 1:
+            c.phase_offsets.setdefault(phase, deque(maxlen=128)).extend(sample)
         out: list[StragglerEvent] = []
         for rank, t in arrivals.items():
             out.extend(self._verdict(name, c, rank, n, t, med, limit))
@@ -234,15 +276,19 @@ class CollectiveTracker:
         is_late = lag > limit
         v = c.verdicts.get(rank)
         if v is None:
-            v = c.verdicts[rank] = deque(maxlen=cfg.straggler_window)
+            v = c.verdicts[rank] = deque(maxlen=cfg.straggler_steps * _MAX_PERIOD)
         v.append(is_late)
         if not is_late:
             return []
         self.recent_late.append(Lateness(name, n, rank, lag, t, len(c.last)))
-        k = sum(v)
-        if k < cfg.straggler_min_late:
-            return []
-        ev = StragglerEvent(rank, lag, k, len(v), name, n, t, len(c.last) - 1, False)
+        # Late on most of the comm's ops over several of its steps: a rank whose batch was long this step is
+        # late on every op of that one step (all of them, where a step has dozens of gradient buckets), then
+        # another rank's is; a straggler stays late step after step.
+        window = self._window(c)
+        k = sum(itertools.islice(reversed(v), window))
+        if c.period == 0 or k < math.ceil(cfg.straggler_min_late * window / cfg.straggler_window):
+            return []  # (no verdict before the comm's step pattern is known: its first 48 ops)
+        ev = StragglerEvent(rank, lag, k, window, name, n, t, len(c.last) - 1, False)
         ep = self.episodes.get(rank)
         if ep is None:
             ev.first = True
@@ -253,6 +299,26 @@ class CollectiveTracker:
             ep["reported"] = t
             return [ev]
         return []
+
+    def _window(self, c: _Comm) -> int:
+        """Ops of a comm over which a straggler must be late again and again: at least `straggler_steps` of
+        its steps."""
+        return max(self.config.straggler_window, self.config.straggler_steps * c.period)
+
+    @staticmethod
+    def _period(c: _Comm) -> int:
+        """The comm's ops per step, from the gaps between its ops' median enqueue times (one step's pattern of
+        bucket gaps repeats every step); 1 when no lag predicts the gaps clearly better than the last one (no
+        step pattern: the window stays `straggler_window`)."""
+        times = np.fromiter((m for m, _ in itertools.islice(reversed(c.medians.values()), 4 * _MAX_PERIOD + 1)),
+                            float)[::-1]
+        y = np.log(np.maximum(np.diff(times), 1e-4))
+        p = step_period(y, _MAX_PERIOD)
+        if p > 1:
+            lag1, lagp = np.abs(y[p:] - y[p - 1:-1]).mean(), np.abs(y[p:] - y[:-p]).mean()
+            if lagp > 0.7 * lag1:
+                return 1
+        return p
 
     def judged(self, comm: str, n: int, complete: bool = False) -> bool:
         """Has op n been judged (`complete`: with every rank of the comm)?"""
@@ -307,11 +373,12 @@ class CollectiveTracker:
             self.hang = worst
         return worst
 
-    def hang_from_evidence(self, ev: dict, now: float) -> HangEvent | None:
-        """A watchdog timeout: evidence for the current hang, or proof of one. If the op view shows ranks that
-        never reached an op for longer than the threshold, that is the hang, dated when it became one (the
-        watchdog proves the waiting is real); otherwise a hang of its own, dated now."""
-        self.evidence.append(ev)
+    def hang_from_evidence(self, evs: list[dict], now: float) -> HangEvent | None:
+        """Watchdog timeouts (the lines of one moment, together): evidence for the current hang, or proof of one.
+        If the op view shows ranks that never reached an op for longer than the threshold, that is the hang,
+        dated when it became one (the watchdog proves the waiting is real); otherwise a hang of its own, dated
+        now, whose stalled ranks come from the op view or, without one (no COLL logging), from the lines."""
+        self.evidence.extend(evs)
         del self.evidence[:-32]
         if self.hang is not None:
             self.hang.evidence = list(self.evidence)
@@ -325,7 +392,11 @@ class CollectiveTracker:
                 if behind:
                     stalled.update(behind)
                     comm, stuck = name, min(behind.values()) + 1
-            h = self.hang = HangEvent("hang", now, stalled, comm, stuck, str(ev.get("op_type", "")), 0.0, 0.0)
+            if not stalled:
+                stalled, comm, stuck = stalled_from_watchdog(self.evidence)
+            op = next((str(e["op_type"]) for e in self.evidence if e.get("op_type")), "")
+            h = self.hang = HangEvent("hang", now, stalled, comm, stuck, op, 0.0, 0.0,
+                                      from_watchdog=not self.comms)
         h.evidence = list(self.evidence)
         return h
 
@@ -346,9 +417,16 @@ class CollectiveTracker:
         comms = {}
         for name, c in self.comms.items():
             comms[name] = {"last": [[r, *v] for r, v in c.last.items()], "offsets": list(c.offsets),
+                           "phase_offsets": {str(p): list(d) for p, d in c.phase_offsets.items()},
                            "gaps": list(c.gaps), "max_count": c.max_count,
                            "advanced_at": c.advanced_at if math.isfinite(c.advanced_at) else None,
-                           "judged_upto": c.judged_upto}
+                           "judged_upto": c.judged_upto, "period": c.period,
+                           # the last ops' medians: the period's input, and late reporters' yardstick
+                           "medians": [[n, m, lim] for n, (m, lim) in
+                                       itertools.islice(reversed(c.medians.items()), 4 * _MAX_PERIOD + 1)][::-1],
+                           "verdicts": {str(r): [int(x) for x in itertools.islice(v, max(0, len(v) - self._window(c)),
+                                                                                    None)]
+                                        for r, v in c.verdicts.items()}}
         return {"comms": comms, "episodes": {str(r): ep for r, ep in self.episodes.items()},
                 "hang": self.hang.__dict__ if self.hang else None}
 
@@ -357,10 +435,15 @@ class CollectiveTracker:
             c = self.comms[name] = _Comm()
             c.last = {int(r): (int(n), float(t), str(o)) for r, n, t, o in d.get("last", [])}
             c.offsets.extend(d.get("offsets", []))
+            c.phase_offsets = {int(p): deque(v, maxlen=128) for p, v in d.get("phase_offsets", {}).items()}
             c.gaps.extend(d.get("gaps", []))
             c.max_count = int(d.get("max_count", -1))
             c.advanced_at = -math.inf if d.get("advanced_at") is None else float(d["advanced_at"])
             c.judged_upto = int(d.get("judged_upto", -1))
+            c.period = int(d.get("period", 0))
+            c.medians.update((int(n), (float(m), float(lim))) for n, m, lim in d.get("medians", []))
+            for r, bits in d.get("verdicts", {}).items():
+                c.verdicts[int(r)] = deque((bool(b) for b in bits), maxlen=self.config.straggler_steps * _MAX_PERIOD)
         self.episodes = {int(r): ep for r, ep in state.get("episodes", {}).items()}
         h = state.get("hang")
         if h:

@@ -66,6 +66,17 @@ class OpTimingConfig:
         return getattr(self, f"op_{name}") if override is None else override
 
 
+def step_period(h: np.ndarray, max_period: int) -> int:
+    """Ops per step of a series of log intervals (>= 3 periods of history): the lag p that best predicts
+    y[i] from y[i - p]. Shared by the per-key seasonal reference and the comms of stage 2."""
+    lags = min(max_period, len(h) // 3)
+    # mean |y[i] - y[i - p]| for every lag p at once, over the same latest len(h) - lags points
+    w = np.lib.stride_tricks.sliding_window_view(h, lags + 1)
+    scores = np.abs(w[:, -1:] - w[:, -2::-1]).mean(axis=0)  # column p - 1: lag p
+    # the shortest lag nearly as good as the best: multiples of the true period score the same
+    return int(np.argmax(scores <= scores.min() * 1.1 + 1e-3)) + 1
+
+
 @dataclass(slots=True)
 class OpVerdict:
     ready: bool
@@ -246,13 +257,7 @@ class KeyState:
         if (self.period and self.since_period < 64) or n < 24:
             return
         self.since_period = 0
-        h = self.y.tail(min(n, 4 * max_period))
-        lags = min(max_period, len(h) // 3)
-        # mean |y[i] - y[i - p]| for every lag p at once, over the same latest len(h) - lags points
-        w = np.lib.stride_tricks.sliding_window_view(h, lags + 1)
-        scores = np.abs(w[:, -1:] - w[:, -2::-1]).mean(axis=0)  # column p - 1: lag p
-        # the shortest lag nearly as good as the best: multiples of the true period score the same
-        self.period = int(np.argmax(scores <= scores.min() * 1.1 + 1e-3)) + 1
+        self.period = step_period(self.y.tail(min(n, 4 * max_period)), max_period)
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:

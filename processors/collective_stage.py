@@ -129,8 +129,17 @@ class NcclEventHandler:
                                   "nranks": fields.get("nranks"), "comm_rank": fields.get("comm_rank")})
             elif event == "nccl_watchdog_timeout" and self.ctx.wants("nccl_timeout"):
                 summaries.append({"type": "nccl_timeout", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
-                                  "file": rec.file, "offset": rec.offset,
-                                  **{k: fields.get(k) for k in ("seq_num", "op_type", "timeout_ms", "ran_for_ms")}})
+                                  "file": rec.file, "offset": rec.offset, "reached": fields.get("seq_num"),
+                                  **{k: fields.get(k) for k in ("pg", "seq_num", "op_type", "timeout_ms",
+                                                                "ran_for_ms")}})
+            elif (event == "nccl_watchdog_failure" and fields.get("kind") in ("timeout", "dump_signal")
+                  and self.ctx.wants("nccl_timeout")):
+                # "Timeout at NCCL work: N, last enqueued NCCL work: M" and PyTorch 2.6+'s "Received a dump signal
+                # due to a collective timeout ... Last enqueued NCCL work: M": a timeout, and where the rank got
+                # to. ("Exception (either an error or timeout)" lines are not: an NCCL error is no hang.)
+                summaries.append({"type": "nccl_timeout", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
+                                  "file": rec.file, "offset": rec.offset, "reached": fields.get("last_enqueued"),
+                                  "kind": fields["kind"], **{k: fields.get(k) for k in ("pg", "seq_num")}})
         return [], summaries
 
     def save_state(self) -> dict[str, Any]:
@@ -218,12 +227,14 @@ class CollectiveJob:
         wall = self.ctx.wall
         quiet = wall is None or wall - max(self.heard.values(), default=wall) >= self.config.victim_wait_s
         ripe = [e for e in self.evidence if float(e["ts"]) + self.config.victim_hold_s <= now and quiet]
-        for ev in ripe:
-            self.evidence.remove(ev)
-            h = self.tracker.hang_from_evidence(
-                {k: ev.get(k) for k in ("rank", "seq_num", "op_type", "timeout_ms", "ran_for_ms")}, float(ev["ts"]))
+        if ripe:  # the lines of one timeout together: which rank reported the lowest op is the point
+            for ev in ripe:
+                self.evidence.remove(ev)
+            fields = ("rank", "pg", "seq_num", "reached", "op_type", "timeout_ms", "ran_for_ms", "kind")
+            h = self.tracker.hang_from_evidence([{k: ev.get(k) for k in fields if ev.get(k) is not None}
+                                                 for ev in ripe], max(float(ev["ts"]) for ev in ripe))
             if h is not None:
-                out.append(self._hang_anomaly(h, (str(ev.get("file", "")), int(ev.get("offset", -1)))))
+                out.append(self._hang_anomaly(h, (str(ripe[0].get("file", "")), int(ripe[0].get("offset", -1)))))
         h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
                                     self.config.hang_quiet_s)
         if h is not None:
@@ -326,6 +337,11 @@ class CollectiveJob:
         if h.kind == "resolved":
             msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
             severity = "info"
+        elif stalled and h.from_watchdog:
+            waiting = sorted({e["rank"] for e in h.evidence if isinstance(e.get("rank"), int)} - set(stalled))
+            msg = (f"hang: PyTorch watchdog timeouts on {len(waiting)} rank(s) waiting in {h.op or 'collective'} "
+                   f"#{h.op_count} of {h.comm}; rank(s) {stalled} never enqueued it")
+            severity = "critical"
         elif stalled:
             msg = (f"hang: comm {h.comm} has not advanced for {h.silent_s:.0f}s (threshold {h.threshold_s:.0f}s); "
                    f"rank(s) {stalled} never reached {h.op or 'op'} opCount {h.op_count} that the others are "

@@ -304,3 +304,81 @@ def test_a_rank_read_thousands_of_ops_ahead_of_its_peer_waits_for_it():
     tr.judge(max(t for *_, t in events) + 1)
     assert tr.judged("tp", 5999, complete=True) and tr.judged("tp", 2000, complete=True)
     assert tr.comms["tp"].waiting == 0
+
+
+def _watchdog_job(root, lines_by_rank: dict[int, str], ranks: int = 4) -> str:
+    """A job without COLL logging: per-rank metrics, then what PyTorch's watchdog printed on each rank."""
+    import json
+
+    for r in range(ranks):
+        d = root / "wdjob" / f"rank{r}"
+        d.mkdir(parents=True)
+        with open(d / "train.log", "w") as fh:
+            fh.writelines(json.dumps({"ts": 1767225600.0 + s, "step": s, "loss": 2.0}) + "\n" for s in range(30))
+            if r in lines_by_rank:
+                fh.write(lines_by_rank[r].format(r=r) + "\n")
+    return str(root / "wdjob")
+
+
+DUMP = ("[rank{r}]:[E1128 00:11:49.041194513 ProcessGroupNCCL.cpp:1870] [PG ID 0 PG GUID 0(default_pg) Rank {r}] "
+        "Received a dump signal due to a collective timeout from {src} and we will try our best to dump the debug "
+        "info. Last enqueued NCCL work: {enq}, last completed NCCL work: {done}.")
+WATCHDOG = ("[rank{r}]:[E1128 00:11:49.041 ProcessGroupNCCL.cpp:607] [Rank {r}] Watchdog caught collective operation "
+            "timeout: WorkNCCL(SeqNum=51, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for "
+            "600012 milliseconds before timing out.")
+
+
+def test_watchdog_lines_alone_give_a_hang_naming_the_rank_that_never_enqueued_the_op(tmp_path):
+    """Without COLL logging the watchdog is the only view of a hang: its lines (torch 2.6+ dump signals here,
+    from the timed-out rank and, relayed, from the others) say how far each rank got; the rank that reports a
+    lower 'last enqueued' is the one the others wait for."""
+    from rankwatch.processors.offline import analyze
+
+    waiting = DUMP.format(r="{r}", src="this local rank", enq=51, done=50)
+    relayed = DUMP.format(r="{r}", src=" rank 0", enq=50, done=50)
+    job = _watchdog_job(tmp_path, {0: waiting, 1: waiting, 2: relayed, 3: waiting})
+    hangs = [a for a in analyze([job]) if a.detector == "hang"]
+    assert len(hangs) == 1
+    h = hangs[0]
+    assert h.rank == 2 and h.context["stalled_ranks"] == [2] and h.context["op_count"] == 51
+    assert h.context["last_op_count"] == {"2": 50} and "never enqueued" in h.message
+    assert {e["rank"] for e in h.context["evidence"]} == {0, 1, 2, 3}
+
+
+def test_watchdog_timeouts_without_a_lower_rank_still_report_one_hang(tmp_path):
+    """The stuck rank printed nothing: the hang is still reported (once), without naming a rank."""
+    from rankwatch.processors.offline import analyze
+
+    job = _watchdog_job(tmp_path, {0: WATCHDOG, 1: WATCHDOG, 3: WATCHDOG})
+    hangs = [a for a in analyze([job]) if a.detector == "hang"]
+    assert len(hangs) == 1 and hangs[0].rank is None and hangs[0].context["stalled_ranks"] == []
+    assert hangs[0].context["op"] == "ALLREDUCE" and len(hangs[0].context["evidence"]) == 3
+
+
+def stepped_times(ranks: int, steps: int, per_step: int, late_of_step, seed: int = 0):
+    """(rank, opCount, enqueue time) of a comm with `per_step` ops per step (gradient buckets close together,
+    then the long gap to the next step); late_of_step(step) -> {rank: lag} for that step's every op."""
+    rng = random.Random(seed)
+    out, n = [], 0
+    for s in range(steps):
+        t0 = 100.0 + s * 1.0
+        late = late_of_step(s)
+        for j in range(per_step):
+            for r in range(ranks):
+                out.append((r, n, t0 + 0.4 + 0.02 * j + abs(rng.gauss(0, 0.003)) + late.get(r, 0.0)))
+            n += 1
+    return out
+
+
+def test_a_different_rank_late_for_one_whole_step_is_not_a_straggler_but_one_late_step_after_step_is():
+    """Ranks' batches differ (sequence lengths): each step another rank computes longer and is late on every one
+    of that step's 12 bucket all-reduces, more than `straggler_window` ops in a row (the old rule fired on
+    each). That is imbalance, not a straggler: the window spans `straggler_steps` (3) of the comm's steps (its
+    period, learned from the median enqueue times), and a straggler is late in most of them."""
+    noisy = {s: {s % 8: 0.2} for s in range(200)}
+    found = feed(CollectiveTracker(CollectiveConfig()), stepped_times(8, 200, 12, lambda s: noisy[s]))
+    assert found == []
+    persistent = feed(CollectiveTracker(CollectiveConfig()),
+                      stepped_times(8, 200, 12, lambda s: {**noisy[s], 6: 0.2} if s >= 120 else noisy[s]))
+    assert {e.rank for e in persistent} == {6} and [e.first for e in persistent][0]  # then an update a minute on
+    assert 120 * 12 <= persistent[0].op_count <= 123 * 12 and persistent[0].window == 36
