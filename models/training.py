@@ -4,7 +4,8 @@
 - rolling median + MAD (loss, grad_norm; step-time spikes), contamination-guarded;
 - relative change from the previous step (> 50% by default), guarded by that signal's own step-to-step jitter;
 - NaN/Inf loss or grad_norm: immediate critical;
-- throughput below its rolling P10 by a margin (data-loader or communication stalls).
+- throughput below its rolling P10 by a margin and k robust sigmas under its median (data-loader or
+  communication stalls; a series that varies with batch length is judged on its own spread).
 
 At most one finding per signal per step, the strongest (nonfinite > fixed > mad > relative_change). Every finding
 carries `threshold_info`. No Kafka, files or Prometheus here.
@@ -40,7 +41,8 @@ class TrainingDetectorConfig:
     fixed_grad_norm_threshold: float | None = None
     relative_change_threshold: float = 0.5  # > 50% increase over the previous step
     relative_guard_factor: float = 20.0  # ... and beyond this many robust sigmas of its usual step-to-step change
-    throughput_drop_margin: float = 0.2  # below rolling P10 x (1 - margin)
+    throughput_drop_margin: float = 0.2  # below rolling P10 x (1 - margin) ...
+    throughput_drop_k: float = 6.0  # ... and below median - k robust sigmas (a noisy series' own spread)
     critical_factor: float = 2.0  # robust z above critical_factor * k is critical
     admit_outliers: bool = False  # let flagged points into the MAD window
 
@@ -204,12 +206,22 @@ class RankMetricsDetector:
         if len(self.tput) >= c.min_points and math.isfinite(x):
             s = sorted(self.tput)
             p10 = s[int(0.1 * (len(s) - 1))]
+            # Ranks' batches differ in length, so a step's throughput varies with the slowest batch: where the
+            # series' own spread is wide, 20% under its P10 is an ordinary step, not a stall. The spread is
+            # multiplicative (a batch 30% longer), so it is measured on log throughput.
+            med = s[len(s) // 2]
             limit = p10 * (1 - c.throughput_drop_margin)
+            if s[0] > 0:
+                logs = [math.log(v) for v in s]
+                sigma = 1.4826 * sorted(abs(v - logs[len(s) // 2]) for v in logs)[len(s) // 2]
+                limit = min(limit, med * math.exp(-c.throughput_drop_k * sigma))
             if x < limit:
                 finding = Finding("throughput", "throughput", x, p10, limit, (p10 - x) / p10 if p10 else None,
                                   "critical" if x < 0.5 * p10 else "warning",
-                                  f"throughput {x:.4g} at step {step} is below its rolling P10 {p10:.4g} by "
-                                  f"more than {c.throughput_drop_margin:.0%} (data-loader or communication stall?)")
+                                  f"throughput {x:.4g} at step {step} is below {limit:.4g}: its rolling P10 "
+                                  f"{p10:.4g} less {c.throughput_drop_margin:.0%}, and {c.throughput_drop_k:g} "
+                                  f"robust sigmas of its log under its median {med:.4g} (data-loader or "
+                                  f"communication stall?)")
         if finding is None and math.isfinite(x):
             self.tput.append(x)  # stalls stay out of the baseline
         return finding

@@ -305,3 +305,26 @@ def test_memory_detectors_contract_pickle_and_state_roundtrip():
     d3 = pickle.loads(pickle.dumps(d1))
     assert first and all(g == "h/3" for g, _ in first)
     assert _imbalance_feed(d2, shares) == _imbalance_feed(d3, shares)
+
+
+def test_throughput_that_varies_with_batch_length_is_judged_on_its_own_spread():
+    """A 20% dip under the rolling P10 is a stall in a steady series, but an ordinary step where throughput
+    varies with ranks' batch lengths (lognormal, 30%); a real stall (/2.5) is found in both."""
+    import random
+
+    from rankwatch.models.training import RankMetricsDetector, TrainingDetectorConfig
+
+    def findings(values):
+        det = RankMetricsDetector(TrainingDetectorConfig())
+        out = []
+        for step, v in enumerate(values):
+            out += [(step, f.detector) for f in det.update(step, {"throughput": v})]
+        return [s for s, d in out if d == "throughput"]
+
+    rng = random.Random(4)
+    noisy = [1000 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(400)]
+    steady = [1000 * (1 + 0.02 * rng.gauss(0, 1)) for _ in range(400)]
+    assert len(findings(noisy)) <= 1  # the P10 rule alone flags ~2% of these steps
+    noisy[300] = steady[300] = 1000 / 2.5 / 4  # a stall: a quarter of a 2.5x-slower step's throughput
+    steady[200] = 750  # 25% down in a series that moves 2%
+    assert 300 in findings(noisy) and {200, 300} <= set(findings(steady))
