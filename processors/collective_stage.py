@@ -129,7 +129,7 @@ class NcclEventHandler:
                                   "nranks": fields.get("nranks"), "comm_rank": fields.get("comm_rank")})
             elif event == "nccl_watchdog_timeout" and self.ctx.wants("nccl_timeout"):
                 summaries.append({"type": "nccl_timeout", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
-                                  "file": rec.file, "offset": rec.offset, "reached": fields.get("seq_num"),
+                                  "file": rec.file, "offset": rec.offset,
                                   **{k: fields.get(k) for k in ("pg", "seq_num", "op_type", "timeout_ms",
                                                                 "ran_for_ms")}})
             elif (event == "nccl_watchdog_failure" and fields.get("kind") in ("timeout", "dump_signal")
