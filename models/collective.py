@@ -28,7 +28,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +137,8 @@ def stalled_from_watchdog(evidence: list[dict]) -> tuple[dict[int, int], str, in
     watchdog lines. A timed-out rank waits in the op it enqueued last (`WorkNCCL(SeqNum=N)`, or `last enqueued
     NCCL work: N` of the failure and dump-signal lines); the rank that holds the job never enqueued it, so it
     reports a lower number, or nothing at all (then it cannot be named from these lines). Sequence numbers
-    count per process group, so only one group's lines are compared: the one most ranks reported in."""
+    count per process group, so only one group's lines are compared: the one most ranks reported in. `reached`
+    is the failure and dump-signal lines' last enqueued collective; a timeout line's is its SeqNum."""
     by_pg: dict[str, dict[int, int]] = {}
     for e in evidence:
         reached, rank = e.get("reached", e.get("seq_num")), e.get("rank")
@@ -254,16 +255,17 @@ class CollectiveTracker:
         c.medians[n] = (med, limit)
         while len(c.medians) > 4096:  # judged ops kept for late reporters and held findings
             c.medians.popitem(last=False)
-        if len(c.medians) >= 48 and (c.period == 0 or n % 64 == 0):
-            period = self._period(c)
-            if period != c.period:
-                c.period, c.phase_offsets = period, {}
         # learn the usual spread from on-time ranks (a sample, so a 4,096-rank comm stays cheap)
         on_time = [abs(t - med) for t in arrivals.values() if t - med <= limit]
         sample = on_time[::max(1, len(on_time) // 16)]
         c.offsets.extend(sample)
-        if phase is not None and c.period > 1:
+        if phase is not None:
             c.phase_offsets.setdefault(phase, deque(maxlen=128)).extend(sample)
+        # after the sample: its phase is of the period it was judged with; a new period starts new phases
+        if len(c.medians) >= 48 and (c.period == 0 or n % 64 == 0):
+            period = self._period(c)
+            if period != c.period:
+                c.period, c.phase_offsets = period, {}
         out: list[StragglerEvent] = []
         for rank, t in arrivals.items():
             out.extend(self._verdict(name, c, rank, n, t, med, limit))
@@ -276,7 +278,7 @@ class CollectiveTracker:
         is_late = lag > limit
         v = c.verdicts.get(rank)
         if v is None:
-            v = c.verdicts[rank] = deque(maxlen=cfg.straggler_steps * _MAX_PERIOD)
+            v = c.verdicts[rank] = self._verdict_history()
         v.append(is_late)
         if not is_late:
             return []
@@ -299,6 +301,10 @@ class CollectiveTracker:
             ep["reported"] = t
             return [ev]
         return []
+
+    def _verdict_history(self, bits: Iterable[bool] = ()) -> deque[bool]:
+        """A rank's late / on time on a comm's last ops: as many as the longest window can ask for."""
+        return deque(bits, maxlen=self.config.straggler_steps * _MAX_PERIOD)
 
     def _window(self, c: _Comm) -> int:
         """Ops of a comm over which a straggler must be late again and again: at least `straggler_steps` of
@@ -443,7 +449,7 @@ class CollectiveTracker:
             c.period = int(d.get("period", 0))
             c.medians.update((int(n), (float(m), float(lim))) for n, m, lim in d.get("medians", []))
             for r, bits in d.get("verdicts", {}).items():
-                c.verdicts[int(r)] = deque((bool(b) for b in bits), maxlen=self.config.straggler_steps * _MAX_PERIOD)
+                c.verdicts[int(r)] = self._verdict_history(bool(b) for b in bits)
         self.episodes = {int(r): ep for r, ep in state.get("episodes", {}).items()}
         h = state.get("hang")
         if h:
