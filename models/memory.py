@@ -59,6 +59,7 @@ class MemoryDetectorConfig:
     oom_alert_on_usage: bool = False  # also raise an `oom` warning when usage crosses the threshold
     oom_alert_level: str = "medium"  # the lowest forecast risk that raises an `oom` anomaly (medium: info)
     oom_confirm: int = 3  # evaluations in a row at that risk before raising (1 when the evidence is 3x as strong)
+    oom_need_min_window_s: float = 1200.0  # the allocator stats' forecast needs this long a window (aliasing)
     oom_warmup_s: float = 300.0  # a GPU's first samples: the allocator is still settling
     oom_clear_s: float = 300.0  # calm this long ends an episode (a later one is raised afresh)
     leak_threshold_mb_per_min: float = 10.0

@@ -275,8 +275,16 @@ class OomForecaster:
         # NVML's used memory is what runs out; the allocator's view (sampled at a random phase of the step,
         # so noisier) speaks when used memory shows no growth: a caching allocator at its ceiling
         fresh = {n: t.last for n, t in self.trends.items() if t.last is not None and now - t.last.ts <= 60.0}
-        growing = [fresh[n] for n in ("used", *sorted(fresh)) if n in fresh and fresh[n].eta(total) is not None]
-        pick = growing[0] if growing else trend.last
+        # The allocator's view is sampled at a random phase of the step: at a fixed sampling interval a
+        # sawtooth aliases into slow waves that rise like growth for minutes, so it speaks only on a window
+        # long enough to see such a wave whole (`oom_need_min_window_s`).
+        growing = [fresh[n] for n in ("used", *sorted(fresh)) if n in fresh and fresh[n].eta(total) is not None
+                   and (n == "used" or (fresh[n].window_s or 0.0) >= self.config.oom_need_min_window_s)]
+        if growing:
+            pick = growing[0]
+        else:  # no series grows (or only the allocator's, on too short a window): no forecast
+            base = fresh.get("used") or trend.last
+            pick = base if base.eta(total) is None else Trend(base.ts, 0.0, base.z, None, base.peak)
         return self._predict(now, used, total, pick, leak, fragmented)
 
     def _predict(self, now: float, used: float, total: float, trend: Trend, leak: bool, fragmented: bool

@@ -205,3 +205,24 @@ def test_usage_threshold_warns_once_when_asked_as_the_users_oom_threshold_does()
     usage = [f for f in found if f.context.get("update") == "usage_threshold"]
     assert len(usage) == 1 and usage[0].detector == "oom" and usage[0].threshold == 85.0
     assert [f for f in run(GpuMemoryDetector(), sawtooth_samples(300, 66 * GIB, 4 * GIB, seed=6))] == []
+
+
+def test_allocator_view_alone_needs_a_long_window_to_forecast():
+    # A caching allocator at its ceiling: NVML shows a flat plateau (76 of 80 GiB), while the allocator's
+    # `allocated_bytes`, sampled at a random phase of each step, aliases into slow waves of 2 GiB every
+    # ~27 min. A wave's rising flank looks like steep, sure growth for minutes; over a whole wave it is flat.
+    rng = random.Random(7)
+    samples = []
+    for i in range(4 * 3600):
+        wave = 1.0 * GIB * (1 - math.cos(2 * math.pi * i / 1600.0))
+        samples.append((1e9 + i, {"host": "node7", "gpu": 3, "mem_used_bytes": 76 * GIB + rng.uniform(0, 2 * MIB),
+                                  "mem_total_bytes": 80 * GIB, "reserved_bytes": 75.5 * GIB, "num_ooms": 0,
+                                  "allocated_bytes": 72 * GIB + wave + rng.uniform(0, 64 * MIB),
+                                  "num_alloc_retries": 0}))
+    det = GpuMemoryDetector()
+    assert [f for f in run(det, samples) if f.detector == "oom"] == []
+    # a real leak in what the allocator holds, under the same plateau, is still forecast on a long window
+    leaking = [(ts, {**d, "allocated_bytes": 72 * GIB + 2 * MIB * (ts - 1e9) + rng.uniform(0, 64 * MIB)})
+               for ts, d in samples[:3000]]
+    found = [f for f in run(GpuMemoryDetector(), leaking) if f.detector == "oom"]
+    assert found and found[0].context["window_s"] >= 1200
