@@ -105,8 +105,10 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
     async def handle(events) -> None:
         """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
-        records = []
+        records: list = []
         kinds: dict[str, int] = {}
+        # (job, family, partition, key) -> the latest event time of the batch: one watermark update per key
+        latest: dict[tuple[str, str, int, str], float] = {}
         now = time.time()
         for ev in events:
             msg = ev.message
@@ -115,15 +117,21 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 metrics.decode_errors.labels(msg.topic).inc(len(errors))
                 await deadletter.send(key=ev.key, value=dead_letter(
                     f"{len(errors)} invalid record(s): {errors[0]}", ev.value or b"", stage="decode"))
+            if not decoded:
+                continue
+            if msg.timestamp:  # the records of one message share its produce time: one age per message
+                metrics.latency.observe(max(0.0, now - msg.timestamp))
+            partition = msg.partition
             for rec in decoded:
                 kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
-                if msg.timestamp:
-                    metrics.latency.observe(max(0.0, now - msg.timestamp))
-            records.extend((rec, msg.partition) for rec in decoded)
+                mark = (rec.job, rec.family(), partition, rec.key())
+                if rec.ts > latest.get(mark, -math.inf):
+                    latest[mark] = rec.ts
+            records.extend(decoded)
         for kind, n in kinds.items():  # one labelled increment per kind and batch, not per record
             metrics.events.labels(kind).inc(n)
         errors_before = pipeline.errors
-        found, summaries = pipeline.first_stage(rec for rec, _ in records)
+        found, summaries = pipeline.first_stage(records)
         count_skipped(errors_before)
         by_job: dict[str, list] = {}
         for s in summaries:
@@ -132,8 +140,8 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
                 await summaries_topic.send(key=job.encode(), value=pack)
         # only now may a progress report cover these records: their summaries are ahead of it in the topic
-        for rec, partition in records:
-            watermarks.observe(rec.job, rec.family(), partition, rec.key(), rec.ts, now)
+        for (job, family, partition, key), ts in latest.items():
+            watermarks.observe(job, family, partition, key, ts, now)
         await publish(found)
 
     for kind, topic_name in sources.items():

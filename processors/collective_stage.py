@@ -61,10 +61,10 @@ class OpHandler:
         verdicts = self.detector.update(items)
         out: list[Anomaly] = []
         summaries: list[Summary] = []
-        to_stage2 = self.ctx.wants("op_flag")
+        to_stage2, wants_ops = self.ctx.wants("op_flag"), self.ctx.wants("op")
         for rec, v in zip(kept, verdicts, strict=True):
-            summary = op_summary(rec) if rec.rank is not None else None
-            if summary is not None and self.ctx.wants("op"):
+            summary = op_summary(rec) if rec.rank is not None and (wants_ops or v.is_anomaly) else None
+            if summary is not None and wants_ops:
                 summaries.append(summary)
             if v.is_anomaly and v.onset:
                 a = op_timing_anomaly(rec, v)

@@ -72,7 +72,8 @@ class WorkerMetrics:
         self.lag = Gauge("rankwatch_consumer_lag", "Messages behind the log end, by topic", ["topic"],
                          registry=r)
         self.latency = Histogram("rankwatch_processing_latency_seconds",
-                                 "From the shipper producing a record to the worker finishing it",
+                                 "From the shipper producing a message to the worker taking it into a batch (one observation "
+                                 "per message: a pack's records share its produce time)",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.latest_score = Gauge("rankwatch_latest_score", "Score of the latest anomaly",
                                   ["detector", "signal", "job"], registry=r)

@@ -105,7 +105,7 @@ def _record_from(d: object) -> Record:
             file=str(d.get("file", "")),
             offset=int(d.get("offset", -1)),
             data={k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in raw_data.items()}
-            if kind in ("metrics", "gpu") else dict(raw_data),
+            if kind in ("metrics", "gpu") else raw_data if type(raw_data) is dict else dict(raw_data),
             fid=str(d.get("fid", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
