@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ class WorkerConfig:
     caught_up_messages: int = 0  # a partition at most this many messages behind counts as read to its end ...
     caught_up_s: float = 0.25  # ... as does one whose unread messages arrived in the last this many seconds
     lag_interval_s: float = 2.0
+    gc_freeze_s: float = 10.0  # survivors move to the permanent generation this often (0: Python's own GC only)
+    gc_full_s: float = 600.0  # ... and are unfrozen and collected in full this often (cycles among them)
 
 
 EMBEDDED_GROUP_TIMEOUTS = {"rebalance_timeout_s": 5.0, "session_timeout_s": 6.0, "heartbeat_interval_s": 1.0}
@@ -270,6 +273,23 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         @app.timer(worker.state_interval_s)
         async def snapshot_state() -> None:
             save_pipeline_state(pipeline, state_file)
+
+    if worker.gc_freeze_s > 0:
+        last_full = [time.monotonic()]
+
+        @app.timer(worker.gc_freeze_s)
+        async def freeze_heap() -> None:
+            """A worker holds hundreds of thousands of long-lived objects (Faust, torch, every key's detector
+            state), and each of Python's full collections walks them all: measured on a 1,024-rank backlog, 26
+            full collections of ~170 ms in 40 s, 4.3 s of the event loop, each a pause in detection. Frozen, they
+            are skipped (1.3 s). Reference counting still frees them; only cycles among frozen objects wait for
+            the periodic full collection."""
+            now = time.monotonic()
+            if now - last_full[0] >= worker.gc_full_s:
+                last_full[0] = now
+                gc.unfreeze()
+                gc.collect()
+            gc.freeze()
 
     @app.timer(worker.lag_interval_s)
     async def report_lag() -> None:
