@@ -65,8 +65,9 @@ def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int)
     return records, messages
 
 
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
+def stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds from a /proc stat file (a process's or one of its threads')."""
+    with open(path) as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -76,11 +77,9 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
+            out[int(tid)] = stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
             continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
@@ -116,7 +115,7 @@ def main() -> int:
                 n = events_processed(port, ("op",))
             except OSError:
                 continue
-            marks.append((time.time(), n, proc_cpu_s(worker.pid), thread_cpu_s(worker.pid)))
+            marks.append((time.time(), n, stat_cpu_s(f"/proc/{worker.pid}/stat"), thread_cpu_s(worker.pid)))
             if spy is None and a.profile and n > 0.05 * records and shutil.which("py-spy"):
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "-d", "20", "-r", "100", "-f",
                                         "raw", "-o", a.profile, "--nonblocking"], stdout=subprocess.DEVNULL,
