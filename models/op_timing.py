@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rankwatch.models.op_keys import KeyTable
 from rankwatch.models.op_lstm import CHUNK, SharedIntervalModel, infer_executor, torch_available
 
 EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
-_RECALIBRATE = 32  # ops between threshold recomputations per key (amortises the medians)
 
 
 @dataclass
@@ -93,263 +94,6 @@ class OpVerdict:
     new_run: bool = False
 
 
-class _Ring:
-    """Fixed-size float window, O(1) append, contiguous tail reads."""
-
-    __slots__ = ("buf", "n", "size", "filled")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.buf = np.zeros(2 * size, np.float32)
-        self.n = 0
-        self.filled = 0  # min(n, size), kept as an attribute: read on every op of the hot path
-
-    def append(self, x: float) -> None:
-        if self.n == 2 * self.size:
-            self.buf[: self.size] = self.buf[self.size:]
-            self.n = self.size
-        self.buf[self.n] = x
-        self.n += 1
-        if self.filled < self.size:
-            self.filled += 1
-
-    def tail(self, k: int) -> np.ndarray:
-        return self.buf[max(0, self.n - k): self.n]
-
-    def __len__(self) -> int:
-        return self.filled
-
-    def clear(self) -> None:
-        self.n = 0
-        self.filled = 0
-
-    def to_list(self) -> list[float]:
-        return [float(v) for v in self.tail(self.size)]
-
-    def extend(self, values: list[float]) -> None:
-        for v in values:
-            self.append(v)
-
-
-class _Calibration:
-    """Residuals of one predictor on one key -> threshold on the residual (robust, recomputed every 16 ops)."""
-
-    __slots__ = ("res", "threshold", "median", "scale", "since", "flagged_run")
-    _saved = ("threshold", "median", "scale", "since", "flagged_run")
-
-    def __init__(self, window: int) -> None:
-        self.res = _Ring(window)
-        self.threshold = math.inf
-        self.median = 0.0
-        self.scale = 1.0
-        self.since = 0
-        self.flagged_run = 0
-
-    def judge(self, r: float, k: float, min_points: int) -> tuple[bool, float]:
-        if self.res.filled < min_points:
-            self.learn(r, False)
-            return False, 0.0
-        z = (r - self.median) / self.scale
-        hit = r > self.threshold
-        self.learn(r, hit)
-        return hit, z
-
-    def learn(self, r: float, hit: bool) -> None:
-        # flagged residuals stay out (a slow episode must not widen its own threshold), unless the new level
-        # persists for a whole window: then it is the new normal
-        self.flagged_run = self.flagged_run + 1 if hit else 0
-        if not hit or self.flagged_run > self.res.size:
-            self.res.append(r)
-            self.since += 1
-
-    def save_state(self) -> dict[str, Any]:
-        d = {name: getattr(self, name) for name in self._saved}
-        d["threshold"] = d["threshold"] if math.isfinite(d["threshold"]) else None
-        return {"res": self.res.to_list(), **d}
-
-    def load_state(self, st: dict[str, Any]) -> None:
-        self.res.extend(st.get("res", []))
-        for name in self._saved:
-            if st.get(name) is not None:
-                setattr(self, name, st[name])
-
-    def recalibrate(self, k: float, floor: float) -> None:
-        if self.since < _RECALIBRATE and math.isfinite(self.threshold):
-            return
-        values = self.res.tail(self.res.size)
-        if len(values) == 0:
-            return
-        half = len(values) // 2  # upper median: one partition instead of np.median's sort-and-average
-        med = float(np.partition(values, half)[half])
-        mad = float(np.partition(np.abs(values - med), half)[half])
-        self.median, self.scale = med, max(1.4826 * mad, floor)
-        self.threshold = med + k * self.scale
-        self.since = 0
-
-
-class KeyState:
-    """Everything one rank/stream needs: run position, history, normalisation, period, calibration, episode."""
-
-    def __init__(self, cfg: OpTimingConfig, stream: str) -> None:
-        self.seq_len = int(cfg.for_stream(stream, "sequence_length"))
-        self.threshold = float(cfg.for_stream(stream, "threshold"))
-        self.k = float(cfg.for_stream(stream, "k"))
-        hist = max(self.seq_len + 1, 3 * cfg.op_max_period + 1)
-        self.y = _Ring(hist)  # log intervals of the current run
-        self.sref = _Ring(hist)  # seasonal reference that was predicted for each of them
-        self.last_ts: float | None = None
-        self.last_count: dict[str, int] = {}
-        self.last_save: Any = None
-        self.mean = 0.0
-        self.var = 1.0
-        self.sd = 1.0
-        self.n_norm = 0
-        self.model = ""  # the LSTM it shares (its job's, or its own with op_share = "key")
-        self.period = 0
-        self.since_period = 0
-        self.cal = {"seasonal": _Calibration(cfg.op_residual_window), "lstm": _Calibration(cfg.op_residual_window)}
-        self.run = -1  # the first op starts run 0
-        self.index = 0  # ops in the current run
-        self.last_flag = [-1, 0]  # (run, index) of the key's last anomalous op
-        self.episode_hits = 0  # anomalous ops of the key's current episode
-        self.total = 0
-
-    # ---- runs ---------------------------------------------------------------------------------------------
-    def continues(self, comm: str, op_count: int, save: Any) -> bool:
-        prev = self.last_count.get(comm)
-        if prev is None:
-            return self.last_ts is not None and (save is None or save == self.last_save)
-        return op_count == prev + 1
-
-    def new_run(self) -> None:
-        self.run += 1
-        self.index = 0
-        self.y.clear()
-        self.sref.clear()
-        self.last_ts = None
-        self.period = 0
-        self.since_period = 0
-
-    # ---- normalisation and the seasonal reference ------------------------------------------------------
-    def z(self, y: float | np.ndarray) -> Any:
-        return (y - self.mean) / self.sd
-
-    def learn_norm(self, y: float) -> None:
-        self.n_norm += 1
-        a = max(1.0 / self.n_norm, 0.01)
-        d = y - self.mean
-        self.mean += a * d
-        self.var = max((1 - a) * (self.var + a * d * d), 1e-4)
-        self.sd = math.sqrt(self.var)
-
-    def seasonal(self) -> float | None:
-        """Prediction of the next log interval from the same phase of the previous steps."""
-        p = self.period
-        y = self.y
-        if p == 0 or y.filled < 3 * p:
-            return None
-        a, b, c = y.buf[y.n - 3 * p: y.n: p].tolist()  # one read of the three values: scalars box slowly
-        return max(min(a, b), min(max(a, b), c))  # median of three
-
-    def update_period(self, max_period: int) -> None:
-        self.since_period += 1
-        n = len(self.y)
-        if (self.period and self.since_period < 64) or n < 24:
-            return
-        self.since_period = 0
-        self.period = step_period(self.y.tail(min(n, 4 * max_period)), max_period)
-
-    # ---- persistence ------------------------------------------------------------------------------------
-    def save_state(self) -> dict[str, Any]:
-        return {"y": self.y.to_list(), "sref": self.sref.to_list(), "last_ts": self.last_ts,
-                "last_count": dict(self.last_count), "last_save": self.last_save, "mean": self.mean,
-                "var": self.var, "n_norm": self.n_norm, "period": self.period, "since_period": self.since_period,
-                "run": self.run, "index": self.index, "last_flag": self.last_flag, "total": self.total,
-                "episode_hits": self.episode_hits,
-                "cal": {name: c.save_state() for name, c in self.cal.items()}}
-
-    def load_state(self, st: dict[str, Any]) -> None:
-        self.y.extend(st.get("y", []))
-        self.sref.extend(st.get("sref", []))
-        for name in ("last_ts", "last_save", "mean", "var", "n_norm", "period", "since_period", "run", "index",
-                     "total", "episode_hits"):
-            if name in st:
-                setattr(self, name, st[name])
-        self.sd = math.sqrt(self.var)
-        self.last_count = {str(k): int(v) for k, v in st.get("last_count", {}).items()}
-        if isinstance(st.get("last_flag"), list):
-            self.last_flag = [int(x) for x in st["last_flag"]]
-        for name, cal in st.get("cal", {}).items():
-            if name in self.cal:
-                self.cal[name].load_state(cal)
-
-
-class _Windows:
-    """The LSTM inputs of one batch for one model and window length, filled in place: per op, its key's last L
-    log intervals and seasonal references (the current op's reference last). Every full chunk is standardised
-    and handed to the inference thread at once, so the forward passes (GIL released) run beside the loop that
-    builds the next windows; results are collected in order, so the verdicts do not depend on the overlap."""
-
-    __slots__ = ("x", "mean", "sd", "rows", "model", "sent", "chunks", "preds")
-
-    def __init__(self, capacity: int, length: int, model: SharedIntervalModel) -> None:
-        self.x = np.empty((capacity, length, 2), np.float32)
-        self.mean = np.empty(capacity, np.float32)
-        self.sd = np.empty(capacity, np.float32)
-        self.rows: list[int] = []  # index into the batch's pending ops
-        self.model = model
-        self.sent = 0  # rows handed to the inference thread so far
-        self.chunks: list[Any] = []  # futures of [chunk] predictions, in row order
-        self.preds: list[list[float]] = []  # the collected chunks, de-standardised
-
-    def submit(self, inline: bool = False) -> None:
-        """Standardise the rows not sent yet and start their forward pass on the inference thread (or run it
-        here: a small batch's only chunk gains nothing from the hand-over)."""
-        a, b = self.sent, len(self.rows)
-        if b == a:
-            return
-        mean, sd = self.mean[a:b], self.sd[a:b]
-        self.x[a:b] = (self.x[a:b] - mean[:, None, None]) / sd[:, None, None]  # standardised in place
-        if inline:
-            done: Future = Future()
-            done.set_result(self.model.predict(self.x[a:b]))
-            self.chunks.append(done)
-        else:
-            self.chunks.append(infer_executor().submit(self.model.predict, self.x[a:b]))
-        self.sent = b
-
-    def pred_at(self, pos: int) -> float:
-        """The prediction for row `pos` (log seconds), waiting for its chunk: the verdicts of earlier chunks'
-        ops are decided while later chunks are still on the inference thread."""
-        k = pos // CHUNK  # every chunk but the last holds exactly CHUNK rows
-        while len(self.preds) <= k:
-            j = len(self.preds)
-            a = j * CHUNK
-            pred = self.chunks[j].result()
-            self.preds.append((pred * self.sd[a:a + len(pred)] + self.mean[a:a + len(pred)]).tolist())
-        return self.preds[k][pos - k * CHUNK]
-
-    def train_on(self, ys: list[float]) -> None:
-        """The scored windows and what followed them join the model's reservoir (after the verdicts, which
-        these weights no longer affect)."""
-        n = len(self.rows)
-        y = np.asarray(ys, np.float32)
-        self.model.offer(self.x[:n], (y - self.mean[:n]) / self.sd[:n])
-
-    def add(self, row: int, st: KeyState, season: float) -> int:
-        i = len(self.rows)
-        w = self.x[i]
-        n, L, y, ref = st.y.n, len(w), st.y, st.sref  # rings hold >= L values here (checked by the caller)
-        w[:, 0] = y.buf[n - L: n]
-        w[:-1, 1] = ref.buf[ref.n - L + 1: ref.n]
-        w[-1, 1] = season
-        self.mean[i], self.sd[i] = st.mean, st.sd
-        self.rows.append(row)
-        if i + 1 - self.sent >= CHUNK:
-            self.submit()
-        return i
-
-
 @dataclass(slots=True)
 class OpInput:
     key: tuple[str, int | None, str]  # job, rank, stream
@@ -359,25 +103,136 @@ class OpInput:
     save_count: Any = None
 
 
+_PREDICTORS = ("", "seasonal", "lstm")
+
+
+class OpVerdicts:
+    """The verdicts of one batch as columns (one row per input, in order); indexing or iterating gives
+    `OpVerdict`s. Callers that only want the findings read `onsets()`/`anomalies()` and build nothing per op."""
+
+    __slots__ = ("ready", "is_anomaly", "onset", "actual_s", "predicted_s", "deviation", "score", "threshold_s",
+                 "predictor", "run", "index", "new_run")
+
+    def __init__(self, n: int) -> None:
+        for name in ("ready", "is_anomaly", "onset", "new_run"):
+            setattr(self, name, np.zeros(n, bool))
+        for name in ("actual_s", "predicted_s", "deviation", "score"):
+            setattr(self, name, np.zeros(n))
+        self.threshold_s = np.full(n, np.nan)
+        self.predictor = np.zeros(n, np.int8)  # index into _PREDICTORS
+        self.run = np.zeros(n, np.int64)
+        self.index = np.zeros(n, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ready)
+
+    def __getitem__(self, i: int) -> OpVerdict:
+        thr = float(self.threshold_s[i])
+        return OpVerdict(bool(self.ready[i]), bool(self.is_anomaly[i]), bool(self.onset[i]), float(self.actual_s[i]),
+                         float(self.predicted_s[i]), float(self.deviation[i]), float(self.score[i]),
+                         None if math.isnan(thr) else thr, _PREDICTORS[self.predictor[i]], int(self.run[i]),
+                         int(self.index[i]), bool(self.new_run[i]))
+
+    def __iter__(self) -> Iterator[OpVerdict]:
+        return (self[i] for i in range(len(self)))
+
+    def onsets(self) -> np.ndarray:
+        """Positions of the ops that report their episode (is_anomaly and onset)."""
+        return np.flatnonzero(self.onset & self.is_anomaly)
+
+
+class _Windows:
+    """The LSTM inputs of one batch for one model and window length: per op, its key's last L log intervals and
+    seasonal references (the current op's reference last), standardised by the key's normalisation. Each full
+    chunk goes to the inference thread as soon as it is built, so the forward passes (GIL released) run beside
+    the rest of the batch; predictions are read back by op, so verdicts do not depend on the overlap."""
+
+    def __init__(self, capacity: int, length: int, model: SharedIntervalModel) -> None:
+        self.x = np.empty((capacity, length, 2), np.float32)
+        self.mean = np.empty(capacity, np.float32)
+        self.sd = np.empty(capacity, np.float32)
+        self.items = np.empty(capacity, np.int64)  # the op (batch position) of each row
+        self.rows = 0
+        self.sent = 0  # rows handed to the inference thread so far
+        self.model = model
+        self.chunks: list[tuple[int, int, Future]] = []  # (first row, rows, predictions)
+
+    def add(self, items: np.ndarray, x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> None:
+        a, b = self.rows, self.rows + len(items)
+        self.mean[a:b], self.sd[a:b], self.items[a:b] = mean, sd, items
+        self.x[a:b] = (x - self.mean[a:b, None, None]) / self.sd[a:b, None, None]
+        self.rows = b
+        while self.rows - self.sent >= CHUNK:
+            self._submit(self.sent + CHUNK)
+
+    def _submit(self, end: int, inline: bool = False) -> None:
+        a = self.sent
+        if inline:  # a small batch's only chunk gains nothing from the hand-over
+            done: Future = Future()
+            done.set_result(self.model.predict(self.x[a:end]))
+        else:
+            done = infer_executor().submit(self.model.predict, self.x[a:end])
+        self.chunks.append((a, end - a, done))
+        self.sent = end
+
+    def predictions(self, out: np.ndarray) -> None:
+        """Waits for every chunk; writes each row's prediction (log seconds) at its op's batch position."""
+        if self.rows > self.sent:
+            self._submit(self.rows, inline=not self.chunks)
+        for a, n, done in self.chunks:
+            out[self.items[a: a + n]] = done.result() * self.sd[a: a + n] + self.mean[a: a + n]
+
+    def train_on(self, y: np.ndarray) -> None:
+        """The scored windows and what followed them join the model's reservoir, in batch order (after the
+        verdicts, which these weights no longer affect)."""
+        n = self.rows
+        order = np.argsort(self.items[:n], kind="stable")
+        target = (y[self.items[:n]].astype(np.float32) - self.mean[:n]) / self.sd[:n]
+        self.model.offer(self.x[:n][order], target[order].astype(np.float32))
+
+
 class OpTimingDetector:
-    """All keys of a worker (or of an `analyze` run): `update(batch) -> [OpVerdict]`, one per input, in order.
-    LSTM predictions for the whole batch come from one forward pass per job."""
+    """All keys of a worker (or of an `analyze` run): `update(batch) -> OpVerdicts`, one per input, in order.
+
+    A batch is judged in rounds: round j holds the j-th op of every key in the batch, so each round is a few
+    array operations over distinct keys (models/op_keys.py), and every key still sees its own ops in order. All
+    rounds first advance the keys' runs and histories and build the LSTM windows (one forward pass per job and
+    window length, on the inference thread), then all rounds are judged."""
 
     def __init__(self, config: OpTimingConfig | None = None) -> None:
-        self.config = config or OpTimingConfig()
-        self.keys: dict[tuple[str, int | None, str], KeyState] = {}
+        self.config = c = config or OpTimingConfig()
+        lengths = [c.op_sequence_length] + [int(p["sequence_length"]) for p in c.op_stream_params.values()
+                                            if isinstance(p, dict) and p.get("sequence_length")]
+        self.table = KeyTable(max(max(lengths) + 1, 3 * c.op_max_period + 1), c.op_residual_window)
+        self.keys = self.table.slots  # key -> slot
         self.models: dict[str, SharedIntervalModel] = {}
-        self.error = {}  # job -> [ewma |residual| seasonal, ewma |residual| lstm]
+        self.model_ids: dict[str, int] = {}  # the table's model column: an index into model_names
+        self.model_names: list[str] = []
+        self.error: dict[str, list[float]] = {}  # job -> [ewma |residual| seasonal, ewma |residual| lstm]
 
-    def key_state(self, key: tuple[str, int | None, str]) -> KeyState:
-        st = self.keys.get(key)
-        if st is None:
-            st = self.keys[key] = KeyState(self.config, key[2])
-            st.model = self.model_key(key)
-            m = self.model(st.model)
+    def slot(self, key: tuple[str, int | None, str]) -> int:
+        """The key's row in the table, created on first sight with its stream's settings and its LSTM."""
+        slot = self.keys.get(key)
+        if slot is None:
+            t, c = self.table, self.config
+            slot = t.add(key)
+            t.seq_len[slot] = int(c.for_stream(key[2], "sequence_length"))
+            t.threshold[slot] = float(c.for_stream(key[2], "threshold"))
+            t.k[slot] = float(c.for_stream(key[2], "k"))
+            name = self.model_key(key)
+            if name not in self.model_ids:
+                self.model_ids[name] = len(self.model_names)
+                self.model_names.append(name)
+            t.model[slot] = self.model_ids[name]
+            m = self.model(name)
             if m is not None:
                 m.keys += 1
-        return st
+        return slot
+
+    def stream_settings(self, key: tuple[str, int | None, str]) -> dict[str, float]:
+        s = self.slot(key)
+        return {"sequence_length": int(self.table.seq_len[s]), "threshold": float(self.table.threshold[s]),
+                "k": float(self.table.k[s])}
 
     def model_key(self, key: tuple[str, int | None, str]) -> str:
         return key[0] if self.config.op_share == "job" else f"{key[0]}/{key[1]}/{key[2]}"
@@ -405,119 +260,248 @@ class OpTimingDetector:
         return self.config.op_predictor == "lstm" or bool(err and err[1] <= err[0])
 
     # ---- the batch update ---------------------------------------------------------------------------------
-    def update(self, items: list[OpInput]) -> list[OpVerdict]:
-        c = self.config
-        use_lstm = c.op_use_lstm and c.op_predictor != "seasonal" and torch_available()
-        verdicts: list[OpVerdict | None] = [None] * len(items)
-        # (i, state, y, actual, season, the LSTM window group and row of the op or None)
-        pending: list[tuple[int, KeyState, float, float, float | None, _Windows | None, int]] = []
-        windows: dict[tuple[str, int], _Windows] = {}
-        # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
-        # sample of the ops (enough to train it and to tell when it predicts better), not every one
+    def update(self, items: list[OpInput]) -> OpVerdicts:
+        n = len(items)
+        out = OpVerdicts(n)
+        if n == 0:
+            return out
+        t = self.table
         for m in self.models.values():
             m.take_weights()
-        active = {name: self.lstm_active(name) for name in self.models}
-        shadow = max(1, c.op_shadow_every)
-        keys = self.keys
-        for i, it in enumerate(items):
-            st = keys.get(it.key) or self.key_state(it.key)
-            new_run = False
-            if not st.continues(it.comm, it.op_count, it.save_count):
-                if st.last_ts is not None or st.total:
-                    new_run = True
-                st.new_run()
-            st.last_count[it.comm] = it.op_count
-            st.last_save = it.save_count
-            st.total += 1
-            if st.last_ts is None:
-                st.last_ts = it.ts
-                verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
-                continue
-            actual = max(it.ts - st.last_ts, 0.0)
-            st.last_ts = it.ts
-            st.index += 1
-            y = math.log(actual + EPS)
-            season = st.seasonal()
-            group, pos = None, -1
-            if (season is not None and use_lstm and st.y.filled >= st.seq_len
-                    and (st.index % shadow == 0 or active.get(st.model, True))):
-                group = windows.get((st.model, st.seq_len))
-                if group is None:
-                    model = self.model(st.model)
-                    assert model is not None  # use_lstm: the conditions under which model() gives one
-                    group = windows[(st.model, st.seq_len)] = _Windows(len(items), st.seq_len, model)
-                pos = group.add(len(pending), st, season)  # a full chunk starts its forward pass beside this loop
-            pending.append((i, st, y, actual, season, group, pos))
-            st.y.append(y)
-            st.sref.append(season if season is not None else y)
-            st.update_period(c.op_max_period)
-            verdicts[i] = OpVerdict(False, run=st.run, index=st.index, new_run=new_run)
-        for group in windows.values():
-            group.submit(inline=not group.chunks)
-        for i, st, y, actual, season, group, pos in pending:
-            lstm = group.pred_at(pos) if group is not None else None
-            verdicts[i] = self._judge(st, y, actual, season, lstm, active.get(st.model, False), verdicts[i])
-            st.learn_norm(y)
-        for group in windows.values():  # one reservoir offer per job (and window length); maybe a round
-            group.train_on([pending[j][2] for j in group.rows])
-        return verdicts  # type: ignore[return-value]
+        existing = set(self.models)
+        found = [self.keys.get(it.key) for it in items]
+        if None in found:
+            found = [self.slot(it.key) if f is None else f for f, it in zip(found, items, strict=True)]
+        slots = np.array(found, np.int64)
+        use_lstm = self.config.op_use_lstm and self.config.op_predictor != "seasonal" and torch_available()
+        b = _Batch(items, t, out, use_lstm)
+        # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
+        # sample of the ops (enough to train it and to tell when it predicts better), not every one. A job first
+        # seen in this batch: every op scored, none judged by the LSTM
+        active = {name: self.lstm_active(name) for name in existing}
+        b.scored = np.array([active.get(name, True) for name in self.model_ids], bool)
+        b.judged = np.array([active.get(name, False) for name in self.model_ids], bool)
+        rounds = _rounds(slots)
+        for idx in rounds:
+            self._advance(b, idx, slots[idx])
+        lstm = np.full(n, np.nan)
+        for group in b.windows.values():
+            group.predictions(lstm)
+        for idx in rounds:
+            self._judge(b, idx, slots[idx], lstm[idx])
+        self._track_errors(b, slots, lstm)
+        # one reservoir offer per job and window length, in the order of their first ops; maybe a round
+        for group in sorted(b.windows.values(), key=lambda g: int(g.items[: g.rows].min())):
+            group.train_on(b.y)
+        return out
 
-    def _judge(self, st: KeyState, y: float, actual: float, season: float | None, lstm: float | None,
-               lstm_active: bool, v: OpVerdict) -> OpVerdict:
-        c = self.config
-        if season is None:
-            return v
-        k = st.k
-        cal = st.cal["seasonal"]
-        cal.recalibrate(k, 0.05)
-        r = y - season
-        hit, z = cal.judge(r, k, 32)
-        pred, thr = season, cal.threshold
-        if lstm is not None:  # both are scored on every op, before either learns from it
-            err = self.error.setdefault(st.model, [0.0, 0.0])
-            err[0] += 0.01 * (abs(r) - err[0])
-            r_l = y - lstm
-            err[1] += 0.01 * (abs(r_l) - err[1])
-            cal_l = st.cal["lstm"]
-            cal_l.recalibrate(k, 0.05)
-            hit_l, z_l = cal_l.judge(r_l, k, 32)
-            if lstm_active:
-                hit, z, pred, thr = hit_l, z_l, lstm, cal_l.threshold
-        name = "lstm" if lstm is not None and lstm_active else "seasonal"
-        predicted = max(math.exp(pred) - EPS, 0.0)
-        deviation = abs(actual - predicted) / max(predicted, EPS)
-        if c.op_verdict == "relative":
-            hit = deviation > st.threshold
-        else:
-            hit = hit and actual >= c.op_min_ratio * predicted
-        ready = v.index >= c.op_min_history  # the op's own position: the key may have moved on in this batch
-        hit = hit and ready
-        v.ready, v.is_anomaly, v.actual_s, v.predicted_s = ready, hit, actual, predicted
-        v.deviation, v.score, v.predictor = deviation, z, name
-        if c.op_verdict == "relative":
-            v.threshold_s = predicted * (1 + st.threshold)
-        elif math.isfinite(thr):
-            v.threshold_s = max(math.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
-        if hit:
-            if (v.run, v.index - c.op_episode_gap) > tuple(st.last_flag):
-                st.episode_hits = 0  # a new episode
-            st.episode_hits += 1
-            v.onset = st.episode_hits == max(1, c.op_confirm)
-            st.last_flag = [v.run, v.index]
-        return v
+    # ---- round steps ------------------------------------------------------------------------------------
+    def _advance(self, b: _Batch, idx: np.ndarray, s: np.ndarray) -> None:
+        """One op of each of `s` (distinct keys): run continuity, interval, seasonal reference, LSTM window,
+        history and period. Nothing here depends on a verdict."""
+        t, c, out = self.table, self.config, b.out
+        cnt, comm, save = b.cnt[idx], b.comm[idx], b.save[idx]
+        last = t.last_comm[s]
+        same, prev = last == comm, t.last_cnt[s]
+        for j in np.flatnonzero((last >= 0) & ~same):  # the key's previous op was on another comm (rare)
+            p = t.switch_comm(int(s[j]), int(comm[j]))
+            if p is not None:
+                same[j], prev[j] = True, p
+        has_ts = t.has_ts[s]
+        cont = np.where(same, cnt == prev + 1, has_ts & ((save == 0) | (save == t.last_save[s])))
+        out.new_run[idx] = ~cont & (has_ts | (t.total[s] > 0))
+        if not cont.all():
+            t.reset_runs(s[~cont])
+        t.last_comm[s], t.last_cnt[s], t.last_save[s] = comm, cnt, save
+        t.total[s] += 1
+        go = t.has_ts[s]
+        if not go.all():  # the first op of a run: its time only
+            f, fi = s[~go], idx[~go]
+            t.last_ts[f], t.has_ts[f] = b.ts[fi], True
+            out.run[fi], out.index[fi] = t.run[f], t.index[f]
+            idx, s = idx[go], s[go]
+            if len(s) == 0:
+                return
+        ts = b.ts[idx]
+        actual = np.maximum(ts - t.last_ts[s], 0.0)
+        t.last_ts[s] = ts
+        t.index[s] += 1
+        out.run[idx], out.index[idx] = t.run[s], t.index[s]
+        y = np.log(actual + EPS)
+        # the seasonal reference: the median of the same phase of the previous three steps
+        p, hist = t.period[s], t.y
+        ok = (p > 0) & (hist.filled[s] >= 3 * p)
+        season = np.full(len(s), np.nan)
+        if ok.any():
+            so, po = s[ok], p[ok]
+            a, m, z = hist.back(so, 3 * po), hist.back(so, 2 * po), hist.back(so, po)
+            season[ok] = np.maximum(np.minimum(a, m), np.minimum(np.maximum(a, m), z))
+            if b.use_lstm:
+                scored = (t.index[s] % max(1, c.op_shadow_every) == 0) | b.scored[t.model[s]]
+                want = ok & (hist.filled[s] >= t.seq_len[s]) & scored
+                if want.any():
+                    self._windows(b, idx[want], s[want], season[want])
+        hist.append(s, y)
+        t.sref.append(s, np.where(ok, season, y))
+        self._update_periods(s)
+        b.y[idx], b.actual[idx], b.season[idx], b.interval[idx] = y, actual, season, True
+
+    def _windows(self, b: _Batch, idx: np.ndarray, s: np.ndarray, season: np.ndarray) -> None:
+        t = self.table
+        group_of = t.model[s] * 65536 + t.seq_len[s]  # one group per model and window length
+        for g in np.unique(group_of):
+            sel = group_of == g
+            ss = s[sel]
+            m, length = int(g) // 65536, int(g) % 65536
+            group = b.windows.get((m, length))
+            if group is None:
+                model = self.model(self.model_names[m])
+                assert model is not None  # use_lstm: the conditions under which model() gives one
+                group = b.windows[(m, length)] = _Windows(len(b.out), length, model)
+            x = np.empty((len(ss), length, 2), np.float32)
+            x[:, :, 0] = t.y.tails(ss, length)
+            x[:, :-1, 1] = t.sref.tails(ss, length - 1)
+            x[:, -1, 1] = season[sel]
+            group.add(idx[sel], x, t.mean[ss], t.sd[ss])
+
+    def _update_periods(self, s: np.ndarray) -> None:
+        """Re-estimate the step period of keys not yet known or not looked at for 64 ops (needs 24 intervals)."""
+        t, max_period = self.table, self.config.op_max_period
+        t.since_period[s] += 1
+        due = ~((t.period[s] > 0) & (t.since_period[s] < 64)) & (t.y.filled[s] >= 24)
+        for slot in s[due]:
+            t.since_period[slot] = 0
+            t.period[slot] = step_period(t.y.values(slot)[-4 * max_period:], max_period)
+
+    def _judge(self, b: _Batch, idx: np.ndarray, s: np.ndarray, lstm: np.ndarray) -> None:
+        """Verdicts for one op of each of `s`: both predictors are scored (before either learns from the op),
+        the one that judges the job decides; then episodes and the key's normalisation."""
+        t, c, out = self.table, self.config, b.out
+        sel = b.interval[idx] & ~np.isnan(b.season[idx])
+        i2, s2, lp = idx[sel], s[sel], lstm[sel]
+        if len(s2):
+            y, actual, pred = b.y[i2], b.actual[i2], b.season[i2].copy()
+            k = t.k[s2]
+            seasonal = t.cal["seasonal"]
+            seasonal.recalibrate(s2, k)
+            hit, z = seasonal.judge(s2, y - pred)
+            thr = seasonal.threshold[s2]
+            used = np.zeros(len(s2), bool)
+            scored = ~np.isnan(lp)
+            if scored.any():
+                sl = s2[scored]
+                cal = t.cal["lstm"]
+                cal.recalibrate(sl, k[scored])
+                hit_l, z_l = cal.judge(sl, y[scored] - lp[scored])
+                judges = b.judged[t.model[sl]]
+                use = np.flatnonzero(scored)[judges]
+                hit[use], z[use], pred[use], thr[use] = hit_l[judges], z_l[judges], lp[use], cal.threshold[sl[judges]]
+                used[use] = True
+            predicted = np.maximum(np.exp(pred) - EPS, 0.0)
+            deviation = np.abs(actual - predicted) / np.maximum(predicted, EPS)
+            if c.op_verdict == "relative":
+                hit = deviation > t.threshold[s2]
+                out.threshold_s[i2] = predicted * (1 + t.threshold[s2])
+            else:
+                hit &= actual >= c.op_min_ratio * predicted
+                with np.errstate(over="ignore", invalid="ignore"):
+                    limit = np.maximum(np.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
+                out.threshold_s[i2] = np.where(np.isfinite(thr), limit, np.nan)
+            index = out.index[i2]
+            ready = index >= c.op_min_history  # the op's own position: the key may have moved on in this batch
+            hit &= ready
+            out.ready[i2], out.is_anomaly[i2], out.actual_s[i2], out.predicted_s[i2] = ready, hit, actual, predicted
+            out.deviation[i2], out.score[i2], out.predictor[i2] = deviation, z, np.where(used, 2, 1)
+            if hit.any():
+                self._episodes(out, i2[hit], s2[hit])
+        ii = idx[b.interval[idx]]
+        self._learn_norm(s[b.interval[idx]], b.y[ii])
+
+    def _episodes(self, out: OpVerdicts, idx: np.ndarray, s: np.ndarray) -> None:
+        """Anomalous ops of a key fewer than op_episode_gap ops apart are one episode, reported at its
+        op_confirm-th op."""
+        t, c = self.table, self.config
+        run, index = out.run[idx], out.index[idx]
+        fr, fi = t.flag_run[s], t.flag_index[s]
+        new = (run > fr) | ((run == fr) & (index - c.op_episode_gap > fi))
+        hits = np.where(new, 0, t.episode_hits[s]) + 1
+        t.episode_hits[s] = hits
+        out.onset[idx] = hits == max(1, c.op_confirm)
+        t.flag_run[s], t.flag_index[s] = run, index
+
+    def _learn_norm(self, s: np.ndarray, y: np.ndarray) -> None:
+        """EWMA mean/sd of each key's log intervals (the LSTM's per-key units)."""
+        t = self.table
+        t.n_norm[s] += 1
+        a = np.maximum(1.0 / t.n_norm[s], 0.01)
+        d = y - t.mean[s]
+        t.mean[s] += a * d
+        var = np.maximum((1 - a) * (t.var[s] + a * d * d), 1e-4)
+        t.var[s], t.sd[s] = var, np.sqrt(var)
+
+    def _track_errors(self, b: _Batch, slots: np.ndarray, lstm: np.ndarray) -> None:
+        """Each job's EWMA |residual| of both predictors over the ops the LSTM scored, in batch order: which
+        one judges the job from the next batch on."""
+        ii = np.flatnonzero(~np.isnan(lstm))
+        if len(ii) == 0:
+            return
+        r_s, r_l = np.abs(b.y[ii] - b.season[ii]), np.abs(b.y[ii] - lstm[ii])
+        models = self.table.model[slots[ii]]
+        for m in np.unique(models):
+            sel = models == m
+            err = self.error.setdefault(self.model_names[m], [0.0, 0.0])
+            err[0], err[1] = _ewma(err[0], r_s[sel]), _ewma(err[1], r_l[sel])
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
-        return {"keys": [[list(k), st.save_state()] for k, st in self.keys.items()],
+        t = self.table
+        return {"keys": [[list(k), t.save_key(slot)] for k, slot in self.keys.items()],
                 "models": {job: m.save_state() for job, m in self.models.items()},
                 "error": {job: list(e) for job, e in self.error.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for key, st in state.get("keys", []):
             k = (str(key[0]), None if key[1] is None else int(key[1]), str(key[2]))
-            self.key_state(k).load_state(st)
+            self.table.load_key(self.slot(k), st)
         for job, ms in state.get("models", {}).items():
             m = self.model(job)
             if m is not None:
                 m.load_state(ms)
         self.error = {job: [float(a), float(b)] for job, (a, b) in state.get("error", {}).items()}
+
+
+def _ewma(e0: float, x: np.ndarray, a: float = 0.01) -> float:
+    """e <- e + a (x_i - e) over x in order, in closed form."""
+    w = a * (1 - a) ** np.arange(len(x) - 1, -1, -1)
+    return float((1 - a) ** len(x) * e0 + w @ x)
+
+
+def _rounds(slots: np.ndarray) -> list[np.ndarray]:
+    """Batch positions by round: round j holds the j-th op of each key in the batch, in batch order."""
+    order = np.argsort(slots, kind="stable")
+    s = slots[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    occ = np.empty(len(slots), np.int64)
+    occ[order] = np.arange(len(s)) - np.repeat(starts, np.diff(np.r_[starts, len(s)]))
+    by_round = np.argsort(occ, kind="stable")
+    return np.split(by_round, np.cumsum(np.bincount(occ))[:-1])
+
+
+class _Batch:
+    """One update's inputs as columns, and what the rounds learn about each op on the way."""
+
+    def __init__(self, items: list[OpInput], table: KeyTable, out: OpVerdicts, use_lstm: bool) -> None:
+        n = len(items)
+        self.out = out
+        self.ts = np.fromiter((it.ts for it in items), np.float64, n)
+        self.cnt = np.fromiter((it.op_count for it in items), np.int64, n)
+        self.comm = np.fromiter((table.comm_id(it.comm) for it in items), np.int64, n)
+        self.save = np.fromiter((table.save_id(it.save_count) for it in items), np.int64, n)
+        self.y = np.zeros(n)  # log interval
+        self.actual = np.zeros(n)  # interval, s
+        self.season = np.full(n, np.nan)  # the seasonal reference's prediction (log s), NaN: none yet
+        self.interval = np.zeros(n, bool)  # the op has an interval (not the first of its run)
+        self.use_lstm = use_lstm
+        self.scored = np.zeros(0, bool)  # per model: the LSTM scores every op (else 1 in op_shadow_every)
+        self.judged = np.zeros(0, bool)  # per model: the LSTM judges
+        self.windows: dict[tuple[int, int], _Windows] = {}

@@ -62,12 +62,15 @@ class OpHandler:
         out: list[Anomaly] = []
         summaries: list[Summary] = []
         to_stage2, wants_ops = self.ctx.wants("op_flag"), self.ctx.wants("op")
-        for rec, v in zip(kept, verdicts, strict=True):
-            summary = op_summary(rec) if rec.rank is not None and (wants_ops or v.is_anomaly) else None
+        found = {int(i): op_timing_anomaly(kept[i], verdicts[i]) for i in verdicts.onsets()}
+        if not found:  # the usual batch
+            return out, [op_summary(rec) for rec in kept if rec.rank is not None] if wants_ops else []
+        for i, rec in enumerate(kept):
+            a = found.get(i)
+            summary = op_summary(rec) if rec.rank is not None and (wants_ops or a is not None) else None
             if summary is not None and wants_ops:
                 summaries.append(summary)
-            if v.is_anomaly and v.onset:
-                a = op_timing_anomaly(rec, v)
+            if a is not None:
                 if to_stage2 and summary is not None:
                     summaries.append({**summary, "type": "op_flag", "anomaly": anomaly_fields(a)})
                 else:

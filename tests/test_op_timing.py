@@ -82,9 +82,10 @@ def test_runs_split_on_gap_restart_and_new_save_count():
 def test_per_stream_overrides():
     cfg = OpTimingConfig(op_use_lstm=False, op_stream_params={"0xs1": {"sequence_length": 8, "threshold": 1.5}})
     det = OpTimingDetector(cfg)
-    st = det.key_state(KEY)
-    other = det.key_state(("job", 3, "0xs2"))
-    assert (st.seq_len, st.threshold) == (8, 1.5) and (other.seq_len, other.threshold) == (10, 2.0)
+    st = det.stream_settings(KEY)
+    other = det.stream_settings(("job", 3, "0xs2"))
+    assert (st["sequence_length"], st["threshold"]) == (8, 1.5)
+    assert (other["sequence_length"], other["threshold"]) == (10, 2.0)
 
 
 def test_lstm_trains_in_rounds_and_state_roundtrips_exactly(tmp_path):
