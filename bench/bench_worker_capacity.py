@@ -1,14 +1,15 @@
 """How many op records/s one real worker process judges end to end: Kafka fetch, Faust, decode, both stages,
 the summaries' round trip through their topic, metrics.
 
-    python bench/bench_worker_capacity.py [--rate 50000] [--cycle 0.25] [--steps 50] [--profile FILE]
+    python bench/bench_worker_capacity.py [--rate 50000] [--cycle 0.25] [--steps 100] [--steady 0.5] [--profile FILE]
 
 A healthy 1,024-rank x 4-stream synchronous job's op records (bench_op_latency.load_ops) are written to the ops
 topic of an embedded broker first, packed as 128 node shippers reading every `--cycle` seconds would pack them at
 `--rate` records/s of event time (one message per node, read and partition: producers/packing.py), so records per
 message are what such a job gives. Then one worker starts and reads the backlog; its capacity is the records it
 judged over the time between its first and last hundredth of them (its group join and start excluded), from its
-own /metrics. Nothing else runs meanwhile: no load generator and no shipper share the cores, only the broker
+own /metrics, and again from `--steady` (half) of them on: a new job's first minute also pays for the shared
+LSTM's first training rounds (op_train_budget), which later minutes do not. Nothing else runs meanwhile: no load generator and no shipper share the cores, only the broker
 serving fetches. `--profile FILE` samples the worker with py-spy (if installed) into FILE (collapsed stacks).
 """
 
@@ -87,9 +88,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=float, default=50_000.0, help="event-time records/s the shippers saw")
     ap.add_argument("--cycle", type=float, default=0.25, help="seconds between a shipper's reads")
-    ap.add_argument("--steps", type=int, default=50, help="steps of the 1,024 x 4 job (12,288 records each)")
+    ap.add_argument("--steps", type=int, default=100, help="steps of the 1,024 x 4 job (12,288 records each)")
     ap.add_argument("--shippers", type=int, default=128)
-    ap.add_argument("--profile", help="py-spy collapsed stacks of the worker while it reads the backlog")
+    ap.add_argument("--predictor", choices=["auto", "seasonal", "lstm"], default="auto",
+                    help="op_predictor of the worker (auto: the LSTM judges this load once it predicts it better)")
+    ap.add_argument("--steady", type=float, default=0.5,
+                    help="second figure from this fraction of the backlog on: past the LSTM's first training "
+                         "rounds (its budget), which the first minute of a job pays once")
+    ap.add_argument("--profile", help="py-spy collapsed stacks of the worker from --steady on")
     ap.add_argument("--timeout", type=float, default=300.0)
     a = ap.parse_args()
     broker = EmbeddedBroker(port=free_port()).start()
@@ -104,7 +110,7 @@ def main() -> int:
               f"in {time.time() - t:.0f} s")
         port = free_port()
         worker = subprocess.Popen([sys.executable, "-m", "rankwatch.cli", "worker", "--embedded", "--metrics-port",
-                                   str(port)], env={**os.environ, **s.env()}, preexec_fn=die_with_parent,
+                                   str(port)], env={**os.environ, **s.env(), "RANKWATCH_OP_PREDICTOR": a.predictor}, preexec_fn=die_with_parent,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         spy = None
         marks: list[tuple[float, float, float, dict[int, float]]] = []  # wall, records judged, CPU s, per thread
@@ -116,7 +122,7 @@ def main() -> int:
             except OSError:
                 continue
             marks.append((time.time(), n, stat_cpu_s(f"/proc/{worker.pid}/stat"), thread_cpu_s(worker.pid)))
-            if spy is None and a.profile and n > 0.05 * records and shutil.which("py-spy"):
+            if spy is None and a.profile and n > a.steady * records and shutil.which("py-spy"):
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "-d", "20", "-r", "100", "-f",
                                         "raw", "-o", a.profile, "--nonblocking"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
@@ -128,21 +134,32 @@ def main() -> int:
         if worker is not None:
             stop_process(worker, 15)
         broker.stop()
-    lo = next((m for m in marks if m[1] >= 0.01 * records), None)
-    hi = next((m for m in marks if m[1] >= 0.99 * records), None)
-    if lo is None or hi is None or hi[0] <= lo[0]:
+    if not marks or marks[-1][1] < 0.99 * records:
         print(f"the worker judged {marks[-1][1] if marks else 0:,.0f} of {records:,} records within {a.timeout} s")
         return 1
+    print(f"{records / messages:.1f} records per message (rate {a.rate:,.0f}/s, reads every {a.cycle} s), "
+          f"op_predictor {a.predictor}")
+    for name, start in (("whole backlog", 0.01), (f"from {a.steady:.0%} on", a.steady)):
+        report(name, marks, start * records, 0.99 * records, worker.pid)
+    return 0
+
+
+def report(name: str, marks: list[tuple[float, float, float, dict[int, float]]], first: float, last: float,
+           pid: int) -> None:
+    """Records/s, cores busy and CPU per record between the marks where `first` and `last` records were judged."""
+    lo = next(m for m in marks if m[1] >= first)
+    hi = next(m for m in marks if m[1] >= last)
+    if hi[0] <= lo[0]:
+        print(f"{name}: too few marks")
+        return
     n = hi[1] - lo[1]
     wall, cpu = hi[0] - lo[0], hi[2] - lo[2]
-    print(f"one worker: {n / wall:,.0f} op records/s end to end ({n:,.0f} in {wall:.1f} s), "
-          f"{cpu / wall:.2f} cores busy, {1e6 * cpu / n:.0f} us of worker CPU per record; "
-          f"{records / messages:.1f} records per message (rate {a.rate:,.0f}/s, reads every {a.cycle} s)")
     busy = sorted(((hi[3].get(t, 0.0) - lo[3].get(t, 0.0)) / wall, t) for t in hi[3])[::-1]
-    main_share = next((b for b, t in busy if t == worker.pid), 0.0)
-    others = ", ".join(f"{b:.2f}" for b, t in busy if t != worker.pid and b >= 0.01)
-    print(f"cores busy per thread: main (event loop) {main_share:.2f}; others {others or '-'}")
-    return 0
+    main_share = next((b for b, t in busy if t == pid), 0.0)
+    others = ", ".join(f"{b:.2f}" for b, t in busy if t != pid and b >= 0.01)
+    print(f"{name}: {n / wall:,.0f} op records/s end to end ({n:,.0f} in {wall:.1f} s), {cpu / wall:.2f} cores "
+          f"busy, {1e6 * cpu / n:.0f} us of worker CPU per record; per thread: main {main_share:.2f}, "
+          f"others {others or '-'}")
 
 
 if __name__ == "__main__":

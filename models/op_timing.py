@@ -175,6 +175,11 @@ class _Windows:
         self.chunks.append((a, end - a, done))
         self.sent = end
 
+    def send(self) -> None:
+        """Hand every row not sent yet to the inference thread."""
+        if self.rows > self.sent:
+            self._submit(self.rows)
+
     def predictions(self, out: np.ndarray) -> None:
         """Waits for every chunk; writes each row's prediction (log seconds) at its op's batch position."""
         if self.rows > self.sent:
@@ -209,6 +214,8 @@ class OpTimingDetector:
         self.model_ids: dict[str, int] = {}  # the table's model column: an index into model_names
         self.model_names: list[str] = []
         self.error: dict[str, list[float]] = {}  # job -> [ewma |residual| seasonal, ewma |residual| lstm]
+        # the last batch's LSTM shadow scores, still on the inference thread: (windows, y, season, slots)
+        self._shadow: tuple[list[_Windows], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def slot(self, key: tuple[str, int | None, str]) -> int:
         """The key's row in the table, created on first sight with its stream's settings and its LSTM."""
@@ -266,6 +273,7 @@ class OpTimingDetector:
         if n == 0:
             return out
         t = self.table
+        self.settle()
         for m in self.models.values():
             m.take_weights()
         existing = set(self.models)
@@ -285,15 +293,43 @@ class OpTimingDetector:
         for idx in rounds:
             self._advance(b, idx, slots[idx])
         lstm = np.full(n, np.nan)
-        for group in b.windows.values():
+        judging = [g for (m, _), g in b.windows.items() if b.judged[m]]
+        for group in judging:
             group.predictions(lstm)
         for idx in rounds:
             self._judge(b, idx, slots[idx], lstm[idx])
-        self._track_errors(b, slots, lstm)
-        # one reservoir offer per job and window length, in the order of their first ops; maybe a round
-        for group in sorted(b.windows.values(), key=lambda g: int(g.items[: g.rows].min())):
-            group.train_on(b.y)
+        self._learn_lstm(b.y, b.season, slots, lstm, judging)
+        # where the seasonal reference judges, no verdict waits for the LSTM: its forward passes run on while
+        # this batch's verdicts go out, and it learns from them at the start of the next update (settle)
+        shadow = [g for (m, _), g in b.windows.items() if not b.judged[m]]
+        for group in shadow:
+            group.send()
+        self._shadow = (shadow, b.y, b.season, slots) if shadow else None
         return out
+
+    def settle(self) -> None:
+        """The LSTM's shadow scores of the last batch: its calibration per key, its error against the seasonal
+        reference per job, its reservoir (waits for the forward passes still running)."""
+        if self._shadow is None:
+            return
+        groups, y, season, slots = self._shadow
+        self._shadow = None
+        lstm = np.full(len(y), np.nan)
+        for group in groups:
+            group.predictions(lstm)
+        scored = np.flatnonzero(~np.isnan(lstm))  # batch order
+        cal, s = self.table.cal["lstm"], slots[scored]
+        for r in _rounds(s):
+            cal.recalibrate(s[r], self.table.k[s[r]])
+            cal.judge(s[r], y[scored[r]] - lstm[scored[r]])
+        self._learn_lstm(y, season, slots, lstm, groups)
+
+    def _learn_lstm(self, y: np.ndarray, season: np.ndarray, slots: np.ndarray, lstm: np.ndarray,
+                    groups: list[_Windows]) -> None:
+        self._track_errors(y, season, slots, lstm)
+        # one reservoir offer per job and window length, in the order of their first ops; maybe a round
+        for group in sorted(groups, key=lambda g: int(g.items[: g.rows].min())):
+            group.train_on(y)
 
     # ---- round steps ------------------------------------------------------------------------------------
     def _advance(self, b: _Batch, idx: np.ndarray, s: np.ndarray) -> None:
@@ -439,13 +475,13 @@ class OpTimingDetector:
         var = np.maximum((1 - a) * (t.var[s] + a * d * d), 1e-4)
         t.var[s], t.sd[s] = var, np.sqrt(var)
 
-    def _track_errors(self, b: _Batch, slots: np.ndarray, lstm: np.ndarray) -> None:
+    def _track_errors(self, y: np.ndarray, season: np.ndarray, slots: np.ndarray, lstm: np.ndarray) -> None:
         """Each job's EWMA |residual| of both predictors over the ops the LSTM scored, in batch order: which
         one judges the job from the next batch on."""
         ii = np.flatnonzero(~np.isnan(lstm))
         if len(ii) == 0:
             return
-        r_s, r_l = np.abs(b.y[ii] - b.season[ii]), np.abs(b.y[ii] - lstm[ii])
+        r_s, r_l = np.abs(y[ii] - season[ii]), np.abs(y[ii] - lstm[ii])
         models = self.table.model[slots[ii]]
         for m in np.unique(models):
             sel = models == m
@@ -453,7 +489,12 @@ class OpTimingDetector:
             err[0], err[1] = _ewma(err[0], r_s[sel]), _ewma(err[1], r_l[sel])
 
     # ---- persistence ------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:  # picklable (detector contract): no futures
+        self.settle()
+        return self.__dict__
+
     def save_state(self) -> dict[str, Any]:
+        self.settle()
         t = self.table
         return {"keys": [[list(k), t.save_key(slot)] for k, slot in self.keys.items()],
                 "models": {job: m.save_state() for job, m in self.models.items()},
