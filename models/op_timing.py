@@ -268,7 +268,14 @@ class OpTimingDetector:
 
     # ---- the batch update ---------------------------------------------------------------------------------
     def update(self, items: list[OpInput]) -> OpVerdicts:
-        n = len(items)
+        return self.update_columns([it.key for it in items], [it.ts for it in items],
+                                   [it.op_count for it in items], [it.comm for it in items],
+                                   [it.save_count for it in items])
+
+    def update_columns(self, keys: list[tuple[str, int | None, str]], ts: list[float], op_counts: list[int],
+                       comms: list[str], save_counts: list[Any]) -> OpVerdicts:
+        """`update` for inputs given as columns (the worker's adapter builds no object per op)."""
+        n = len(keys)
         out = OpVerdicts(n)
         if n == 0:
             return out
@@ -277,12 +284,15 @@ class OpTimingDetector:
         for m in self.models.values():
             m.take_weights()
         existing = set(self.models)
-        found = [self.keys.get(it.key) for it in items]
+        found = [self.keys.get(k) for k in keys]
         if None in found:
-            found = [self.slot(it.key) if f is None else f for f, it in zip(found, items, strict=True)]
+            found = [self.slot(k) if f is None else f for f, k in zip(found, keys, strict=True)]
         slots = np.array(found, np.int64)
         use_lstm = self.config.op_use_lstm and self.config.op_predictor != "seasonal" and torch_available()
-        b = _Batch(items, t, out, use_lstm)
+        b = _Batch(t, out, use_lstm)
+        b.ts, b.cnt = np.array(ts, np.float64), np.array(op_counts, np.int64)
+        b.comm = np.array([t.comm_ids.get(c) if c in t.comm_ids else t.comm_id(c) for c in comms], np.int64)
+        b.save = np.array([t.save_id(v) for v in save_counts], np.int64)
         # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
         # sample of the ops (enough to train it and to tell when it predicts better), not every one. A job first
         # seen in this batch: every op scored, none judged by the LSTM
@@ -531,13 +541,13 @@ def _rounds(slots: np.ndarray) -> list[np.ndarray]:
 class _Batch:
     """One update's inputs as columns, and what the rounds learn about each op on the way."""
 
-    def __init__(self, items: list[OpInput], table: KeyTable, out: OpVerdicts, use_lstm: bool) -> None:
-        n = len(items)
+    def __init__(self, table: KeyTable, out: OpVerdicts, use_lstm: bool) -> None:
+        n = len(out)
         self.out = out
-        self.ts = np.fromiter((it.ts for it in items), np.float64, n)
-        self.cnt = np.fromiter((it.op_count for it in items), np.int64, n)
-        self.comm = np.fromiter((table.comm_id(it.comm) for it in items), np.int64, n)
-        self.save = np.fromiter((table.save_id(it.save_count) for it in items), np.int64, n)
+        self.ts = np.zeros(n)  # the inputs (set by the caller)
+        self.cnt = np.zeros(n, np.int64)
+        self.comm = np.zeros(n, np.int64)  # interned by the table
+        self.save = np.zeros(n, np.int64)
         self.y = np.zeros(n)  # log interval
         self.actual = np.zeros(n)  # interval, s
         self.season = np.full(n, np.nan)  # the seasonal reference's prediction (log s), NaN: none yet

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
-from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector, OpVerdict
+from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict
 from rankwatch.processors.stages import Summary
 
 from rankwatch.records import Anomaly, Record
@@ -48,17 +48,22 @@ class OpHandler:
         self.detector = OpTimingDetector(ctx.config)
 
     def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
-        items, kept = [], []
-        for rec in records:
-            try:
-                d = rec.data
-                stream = str(d.get("stream", "default"))
-                items.append(OpInput((rec.job, rec.rank, stream), float(rec.ts), int(d["op_count"]),
-                                     str(d.get("comm") or d.get("comm_id") or ""), d.get("save_count")))
-                kept.append(rec)
-            except (TypeError, ValueError, KeyError) as exc:
-                self.ctx.skip(rec, exc)
-        verdicts = self.detector.update(items)
+        try:  # the usual batch: every record has an opCount, columns built at once
+            counts = [int(rec.data["op_count"]) for rec in records]
+            kept = records
+        except (TypeError, ValueError, KeyError):
+            kept, counts = [], []
+            for rec in records:
+                try:
+                    counts.append(int(rec.data["op_count"]))
+                    kept.append(rec)
+                except (TypeError, ValueError, KeyError) as exc:
+                    self.ctx.skip(rec, exc)
+        data = [rec.data for rec in kept]
+        verdicts = self.detector.update_columns(
+            [(rec.job, rec.rank, str(d.get("stream", "default"))) for rec, d in zip(kept, data, strict=True)],
+            [rec.ts for rec in kept], counts, [str(d.get("comm") or d.get("comm_id") or "") for d in data],
+            [d.get("save_count") for d in data])
         out: list[Anomaly] = []
         summaries: list[Summary] = []
         to_stage2 = self.ctx.wants("op_flag")
@@ -224,21 +229,31 @@ class CollectiveJob:
         return out
 
     def _ops(self, s: Summary) -> None:
-        wall = self.ctx.wall
-        for rank, ts, comm, ptr, n, op, nranks, count, file, offset in zip(*(s[k] for k in OP_COLUMNS), strict=True):
-            if not comm:
-                comm = self._shared(int(rank), str(ptr), nranks, op, count)
-            self._op(int(rank), float(ts), comm, int(n), op, nranks, file, offset, wall)
+        ranks, ts, comms, ptrs, ns, ops, nranks, counts, files, offsets = (s[k] for k in OP_COLUMNS)
+        for i, comm in enumerate(comms):
+            if not comm:  # a per-process pointer: resolved here, where every rank's init lines arrive
+                comms[i] = self._shared(int(ranks[i]), str(ptrs[i]), nranks[i], ops[i], counts[i])
+        add = self.tracker.add
+        for rank, t, comm, n, op, size in zip(ranks, ts, comms, ns, ops, nranks, strict=True):
+            add(comm, rank, n, t, op, int(size) if isinstance(size, (int, float)) else 0)
+        # the source line of each op (a finding names it), and each rank's latest, in bulk
+        refs = list(zip(files, offsets, strict=True))
+        self.refs.update(zip(zip(comms, ns, ranks, strict=True), refs, strict=True))
+        while len(self.refs) > 65536:  # recent ops only: a late op is judged within seconds
+            self.refs.popitem(last=False)
+        self.last_ref.update(zip(ranks, refs, strict=True))
+        if self.ctx.wall is not None:  # the stream: when each rank was last heard of
+            self.heard.update(dict.fromkeys(ranks, self.ctx.wall))
 
     def _op(self, rank: int, ts: float, comm: str, n: int, op: str, nranks: Any, file: str, offset: int,
             wall: float | None) -> None:
         ref = (file, offset)
         self.refs[(comm, n, rank)] = ref
-        if len(self.refs) > 65536:  # recent ops only: a late op is judged within seconds
+        if len(self.refs) > 65536:
             self.refs.popitem(last=False)
         self.tracker.add(comm, rank, n, ts, op, int(nranks) if isinstance(nranks, (int, float)) else 0)
         self.last_ref[rank] = ref
-        if wall is not None:  # the stream: when this rank was last heard of
+        if wall is not None:
             self.heard[rank] = wall
 
     def _comm(self, s: Summary, rank: int) -> str:
