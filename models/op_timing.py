@@ -7,7 +7,7 @@ per key:
 - its normalisation (EWMA mean/sd of y), so one shared network serves streams of any speed;
 - its period p (ops per step, re-estimated from its own history) and the seasonal reference
   median(y[-p], y[-2p], y[-3p]): the moving-average predictor that answers during warm-up and without torch;
-- a residual window per predictor, recalibrated every 16 ops: an op is anomalous when its residual exceeds the
+- a residual window per predictor, recalibrated every 32 residuals: an op is anomalous when its residual exceeds the
   key's own median + k * 1.4826 * MAD *and* the interval is at least `min_ratio` times the prediction. k is
   chosen by measurement (bench/bench_op_timing.py, docs/DETECTION.md). The seed tool's fixed rule (relative
   error > threshold) stays available with `op_verdict = "relative"`.
@@ -17,20 +17,23 @@ better than the seasonal predictor does (both are scored on every op, before eit
 Anomalous ops of a key fewer than `op_episode_gap` ops apart form one episode, reported once, when its
 `op_confirm`-th anomalous op arrives (its onset): on long normal runs the findings left were single slow
 collectives (heavy-tailed jitter, 1.6-2x), which a slow stream or rank never is (docs/DETECTION.md).
+
+All of it is per key; the keys' state lives in column arrays (models/op_keys.py) and a batch is judged in rounds
+over them (OpTimingDetector), so a worker pays a few array operations per round, not a Python step per op.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rankwatch.models.op_batch import Batch, OpInput, OpVerdict, OpVerdicts, Windows, ewma, rounds
 from rankwatch.models.op_keys import KeyTable
-from rankwatch.models.op_lstm import CHUNK, SharedIntervalModel, infer_executor, torch_available
+from rankwatch.models.op_lstm import SharedIntervalModel, torch_available
+
+__all__ = ["OpInput", "OpTimingConfig", "OpTimingDetector", "OpVerdict", "OpVerdicts", "step_period"]
 
 EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
 
@@ -78,124 +81,6 @@ def step_period(h: np.ndarray, max_period: int) -> int:
     return int(np.argmax(scores <= scores.min() * 1.1 + 1e-3)) + 1
 
 
-@dataclass(slots=True)
-class OpVerdict:
-    ready: bool
-    is_anomaly: bool = False
-    onset: bool = False  # the op that reports its episode: the episode's op_confirm-th anomalous op
-    actual_s: float = 0.0
-    predicted_s: float = 0.0
-    deviation: float = 0.0  # the seed's score: |actual - predicted| / predicted
-    score: float = 0.0  # robust z of the residual on the key's own residuals
-    threshold_s: float | None = None  # interval above which this op would have been anomalous
-    predictor: str = ""
-    run: int = 0  # run number within the key
-    index: int = 0  # op index within the run (the seed report's anomaly_indices)
-    new_run: bool = False
-
-
-@dataclass(slots=True)
-class OpInput:
-    key: tuple[str, int | None, str]  # job, rank, stream
-    ts: float
-    op_count: int
-    comm: str = ""
-    save_count: Any = None
-
-
-_PREDICTORS = ("", "seasonal", "lstm")
-
-
-class OpVerdicts:
-    """The verdicts of one batch as columns (one row per input, in order); indexing or iterating gives
-    `OpVerdict`s. Callers that only want the findings read `onsets()`/`anomalies()` and build nothing per op."""
-
-    __slots__ = ("ready", "is_anomaly", "onset", "actual_s", "predicted_s", "deviation", "score", "threshold_s",
-                 "predictor", "run", "index", "new_run")
-
-    def __init__(self, n: int) -> None:
-        for name in ("ready", "is_anomaly", "onset", "new_run"):
-            setattr(self, name, np.zeros(n, bool))
-        for name in ("actual_s", "predicted_s", "deviation", "score"):
-            setattr(self, name, np.zeros(n))
-        self.threshold_s = np.full(n, np.nan)
-        self.predictor = np.zeros(n, np.int8)  # index into _PREDICTORS
-        self.run = np.zeros(n, np.int64)
-        self.index = np.zeros(n, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ready)
-
-    def __getitem__(self, i: int) -> OpVerdict:
-        thr = float(self.threshold_s[i])
-        return OpVerdict(bool(self.ready[i]), bool(self.is_anomaly[i]), bool(self.onset[i]), float(self.actual_s[i]),
-                         float(self.predicted_s[i]), float(self.deviation[i]), float(self.score[i]),
-                         None if math.isnan(thr) else thr, _PREDICTORS[self.predictor[i]], int(self.run[i]),
-                         int(self.index[i]), bool(self.new_run[i]))
-
-    def __iter__(self) -> Iterator[OpVerdict]:
-        return (self[i] for i in range(len(self)))
-
-    def onsets(self) -> np.ndarray:
-        """Positions of the ops that report their episode (is_anomaly and onset)."""
-        return np.flatnonzero(self.onset & self.is_anomaly)
-
-
-class _Windows:
-    """The LSTM inputs of one batch for one model and window length: per op, its key's last L log intervals and
-    seasonal references (the current op's reference last), standardised by the key's normalisation. Each full
-    chunk goes to the inference thread as soon as it is built, so the forward passes (GIL released) run beside
-    the rest of the batch; predictions are read back by op, so verdicts do not depend on the overlap."""
-
-    def __init__(self, capacity: int, length: int, model: SharedIntervalModel) -> None:
-        self.x = np.empty((capacity, length, 2), np.float32)
-        self.mean = np.empty(capacity, np.float32)
-        self.sd = np.empty(capacity, np.float32)
-        self.items = np.empty(capacity, np.int64)  # the op (batch position) of each row
-        self.rows = 0
-        self.sent = 0  # rows handed to the inference thread so far
-        self.model = model
-        self.chunks: list[tuple[int, int, Future]] = []  # (first row, rows, predictions)
-
-    def add(self, items: np.ndarray, x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> None:
-        a, b = self.rows, self.rows + len(items)
-        self.mean[a:b], self.sd[a:b], self.items[a:b] = mean, sd, items
-        self.x[a:b] = (x - self.mean[a:b, None, None]) / self.sd[a:b, None, None]
-        self.rows = b
-        while self.rows - self.sent >= CHUNK:
-            self._submit(self.sent + CHUNK)
-
-    def _submit(self, end: int, inline: bool = False) -> None:
-        a = self.sent
-        if inline:  # a small batch's only chunk gains nothing from the hand-over
-            done: Future = Future()
-            done.set_result(self.model.predict(self.x[a:end]))
-        else:
-            done = infer_executor().submit(self.model.predict, self.x[a:end])
-        self.chunks.append((a, end - a, done))
-        self.sent = end
-
-    def send(self) -> None:
-        """Hand every row not sent yet to the inference thread."""
-        if self.rows > self.sent:
-            self._submit(self.rows)
-
-    def predictions(self, out: np.ndarray) -> None:
-        """Waits for every chunk; writes each row's prediction (log seconds) at its op's batch position."""
-        if self.rows > self.sent:
-            self._submit(self.rows, inline=not self.chunks)
-        for a, n, done in self.chunks:
-            out[self.items[a: a + n]] = done.result() * self.sd[a: a + n] + self.mean[a: a + n]
-
-    def train_on(self, y: np.ndarray) -> None:
-        """The scored windows and what followed them join the model's reservoir, in batch order (after the
-        verdicts, which these weights no longer affect)."""
-        n = self.rows
-        order = np.argsort(self.items[:n], kind="stable")
-        target = (y[self.items[:n]].astype(np.float32) - self.mean[:n]) / self.sd[:n]
-        self.model.offer(self.x[:n][order], target[order].astype(np.float32))
-
-
 class OpTimingDetector:
     """All keys of a worker (or of an `analyze` run): `update(batch) -> OpVerdicts`, one per input, in order.
 
@@ -215,7 +100,7 @@ class OpTimingDetector:
         self.model_names: list[str] = []
         self.error: dict[str, list[float]] = {}  # job -> [ewma |residual| seasonal, ewma |residual| lstm]
         # the last batch's LSTM shadow scores, still on the inference thread: (windows, y, season, slots)
-        self._shadow: tuple[list[_Windows], np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._shadow: tuple[list[Windows], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def slot(self, key: tuple[str, int | None, str]) -> int:
         """The key's row in the table, created on first sight with its stream's settings and its LSTM."""
@@ -289,7 +174,7 @@ class OpTimingDetector:
             found = [self.slot(k) if f is None else f for f, k in zip(found, keys, strict=True)]
         slots = np.array(found, np.int64)
         use_lstm = self.config.op_use_lstm and self.config.op_predictor != "seasonal" and torch_available()
-        b = _Batch(t, out, use_lstm)
+        b = Batch(t, out, use_lstm)
         b.ts, b.cnt = np.array(ts, np.float64), np.array(op_counts, np.int64)
         b.comm = np.array([t.comm_ids.get(c) if c in t.comm_ids else t.comm_id(c) for c in comms], np.int64)
         b.save = np.array([t.save_id(v) for v in save_counts], np.int64)
@@ -299,14 +184,14 @@ class OpTimingDetector:
         active = {name: self.lstm_active(name) for name in existing}
         b.scored = np.array([active.get(name, True) for name in self.model_ids], bool)
         b.judged = np.array([active.get(name, False) for name in self.model_ids], bool)
-        rounds = _rounds(slots)
-        for idx in rounds:
+        batch_rounds = rounds(slots)
+        for idx in batch_rounds:
             self._advance(b, idx, slots[idx])
         lstm = np.full(n, np.nan)
         judging = [g for (m, _), g in b.windows.items() if b.judged[m]]
         for group in judging:
             group.predictions(lstm)
-        for idx in rounds:
+        for idx in batch_rounds:
             self._judge(b, idx, slots[idx], lstm[idx])
         self._learn_lstm(b.y, b.season, slots, lstm, judging)
         # where the seasonal reference judges, no verdict waits for the LSTM: its forward passes run on while
@@ -329,20 +214,20 @@ class OpTimingDetector:
             group.predictions(lstm)
         scored = np.flatnonzero(~np.isnan(lstm))  # batch order
         cal, s = self.table.cal["lstm"], slots[scored]
-        for r in _rounds(s):
+        for r in rounds(s):
             cal.recalibrate(s[r], self.table.k[s[r]])
             cal.judge(s[r], y[scored[r]] - lstm[scored[r]])
         self._learn_lstm(y, season, slots, lstm, groups)
 
     def _learn_lstm(self, y: np.ndarray, season: np.ndarray, slots: np.ndarray, lstm: np.ndarray,
-                    groups: list[_Windows]) -> None:
+                    groups: list[Windows]) -> None:
         self._track_errors(y, season, slots, lstm)
         # one reservoir offer per job and window length, in the order of their first ops; maybe a round
         for group in sorted(groups, key=lambda g: int(g.items[: g.rows].min())):
             group.train_on(y)
 
     # ---- round steps ------------------------------------------------------------------------------------
-    def _advance(self, b: _Batch, idx: np.ndarray, s: np.ndarray) -> None:
+    def _advance(self, b: Batch, idx: np.ndarray, s: np.ndarray) -> None:
         """One op of each of `s` (distinct keys): run continuity, interval, seasonal reference, LSTM window,
         history and period. Nothing here depends on a verdict."""
         t, c, out = self.table, self.config, b.out
@@ -392,7 +277,7 @@ class OpTimingDetector:
         self._update_periods(s)
         b.y[idx], b.actual[idx], b.season[idx], b.interval[idx] = y, actual, season, True
 
-    def _windows(self, b: _Batch, idx: np.ndarray, s: np.ndarray, season: np.ndarray) -> None:
+    def _windows(self, b: Batch, idx: np.ndarray, s: np.ndarray, season: np.ndarray) -> None:
         t = self.table
         group_of = t.model[s] * 65536 + t.seq_len[s]  # one group per model and window length
         for g in np.unique(group_of):
@@ -403,7 +288,7 @@ class OpTimingDetector:
             if group is None:
                 model = self.model(self.model_names[m])
                 assert model is not None  # use_lstm: the conditions under which model() gives one
-                group = b.windows[(m, length)] = _Windows(len(b.out), length, model)
+                group = b.windows[(m, length)] = Windows(len(b.out), length, model)
             x = np.empty((len(ss), length, 2), np.float32)
             x[:, :, 0] = t.y.tails(ss, length)
             x[:, :-1, 1] = t.sref.tails(ss, length - 1)
@@ -419,7 +304,7 @@ class OpTimingDetector:
             t.since_period[slot] = 0
             t.period[slot] = step_period(t.y.values(slot)[-4 * max_period:], max_period)
 
-    def _judge(self, b: _Batch, idx: np.ndarray, s: np.ndarray, lstm: np.ndarray) -> None:
+    def _judge(self, b: Batch, idx: np.ndarray, s: np.ndarray, lstm: np.ndarray) -> None:
         """Verdicts for one op of each of `s`: both predictors are scored (before either learns from the op),
         the one that judges the job decides; then episodes and the key's normalisation."""
         t, c, out = self.table, self.config, b.out
@@ -496,7 +381,7 @@ class OpTimingDetector:
         for m in np.unique(models):
             sel = models == m
             err = self.error.setdefault(self.model_names[m], [0.0, 0.0])
-            err[0], err[1] = _ewma(err[0], r_s[sel]), _ewma(err[1], r_l[sel])
+            err[0], err[1] = ewma(err[0], r_s[sel]), ewma(err[1], r_l[sel])
 
     # ---- persistence ------------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # picklable (detector contract): no futures
@@ -521,38 +406,3 @@ class OpTimingDetector:
         self.error = {job: [float(a), float(b)] for job, (a, b) in state.get("error", {}).items()}
 
 
-def _ewma(e0: float, x: np.ndarray, a: float = 0.01) -> float:
-    """e <- e + a (x_i - e) over x in order, in closed form."""
-    w = a * (1 - a) ** np.arange(len(x) - 1, -1, -1)
-    return float((1 - a) ** len(x) * e0 + w @ x)
-
-
-def _rounds(slots: np.ndarray) -> list[np.ndarray]:
-    """Batch positions by round: round j holds the j-th op of each key in the batch, in batch order."""
-    order = np.argsort(slots, kind="stable")
-    s = slots[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    occ = np.empty(len(slots), np.int64)
-    occ[order] = np.arange(len(s)) - np.repeat(starts, np.diff(np.r_[starts, len(s)]))
-    by_round = np.argsort(occ, kind="stable")
-    return np.split(by_round, np.cumsum(np.bincount(occ))[:-1])
-
-
-class _Batch:
-    """One update's inputs as columns, and what the rounds learn about each op on the way."""
-
-    def __init__(self, table: KeyTable, out: OpVerdicts, use_lstm: bool) -> None:
-        n = len(out)
-        self.out = out
-        self.ts = np.zeros(n)  # the inputs (set by the caller)
-        self.cnt = np.zeros(n, np.int64)
-        self.comm = np.zeros(n, np.int64)  # interned by the table
-        self.save = np.zeros(n, np.int64)
-        self.y = np.zeros(n)  # log interval
-        self.actual = np.zeros(n)  # interval, s
-        self.season = np.full(n, np.nan)  # the seasonal reference's prediction (log s), NaN: none yet
-        self.interval = np.zeros(n, bool)  # the op has an interval (not the first of its run)
-        self.use_lstm = use_lstm
-        self.scored = np.zeros(0, bool)  # per model: the LSTM scores every op (else 1 in op_shadow_every)
-        self.judged = np.zeros(0, bool)  # per model: the LSTM judges
-        self.windows: dict[tuple[int, int], _Windows] = {}

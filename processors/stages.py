@@ -2,7 +2,8 @@
 
 Per-key detectors (one rank's loss, one rank/stream's op intervals, one GPU's memory) run where their key's
 partition is. Checks that compare the ranks of a job cannot: a job's ranks land on many partitions and workers.
-The first stage therefore emits small `Summary` dicts (e.g. `{type: "op", job, rank, comm_id, op_count, ts}`),
+The first stage therefore emits small `Summary` dicts (e.g. `{type: "ops", job, rank: [...], comm: [...], n: [...],
+ts: [...]}`, a batch's ops of one job as columns),
 which reach one `JobStage` per job: in process for `rankwatch analyze` and the hook, through the job-keyed
 summaries topic in the stream. Same code, so the verdicts agree whatever the number of workers.
 

@@ -146,7 +146,7 @@ def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(
     """Chunks go to the inference thread while the batch is built, and verdicts are read back per chunk: with
     tiny chunks (many of them per batch, most on the thread) every prediction and verdict must be the one a
     single forward pass gives, op for op, across several keys interleaved in each batch."""
-    from rankwatch.models import op_timing
+    from rankwatch.models import op_batch
 
     keys = [("job", r, s) for r in range(3) for s in ("0xs0", "0xs1")]
     items = []
@@ -156,7 +156,7 @@ def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(
     items.sort(key=lambda it: it.ts)  # keys interleaved, as a micro-batch of a job's ranks
 
     def verdicts(chunk: int) -> list[tuple]:
-        monkeypatch.setattr(op_timing, "CHUNK", chunk)
+        monkeypatch.setattr(op_batch, "CHUNK", chunk)
         det = lstm_judging()
         out = []
         for i in range(0, len(items), 211):
