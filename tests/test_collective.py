@@ -10,7 +10,7 @@ from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.stages import JobStage
 from rankwatch.processors.watermarks import Watermarks
 
-from rankwatch.records import Anomaly
+from rankwatch.records import Anomaly, Record
 
 
 def enqueue_times(ranks: int, ops: int, late: dict[int, tuple[int, int, float]] | None = None, seed: int = 0,
@@ -147,8 +147,18 @@ def flag(job, rank, comm, n, ts, actual, predicted):
     return {**op_summary(job, rank, comm, n, ts), "type": "op_flag", "anomaly": anomaly_fields(a)}
 
 
-def run_job(steps, pause_at=None, straggler=None, flags=()):
-    """A 4-rank comm, 3 ops per step; returns the op-timing anomalies stage 2 lets through."""
+def as_columns(batch):
+    """A batch's per-op summaries as the worker now sends them: one `ops` summary of columns, the rest after."""
+    from rankwatch.processors.collective_stage import OP_COLUMNS
+
+    ops = [s for s in batch if s["type"] == "op"]
+    cols = {"type": "ops", "job": ops[0]["job"], **{k: [s[k] for s in ops] for k in OP_COLUMNS}}
+    return [cols] + [s for s in batch if s["type"] != "op"]
+
+
+def run_job(steps, pause_at=None, straggler=None, flags=(), columns=False):
+    """A 4-rank comm, 3 ops per step; returns the op-timing anomalies stage 2 lets through. `columns`: the ops
+    as one columnar summary per batch (the worker's form), else one dict per op (a worker before columns)."""
     p = Pipeline(DetectionConfig())
     t, out, n = 0.0, [], 0
     for s in range(steps):
@@ -161,7 +171,7 @@ def run_job(steps, pause_at=None, straggler=None, flags=()):
             n += 1
         batch += [f for f in flags if f["n"] in range(n - 3, n)]
         batch.append({"type": "clock", "job": "j", "family": "op", "ts": t + 1})
-        out += p.second_stage(batch)
+        out += p.second_stage(as_columns(batch) if columns else batch)
     out += p.finish()
     return [a for a in out if a.detector == "op_timing"], out
 
@@ -382,3 +392,33 @@ def test_a_different_rank_late_for_one_whole_step_is_not_a_straggler_but_one_lat
                       stepped_times(8, 200, 12, lambda s: {**noisy[s], 6: 0.2} if s >= 120 else noisy[s]))
     assert {e.rank for e in persistent} == {6} and [e.first for e in persistent][0]  # then an update a minute on
     assert 120 * 12 <= persistent[0].op_count <= 123 * 12 and persistent[0].window == 36
+
+
+def test_ops_as_columns_give_the_verdicts_of_one_summary_per_op():
+    """Stage 2 reads a batch's ops as columns (processors/collective_stage.py op_columns); the per-op form is
+    still accepted. Both must give the same findings: straggler, victims and pauses alike."""
+    pause_flags = [flag("j", r, "id:c", 90, 0.5 * 31 + 20 + 0.001 * r, 20.5, 0.4) for r in range(4)]
+    for kw in ({"straggler": 2}, {"pause_at": 30, "flags": pause_flags}):
+        _, per_op = run_job(40, **kw)
+        _, cols = run_job(40, columns=True, **kw)
+        key = [(a.detector, a.rank, a.event_time, a.value, a.message) for a in per_op]
+        assert key == [(a.detector, a.rank, a.event_time, a.value, a.message) for a in cols]
+    assert any(a.detector == "straggler" and a.rank == 2 for a in run_job(40, straggler=2, columns=True)[1])
+
+
+def test_stage_one_sends_each_batchs_ops_as_columns_per_job():
+    from rankwatch.processors.collective_stage import OP_COLUMNS
+
+    recs = [Record("op", job, r, 100.0 + 0.1 * n + 0.001 * r, f"r{r}.log", n,
+                   {"op": "AllReduce", "op_count": n, "stream": "0xs", "comm": f"0xp{r}", "comm_id": "0xid"})
+            for n in range(5) for job in ("a", "b") for r in range(3)]
+    recs.append(Record("op", "a", None, 101.0, "x.log", 0, {"op": "AllReduce", "op_count": 1}))  # no rank
+    recs.append(Record("op", "a", 1, 101.0, "r1.log", 9, {"op": "AllReduce", "op_count": "x"}))  # malformed
+    p = Pipeline(DetectionConfig(op_use_lstm=False))
+    _, summaries = p.first_stage(recs)
+    cols = {s["job"]: s for s in summaries if s["type"] == "ops"}
+    assert set(cols) == {"a", "b"} and not [s for s in summaries if s["type"] == "op"]
+    for s in cols.values():
+        assert {len(s[k]) for k in OP_COLUMNS} == {15}  # every ranked, well-formed op of the job, once
+        assert s["comm"][0] == "id:0xid" and sorted(set(s["rank"])) == [0, 1, 2]
+    assert p.errors == 1  # the malformed opCount was counted, not lost silently nor fatal

@@ -199,3 +199,39 @@ def test_a_single_slow_collective_is_not_reported_but_a_second_within_the_gap_is
     assert [i for i, v in enumerate(verdicts) if v.onset] == [1506]
     once = run(seasonal_only(op_confirm=1), np.concatenate([[times[0]], times[0] + np.cumsum(gaps)]))
     assert [i for i, v in enumerate(once) if v.onset] == [1001, 1101, 1201, 1501]
+
+
+def test_a_stream_on_two_comms_continues_each_comms_count_and_survives_a_restart():
+    """A stream can serve several communicators: each comm's opCount continues its own run; a gap on one of them
+    starts a new run. The per-comm counts are part of the saved state."""
+    items = []
+    for i in range(10):
+        items += [OpInput(KEY, 1.0 + 2 * i, i, "0xA"), OpInput(KEY, 2.0 + 2 * i, 100 + i, "0xB")]
+    det = seasonal_only()
+    v = det.update(items)
+    assert not any(x.new_run for x in v) and [x.index for x in v] == list(range(20))
+    import orjson
+
+    back = seasonal_only()
+    back.load_state(orjson.loads(orjson.dumps(det.save_state())))
+    for d in (det, back):
+        later = d.update([OpInput(KEY, 50.0, 10, "0xA"), OpInput(KEY, 51.0, 111, "0xB"), OpInput(KEY, 52.0, 11, "0xA")])
+        assert [x.new_run for x in later] == [False, True, False]  # 0xB skipped 110
+        assert [x.run for x in later] == [0, 1, 1]
+
+
+def test_shadow_scores_are_learnt_before_the_state_is_saved():
+    """Where the seasonal reference judges, the LSTM's scores of a batch are learnt at the next update (their
+    forward passes run on meanwhile); saving or pickling learns them first, so nothing scored is lost."""
+    cfg = OpTimingConfig(op_predictor="auto", op_train_every=100000)  # the LSTM never trains: it never judges
+    det = OpTimingDetector(cfg)
+    times = periodic_times(100, seed=9)
+    run(det, times, batch=400)
+    before = list(det.error["job"])  # the LSTM's error against the seasonal reference, before the last batch's
+    assert det._shadow is not None  # scores, still pending
+    state = det.save_state()
+    assert det._shadow is None and state["error"]["job"] != before  # ... and now learnt
+    (_, st), = state["keys"]
+    assert st["cal"]["lstm"]["res"] and state["error"]["job"][1] > 0
+    clone = pickle.loads(pickle.dumps(det))
+    assert clone.save_state()["keys"] == state["keys"]
