@@ -225,7 +225,7 @@ def test_shadow_scores_are_learnt_before_the_state_is_saved():
     forward passes run on meanwhile); saving or pickling learns them first, so nothing scored is lost."""
     cfg = OpTimingConfig(op_predictor="auto", op_train_every=100000)  # the LSTM never trains: it never judges
     det = OpTimingDetector(cfg)
-    times = periodic_times(100, seed=9)
+    times = periodic_times(300, seed=9)
     run(det, times, batch=400)
     before = list(det.error["job"])  # the LSTM's error against the seasonal reference, before the last batch's
     assert det._shadow is not None  # scores, still pending
