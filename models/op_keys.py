@@ -73,7 +73,9 @@ class RingRows:
 
 
 def _grown(a: np.ndarray, capacity: int, fill: float = 0) -> np.ndarray:
-    out = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+    # zeros come from calloc: the rows past the keys in use take no memory until a key is added there
+    shape = (capacity, *a.shape[1:])
+    out = np.zeros(shape, a.dtype) if fill == 0 else np.full(shape, fill, a.dtype)
     out[: len(a)] = a
     return out
 
