@@ -78,6 +78,29 @@ if nn is not None:
             return self.head(out[:, -1]).squeeze(-1)
 
 
+class _Reservoir:
+    """A uniform sample of the windows of one length offered so far (reservoir sampling, vectorised)."""
+
+    def __init__(self, size: int, shape: tuple[int, ...]) -> None:
+        self.x = np.zeros((size, *shape), np.float32)
+        self.y = np.zeros(size, np.float32)
+        self.seen = 0
+
+    def filled(self) -> int:
+        return min(self.seen, len(self.y))
+
+    def add(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
+        n, size = len(x), len(self.y)
+        fill = max(0, min(n, size - self.seen))  # item i is kept with probability size / (seen + i + 1)
+        if fill:
+            self.x[self.seen:self.seen + fill], self.y[self.seen:self.seen + fill] = x[:fill], y[:fill]
+        if n > fill:
+            slots = rng.integers(0, self.seen + np.arange(fill, n) + 1)
+            keep = slots < size
+            self.x[slots[keep]], self.y[slots[keep]] = x[fill:][keep], y[fill:][keep]
+        self.seen += n
+
+
 class SharedIntervalModel:
     """Shared weights for the keys of one job: batched prediction, reservoir, training rounds."""
 
@@ -105,12 +128,12 @@ class SharedIntervalModel:
         self.train_every, self.train_steps, self.train_batch = train_every, train_steps, train_batch
         self.background = background
         self.budget = budget  # training steps until the model has converged; then rounds are 10x rarer
-        self.seen = 0  # windows offered to the reservoir
+        self.seen = 0  # windows offered (all lengths)
         self.since_round = 0
         self.keys = 0  # rank/stream keys sharing this model (the detector counts them)
         self.steps_trained = 0
-        self.bx: np.ndarray | None = None  # reservoir of windows [buffer, L, 2] (per window length)
-        self.by: np.ndarray | None = None
+        # a reservoir per window length: the keys of one job can have different ones (`stream_params`)
+        self.reservoirs: dict[int, _Reservoir] = {}
         self._pending: dict[str, Any] | None = None  # weights a background round finished with
         self._lock = threading.Lock()
         self._round: Future | None = None
@@ -133,19 +156,10 @@ class SharedIntervalModel:
         n = len(x)
         if n == 0:
             return
-        if self.bx is None or self.bx.shape[1] != x.shape[1]:
-            self.bx = np.zeros((self.buffer, *x.shape[1:]), np.float32)
-            self.by = np.zeros(self.buffer, np.float32)
-            self.seen = 0
-        assert self.by is not None
-        # reservoir sampling, vectorised: item i is kept with probability buffer / (seen + i + 1)
-        fill = max(0, min(n, self.buffer - self.seen))
-        if fill:
-            self.bx[self.seen:self.seen + fill], self.by[self.seen:self.seen + fill] = x[:fill], y[:fill]
-        if n > fill:
-            slots = self.rng.integers(0, self.seen + np.arange(fill, n) + 1)
-            keep = slots < self.buffer
-            self.bx[slots[keep]], self.by[slots[keep]] = x[fill:][keep], y[fill:][keep]
+        res = self.reservoirs.get(x.shape[1])
+        if res is None:
+            res = self.reservoirs[x.shape[1]] = _Reservoir(self.buffer, x.shape[1:])
+        res.add(x, y, self.rng)
         self.seen += n
         self.since_round += n
         # once converged, rounds only follow drift: every ~50 new windows per key (at least 10x rarer). Per job
@@ -153,22 +167,29 @@ class SharedIntervalModel:
         # windows/s, a round every 20k would keep a core busy training (measured: 0.36 s per round)
         every = (self.train_every if self.steps_trained < self.budget
                  else max(10 * self.train_every, 50 * self.keys))
-        if self.since_round >= every and min(self.seen, self.buffer) >= self.train_batch:
+        if self.since_round >= every and any(r.filled() >= self.train_batch for r in self.reservoirs.values()):
             self.since_round = 0
             self._start_round()
 
     def _start_round(self) -> None:
-        assert self.bx is not None and self.by is not None
-        filled = min(self.seen, self.buffer)
-        idx = self.rng.integers(0, filled, (self.train_steps, self.train_batch))
-        xs, ys = self.bx[idx], self.by[idx]  # copies: the round never reads the live reservoir
+        # each window length gets a share of the round's steps by how much of the job's traffic it is (a step's
+        # batch is of one length); one length, the usual case: every step
+        ready = {n: r for n, r in self.reservoirs.items() if r.filled() >= self.train_batch}
+        total = sum(r.seen for r in ready.values())
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        for res in ready.values():
+            steps = self.train_steps if len(ready) == 1 else max(1, round(self.train_steps * res.seen / total))
+            idx = self.rng.integers(0, res.filled(), (steps, self.train_batch))
+            xs.extend(res.x[idx])  # copies: the round never reads the live reservoir
+            ys.extend(res.y[idx])
         if not self.background:
             self._train(xs, ys)
             self.take_weights()
         elif self._round is None or self._round.done():
             self._round = _executor().submit(self._train, xs, ys)
 
-    def _train(self, xs: np.ndarray, ys: np.ndarray) -> None:
+    def _train(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
         self.trainer.train()
         loss_fn = nn.SmoothL1Loss()  # heavy-tailed intervals: robust to the rare huge gap
         for x, y in zip(xs, ys, strict=True):

@@ -235,3 +235,29 @@ def test_shadow_scores_are_learnt_before_the_state_is_saved():
     assert st["cal"]["lstm"]["res"] and state["error"]["job"][1] > 0
     clone = pickle.loads(pickle.dumps(det))
     assert clone.save_state()["keys"] == state["keys"]
+
+
+def test_a_job_with_two_window_lengths_keeps_a_reservoir_for_each():
+    """Per-stream `sequence_length` overrides give one job's shared LSTM windows of two lengths: each length
+    keeps its own reservoir (one shared buffer was reset at every switch), and a round trains on both, by share."""
+    model = op_lstm.SharedIntervalModel(seed=0, train_every=100, train_steps=10, train_batch=8)
+    rounds = []
+    model._train = lambda xs, ys: rounds.append(sorted(x.shape[1] for x in xs))
+    for _ in range(5):
+        model.offer(np.zeros((30, 10, 2), np.float32), np.zeros(30, np.float32))
+        model.offer(np.zeros((10, 6, 2), np.float32), np.zeros(10, np.float32))
+    assert (model.reservoirs[10].seen, model.reservoirs[6].seen) == (150, 50)
+    assert rounds == [[6, 6] + [10] * 8]  # 110 windows in at the round: 90 of length 10, 20 of length 6
+
+
+def test_overrides_of_the_window_length_train_the_shared_lstm_on_every_stream():
+    cfg = OpTimingConfig(op_predictor="lstm", op_train_every=50, op_train_steps=20, op_train_batch=32,
+                         op_stream_params={"0xs2": {"sequence_length": 6}})
+    det = OpTimingDetector(cfg)
+    items = [OpInput(("job", 0, s), t + (0.001 if s == "0xs2" else 0), i, "0xc")
+             for s in ("0xs1", "0xs2") for i, t in enumerate(periodic_times(300, seed=10))]
+    items.sort(key=lambda it: it.ts)
+    for i in range(0, len(items), 100):
+        det.update(items[i:i + 100])
+    model = det.models["job"]
+    assert set(model.reservoirs) == {6, 10} and model.steps_trained >= 200
