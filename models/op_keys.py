@@ -149,6 +149,34 @@ class Calibrations:
                 getattr(self, name)[slot] = st[name]
 
 
+class Interner:
+    """Values as small ints, in order of first sight (`values[i]` gives one back)."""
+
+    def __init__(self, first: list[Any] | None = None) -> None:
+        self.index: dict[Any, int] = {}
+        self.values: list[Any] = []
+        for v in first or []:
+            self.id(v)
+
+    def id(self, value: Any) -> int:
+        try:
+            i = self.index.get(value)
+        except TypeError:  # an unhashable JSON value: compared by its text
+            return self.id(str(value))
+        if i is None:
+            i = self.index[value] = len(self.values)
+            self.values.append(value)
+        return i
+
+    def ids(self, values: list[Any]) -> list[int]:
+        """`id` of each; one dict lookup per value when all were seen before (the usual batch)."""
+        try:
+            found = [self.index.get(v) for v in values]
+        except TypeError:
+            found = [None]
+        return [self.id(v) for v in values] if None in found else found  # type: ignore[return-value]
+
+
 class KeyTable:
     """Every key's run position, history, normalisation, period, calibrations and episode, as columns."""
 
@@ -175,10 +203,8 @@ class KeyTable:
         # a key's op counts per communicator: the latest in columns, others (a stream that serves several
         # comms, rare) here, slot -> {comm id: count}
         self.other_counts: dict[int, dict[int, int]] = {}
-        self.comm_ids: dict[str, int] = {}
-        self.comms: list[str] = []
-        self.save_ids: dict[Any, int] = {None: 0}  # save_count values, interned (0: none)
-        self.saves: list[Any] = [None]
+        self.comms = Interner()  # the keys' comm pointers
+        self.saves = Interner([None])  # save_count values (0: none)
 
     def __len__(self) -> int:
         return len(self.key_of)
@@ -201,23 +227,6 @@ class KeyTable:
             c.grow(capacity)
         self.capacity = capacity
 
-    def comm_id(self, comm: str) -> int:
-        i = self.comm_ids.get(comm)
-        if i is None:
-            i = self.comm_ids[comm] = len(self.comms)
-            self.comms.append(comm)
-        return i
-
-    def save_id(self, save: Any) -> int:
-        try:
-            i = self.save_ids.get(save)
-        except TypeError:  # an unhashable JSON value: compared by its text
-            return self.save_id(str(save))
-        if i is None:
-            i = self.save_ids[save] = len(self.saves)
-            self.saves.append(save)
-        return i
-
     def reset_runs(self, slots: np.ndarray) -> None:
         """A new continuous run for each of `slots`: its history and period start over."""
         self.run[slots] += 1
@@ -239,9 +248,9 @@ class KeyTable:
         return prev
 
     def counts(self, slot: int) -> dict[str, int]:
-        out = {self.comms[c]: n for c, n in self.other_counts.get(slot, {}).items()}
+        out = {self.comms.values[c]: n for c, n in self.other_counts.get(slot, {}).items()}
         if self.last_comm[slot] >= 0:
-            out[self.comms[self.last_comm[slot]]] = int(self.last_cnt[slot])
+            out[self.comms.values[self.last_comm[slot]]] = int(self.last_cnt[slot])
         return out
 
     # ---- persistence: the per-key dict of the state file ----------------------------------------------
@@ -249,7 +258,7 @@ class KeyTable:
         d: dict[str, Any] = {name: getattr(self, name)[slot].item() for name in self._saved}
         d.update({"y": [float(v) for v in self.y.values(slot)], "sref": [float(v) for v in self.sref.values(slot)],
                   "last_ts": float(self.last_ts[slot]) if self.has_ts[slot] else None,
-                  "last_count": self.counts(slot), "last_save": self.saves[self.last_save[slot]],
+                  "last_count": self.counts(slot), "last_save": self.saves.values[self.last_save[slot]],
                   "last_flag": [int(self.flag_run[slot]), int(self.flag_index[slot])],
                   "cal": {name: c.save_key(slot) for name, c in self.cal.items()}})
         return d
@@ -263,8 +272,8 @@ class KeyTable:
         self.sd[slot] = math.sqrt(self.var[slot])
         if st.get("last_ts") is not None:
             self.last_ts[slot], self.has_ts[slot] = float(st["last_ts"]), True
-        self.last_save[slot] = self.save_id(st.get("last_save"))
-        counts = {self.comm_id(str(c)): int(n) for c, n in (st.get("last_count") or {}).items()}
+        self.last_save[slot] = self.saves.id(st.get("last_save"))
+        counts = {self.comms.id(str(c)): int(n) for c, n in (st.get("last_count") or {}).items()}
         if counts:  # the latest of them is not known from the file: any one can be the column's
             c, n = counts.popitem()
             self.last_comm[slot], self.last_cnt[slot] = c, n

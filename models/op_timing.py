@@ -129,9 +129,13 @@ class OpTimingDetector:
     def model_key(self, key: tuple[str, int | None, str]) -> str:
         return key[0] if self.config.op_share == "job" else f"{key[0]}/{key[1]}/{key[2]}"
 
+    def lstm_wanted(self) -> bool:
+        c = self.config
+        return c.op_use_lstm and c.op_predictor != "seasonal" and torch_available()
+
     def model(self, name: str) -> SharedIntervalModel | None:
         c = self.config
-        if not (c.op_use_lstm and torch_available()) or c.op_predictor == "seasonal":
+        if not self.lstm_wanted():
             return None
         m = self.models.get(name)
         if m is None:
@@ -173,11 +177,9 @@ class OpTimingDetector:
         if None in found:
             found = [self.slot(k) if f is None else f for f, k in zip(found, keys, strict=True)]
         slots = np.array(found, np.int64)
-        use_lstm = self.config.op_use_lstm and self.config.op_predictor != "seasonal" and torch_available()
-        b = Batch(t, out, use_lstm)
+        b = Batch(t, out, self.lstm_wanted())
         b.ts, b.cnt = np.array(ts, np.float64), np.array(op_counts, np.int64)
-        b.comm = np.array([t.comm_ids.get(c) if c in t.comm_ids else t.comm_id(c) for c in comms], np.int64)
-        b.save = np.array([t.save_id(v) for v in save_counts], np.int64)
+        b.comm, b.save = np.array(t.comms.ids(comms), np.int64), np.array(t.saves.ids(save_counts), np.int64)
         # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
         # sample of the ops (enough to train it and to tell when it predicts better), not every one. A job first
         # seen in this batch: every op scored, none judged by the LSTM

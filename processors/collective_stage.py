@@ -110,11 +110,10 @@ def op_columns(job: str, recs: list[Record]) -> list[Summary]:
 
 
 def op_summary(rec: Record) -> Summary:
-    """One op as a dict (the `op_flag` summary of a finding carries it; a worker before columns sent each op so)."""
-    d = rec.data
-    return {"type": "op", "job": rec.job, "rank": rec.rank, "ts": rec.ts, "comm": shared_comm(d),
-            "ptr": str(d.get("comm") or ""), "n": int(d["op_count"]), "op": str(d.get("op", "")),
-            "nranks": d.get("nranks"), "count": d.get("count"), "file": rec.file, "offset": rec.offset}
+    """One op as a dict, the one row of its `op_columns` (the `op_flag` summary of a finding carries it; a worker
+    before columns sent each op so)."""
+    (cols,) = op_columns(rec.job, [rec])
+    return {"type": "op", "job": rec.job, **{k: cols[k][0] for k in OP_COLUMNS}}
 
 
 def op_timing_anomaly(rec: Record, v: OpVerdict) -> Anomaly:
@@ -211,10 +210,11 @@ class CollectiveJob:
             self.clock = max(self.clock, ts)
             if t == "ops":
                 self._ops(s)
-            elif t == "op":
-                rank = int(s["rank"])
-                self._op(rank, ts, self._comm(s, rank), int(s["n"]), str(s.get("op", "")), s.get("nranks"),
-                         str(s.get("file", "")), int(s.get("offset", -1)), self.ctx.wall)
+            elif t == "op":  # one op per summary (a worker before columns)
+                self._ops({"rank": [int(s["rank"])], "ts": [ts], "comm": [str(s.get("comm") or "")],
+                           "ptr": [str(s.get("ptr", ""))], "n": [int(s["n"])], "op": [str(s.get("op", ""))],
+                           "nranks": [s.get("nranks")], "count": [s.get("count")], "file": [str(s.get("file", ""))],
+                           "offset": [int(s.get("offset", -1))]})
             elif t == "op_flag":
                 self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
                                   "n": int(s["n"])})
@@ -244,17 +244,6 @@ class CollectiveJob:
         self.last_ref.update(zip(ranks, refs, strict=True))
         if self.ctx.wall is not None:  # the stream: when each rank was last heard of
             self.heard.update(dict.fromkeys(ranks, self.ctx.wall))
-
-    def _op(self, rank: int, ts: float, comm: str, n: int, op: str, nranks: Any, file: str, offset: int,
-            wall: float | None) -> None:
-        ref = (file, offset)
-        self.refs[(comm, n, rank)] = ref
-        if len(self.refs) > 65536:
-            self.refs.popitem(last=False)
-        self.tracker.add(comm, rank, n, ts, op, int(nranks) if isinstance(nranks, (int, float)) else 0)
-        self.last_ref[rank] = ref
-        if wall is not None:
-            self.heard[rank] = wall
 
     def _comm(self, s: Summary, rank: int) -> str:
         if s.get("comm"):
