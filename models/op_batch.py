@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from rankwatch.models.op_keys import KeyTable
 from rankwatch.models.op_lstm import CHUNK, SharedIntervalModel, infer_executor
 
 
@@ -164,13 +163,12 @@ def rounds(slots: np.ndarray) -> list[np.ndarray]:
 class Batch:
     """One update's inputs as columns, and what the rounds learn about each op on the way."""
 
-    def __init__(self, table: KeyTable, out: OpVerdicts, use_lstm: bool) -> None:
+    def __init__(self, out: OpVerdicts, use_lstm: bool, ts: np.ndarray, cnt: np.ndarray, comm: np.ndarray,
+                 save: np.ndarray) -> None:
         n = len(out)
         self.out = out
-        self.ts = np.zeros(n)  # the inputs (set by the caller)
-        self.cnt = np.zeros(n, np.int64)
-        self.comm = np.zeros(n, np.int64)  # interned by the table
-        self.save = np.zeros(n, np.int64)
+        self.ts, self.cnt = ts, cnt  # the inputs; comm pointers and save_counts interned by the key table
+        self.comm, self.save = comm, save
         self.y = np.zeros(n)  # log interval
         self.actual = np.zeros(n)  # interval, s
         self.season = np.full(n, np.nan)  # the seasonal reference's prediction (log s), NaN: none yet

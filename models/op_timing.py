@@ -177,9 +177,8 @@ class OpTimingDetector:
         if None in found:
             found = [self.slot(k) if f is None else f for f, k in zip(found, keys, strict=True)]
         slots = np.array(found, np.int64)
-        b = Batch(t, out, self.lstm_wanted())
-        b.ts, b.cnt = np.array(ts, np.float64), np.array(op_counts, np.int64)
-        b.comm, b.save = np.array(t.comms.ids(comms), np.int64), np.array(t.saves.ids(save_counts), np.int64)
+        b = Batch(out, self.lstm_wanted(), np.array(ts, np.float64), np.array(op_counts, np.int64),
+                  np.array(t.comms.ids(comms), np.int64), np.array(t.saves.ids(save_counts), np.int64))
         # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
         # sample of the ops (enough to train it and to tell when it predicts better), not every one. A job first
         # seen in this batch: every op scored, none judged by the LSTM
