@@ -49,7 +49,7 @@ _PREDICTORS = ("", "seasonal", "lstm")
 
 class OpVerdicts:
     """The verdicts of one batch as columns (one row per input, in order); indexing or iterating gives
-    `OpVerdict`s. Callers that only want the findings read `onsets()`/`anomalies()` and build nothing per op."""
+    `OpVerdict`s. Callers that only want the findings read `onsets()` and build nothing per op."""
 
     __slots__ = ("ready", "is_anomaly", "onset", "actual_s", "predicted_s", "deviation", "score", "threshold_s",
                  "predictor", "run", "index", "new_run")
@@ -80,8 +80,6 @@ class OpVerdicts:
     def onsets(self) -> np.ndarray:
         """Positions of the ops that report their episode (is_anomaly and onset)."""
         return np.flatnonzero(self.onset & self.is_anomaly)
-
-
 
 
 class Windows:

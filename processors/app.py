@@ -282,8 +282,8 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             """A worker holds hundreds of thousands of long-lived objects (Faust, torch, every key's detector
             state), and each of Python's full collections walks them all: measured on a 1,024-rank backlog, 26
             full collections of ~170 ms in 40 s, 4.3 s of the event loop, each a pause in detection. Frozen, they
-            are skipped (2.2 s over the same run, mostly before the first freeze). Reference counting still frees them; only cycles among frozen objects wait for
-            the periodic full collection."""
+            are skipped (2.2 s over the same run, mostly before the first freeze). Reference counting still frees
+            them; only cycles among frozen objects wait for the periodic full collection."""
             now = time.monotonic()
             if now - last_full[0] >= worker.gc_full_s:
                 last_full[0] = now
