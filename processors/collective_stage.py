@@ -205,28 +205,37 @@ class CollectiveJob:
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         out: list[Anomaly] = []
         for s in summaries:
-            t = s.get("type")
-            ts = float(s.get("ts", self.clock)) if t != "ops" else max(s["ts"], default=self.clock)
-            self.clock = max(self.clock, ts)
-            if t == "ops":
-                self._ops(s)
-            elif t == "op":  # one op per summary (a worker before columns)
-                self._ops({"rank": [int(s["rank"])], "ts": [ts], "comm": [str(s.get("comm") or "")],
-                           "ptr": [str(s.get("ptr", ""))], "n": [int(s["n"])], "op": [str(s.get("op", ""))],
-                           "nranks": [s.get("nranks")], "count": [s.get("count")], "file": [str(s.get("file", ""))],
-                           "offset": [int(s.get("offset", -1))]})
-            elif t == "op_flag":
-                self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
-                                  "n": int(s["n"])})
-                if self.ctx.wall is not None:
-                    self.held[-1]["since"] = self.ctx.wall
-            elif t == "nccl_init" and s.get("comm_id"):
-                self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
-            elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
-                self.evidence.append(s)
+            try:
+                self._take(s)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.ctx.skip_summary(s, exc)
         # ops are judged at ticks, behind the job's clock (see CollectiveTracker.judge)
         out.extend(self._release(self.judged_at))
         return out
+
+    def _take(self, s: Summary) -> None:
+        """One summary; a malformed one raises before it changes anything (process counts it)."""
+        t = s.get("type")
+        if t == "ops" and len({len(s[k]) for k in OP_COLUMNS}) != 1:
+            raise ValueError("ops summary with columns of different lengths")
+        ts = float(s.get("ts", self.clock)) if t != "ops" else float(max(s["ts"], default=self.clock))
+        self.clock = max(self.clock, ts)
+        if t == "ops":
+            self._ops(s)
+        elif t == "op":  # one op per summary (a worker before columns)
+            self._ops({"rank": [int(s["rank"])], "ts": [ts], "comm": [str(s.get("comm") or "")],
+                       "ptr": [str(s.get("ptr", ""))], "n": [int(s["n"])], "op": [str(s.get("op", ""))],
+                       "nranks": [s.get("nranks")], "count": [s.get("count")], "file": [str(s.get("file", ""))],
+                       "offset": [int(s.get("offset", -1))]})
+        elif t == "op_flag":
+            self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
+                              "n": int(s["n"])})
+            if self.ctx.wall is not None:
+                self.held[-1]["since"] = self.ctx.wall
+        elif t == "nccl_init" and s.get("comm_id"):
+            self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
+        elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
+            self.evidence.append(s)
 
     def _ops(self, s: Summary) -> None:
         ranks, ts, comms, ptrs, ns, ops, nranks, counts, files, offsets = (s[k] for k in OP_COLUMNS)

@@ -68,6 +68,11 @@ class StageContext:
         self.errors += 1
         self.last_error = f"{rec.kind} record {rec.file}:{rec.offset}: {exc!r}"
 
+    def skip_summary(self, summary: dict[str, Any], exc: Exception) -> None:
+        # a malformed summary (another worker's version, a corrupt message) is counted, not fatal to stage 2
+        self.errors += 1
+        self.last_error = f"{summary.get('type')} summary of job {summary.get('job')}: {exc!r}"
+
 
 # Stage 1: record family (Record.family()) -> handler classes, each sees every record of its family.
 # Stage 2: job detector classes, one instance of each per job.

@@ -6,6 +6,7 @@ import math
 import random
 
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker
+from rankwatch.processors.collective_stage import CollectiveJob
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 from rankwatch.processors.stages import JobStage
 from rankwatch.processors.watermarks import Watermarks
@@ -422,3 +423,28 @@ def test_stage_one_sends_each_batchs_ops_as_columns_per_job():
         assert {len(s[k]) for k in OP_COLUMNS} == {15}  # every ranked, well-formed op of the job, once
         assert s["comm"][0] == "id:0xid" and sorted(set(s["rank"])) == [0, 1, 2]
     assert p.errors == 1  # the malformed opCount was counted, not lost silently nor fatal
+
+
+def test_malformed_summaries_are_counted_and_the_good_ones_still_judged():
+    """Summaries come from other workers (another version, a corrupt message): a bad one is counted and
+    skipped, never fatal to stage 2, and changes nothing; the batch's good summaries are still taken."""
+    p = Pipeline(DetectionConfig())
+    t, n, found = 0.0, 0, []
+    for s in range(40):
+        t += 0.5
+        batch = []
+        for k in range(3):
+            for r in range(4):
+                lag = 0.3 if r == 2 and s >= 20 else 0.0
+                batch.append(op_summary("j", r, "id:c", n, t + 0.05 * k + 0.001 * r + lag))
+            n += 1
+        cols = as_columns(batch)
+        bad_lengths = {**cols[0], "rank": cols[0]["rank"][:-1], "ts": [1e12]}
+        missing = {k: v for k, v in cols[0].items() if k != "offset"}
+        bad_op = {**batch[0], "rank": "x"}
+        found += p.second_stage([bad_lengths, missing, bad_op, *cols,
+                                 {"type": "clock", "job": "j", "family": "op", "ts": t + 1}])
+    found += p.finish()
+    assert p.errors == 3 * 40
+    assert any(a.detector == "straggler" and a.rank == 2 for a in found)
+    assert p.job_stage("j").detector(CollectiveJob).clock < 1e6  # the bad summary's time was not taken
