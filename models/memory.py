@@ -47,6 +47,7 @@ class MemoryDetectorConfig:
     mem_gauge_max_gpus: int = 1024  # per worker: Prometheus series per GPU stay bounded
     mem_stale_after_s: float = 600.0  # a GPU silent this long (event time) loses its gauges
     oom_windows_s: tuple[float, ...] = (40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 5120.0, 10240.0)
+    oom_fit_troughs: bool = True  # also fit the per-bucket troughs (persistent memory); the surer fit counts
     oom_min_z: float = 5.0  # slope / its standard error, for a forecast to count (critical: minutes left)
     oom_high_min_z: float = 6.0  # ... to raise a high-risk one (ETA within 15 min: time to be surer)
     oom_medium_min_z: float = 10.0  # ... and a medium one (hours ahead: no hurry, so be sure)

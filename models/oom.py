@@ -4,8 +4,10 @@ A robust slope of the per-cycle peaks (models/memory_series.py) over the longest
 agrees with the shorter ones (growth that began two minutes ago is fitted on those two minutes, a steady leak on
 the last hour), the upper envelope of the peaks, and from both the seconds until the peak reaches total memory.
 Risk: critical (ETA <= 2 min), high (<= 15 min), medium (<= 2 h, or usage above `oom_usage_threshold_pct`),
-low. Each series a GPU reports is fitted on its own (`PeakTrend`): NVML's used memory, and with the hook's
-allocator stats what the process needs; the forecast with the shorter ETA counts.
+low. Each series a GPU reports is fitted on its own: NVML's used memory, and with the hook's allocator stats what
+the process needs. Each is fitted twice (`PeakTrend`), on its per-bucket peaks and on its troughs (what persists
+between steps, better sampled by a sparse sampler and barely moved by an evaluation phase's smaller activations);
+where both see growth they are averaged (`_combined`).
 
 An `oom` anomaly is raised when the forecast risk is at least `oom_alert_level` (medium: info, high: warning,
 critical: critical) for `oom_confirm` evaluations in a row, with a slope sure enough for that level and a window
@@ -57,8 +59,9 @@ class Trend:
 class PeakTrend:
     """Fits one peak series (see module); keeps what is costly to recompute between evaluations."""
 
-    def __init__(self, config: MemoryDetectorConfig) -> None:
+    def __init__(self, config: MemoryDetectorConfig, troughs: bool = False) -> None:
         self.config = config
+        self.troughs = troughs  # fit the per-bucket troughs instead of the peaks (see OomForecaster)
         # windows may come from env/CLI as text: floats, shortest first
         self.windows = sorted(float(w) for w in config.oom_windows_s)
         self.fine_span = max([w for w in self.windows if w <= 8 * config.mem_coarse_bucket_s] or [0.0])
@@ -71,6 +74,11 @@ class PeakTrend:
         self._skipped = 0
         self.start = -math.inf  # no fit reaches back before this: the job's start is no trend
 
+    def _points(self, series: PeakSeries, coarse: bool, since: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(times, the fitted statistic: per-bucket peaks or troughs, troughs) of the closed buckets since."""
+        t, hi, lo = series.arrays(coarse, since)
+        return t, (lo if self.troughs else hi), lo
+
     # ---- the slope -----------------------------------------------------------------------------------------
     def _refresh(self, series: PeakSeries, now: float) -> None:
         """Once a minute (when a coarse bucket closes): the noise of the fine peaks over the last 20 min (long
@@ -80,12 +88,12 @@ class PeakTrend:
             return
         floor = self.config.mem_noise_floor_bytes
         self._coarse_key = key
-        self._fine_noise = series_noise(*series.arrays(False, -math.inf)[:2], floor)
+        self._fine_noise = series_noise(*self._points(series, False, -math.inf)[:2], floor)
         end = series.coarse[-1].t_max if series.coarse else now
-        self._coarse_noise = series_noise(*series.arrays(True, -math.inf)[:2], floor)
+        self._coarse_noise = series_noise(*self._points(series, True, -math.inf)[:2], floor)
         self._coarse_fits = []
         for w in (w for w in self.windows if w > self.fine_span):
-            t, hi, _ = series.arrays(True, max(end - w, self.start))
+            t, hi, _ = self._points(series, True, max(end - w, self.start))
             self._coarse_fits.append(fit_window(t, hi, w, self._coarse_noise, coverage=0.85))
         self._global = None
         for fit in reversed(self._coarse_fits):  # longest first
@@ -99,7 +107,7 @@ class PeakTrend:
         or, for a staircase (a caching allocator that takes memory in steps, a robust slope of one step is
         flat), when the highest peak of its newer half is above that of its older half by a quarter of what
         the window's slope predicts."""
-        t, hi, _ = series.arrays(True, end - fit.window_s)
+        t, hi, _ = self._points(series, True, end - fit.window_s)
         w = fit.window_s
         agree = self.config.oom_agree_z
         for lo_t, hi_t in ((end - w, end - w / 2), (end - w / 2, end + 1.0)):
@@ -121,11 +129,11 @@ class PeakTrend:
     def _older(self, series: PeakSeries, now: float, w: float, prev: float) -> SlopeFit | None:
         """The fit of the part of window `w` older than window `prev`: from fine buckets while they reach back
         that far (more points), else from coarse ones."""
-        tf, hf, _ = series.arrays(False, now - w)
+        tf, hf, _ = self._points(series, False, now - w)
         if len(tf) and tf[0] <= now - 0.9 * w:
             m = tf < now - prev
             return fit_window(tf[m], hf[m], w - prev, self._fine_noise or 0.0, min_points=4)
-        tc, hc, _ = series.arrays(True, now - w)
+        tc, hc, _ = self._points(series, True, now - w)
         m = tc < now - prev
         return fit_window(tc[m], hc[m], w - prev, self._coarse_noise or 0.0, min_points=4)
 
@@ -145,7 +153,7 @@ class PeakTrend:
             if coarse:
                 fit = next(coarse_fits, None)
             else:
-                t, hi, _ = series.arrays(False, max(now - w, self.start))
+                t, hi, _ = self._points(series, False, max(now - w, self.start))
                 fit = fit_window(t, hi, w, self._fine_noise or 0.0)
             if fit is None:
                 if best is not None:
@@ -164,12 +172,12 @@ class PeakTrend:
             prev = w
         return best
 
-    @staticmethod
-    def _novel(series: PeakSeries, now: float, fit: SlopeFit) -> bool:
+    def _novel(self, series: PeakSeries, now: float, fit: SlopeFit) -> bool:
         """Growth shows up as new highs: the peaks of the window's newer half must rise above every peak of
         the time before it (the window's older half and as much history again) by a quarter of what the slope
         predicts. A wave of the same height seen before is not growth: an evaluation phase, or a sawtooth
-        aliased into a slow beat by sampling at a fixed interval, rises like a leak for a minute or two."""
+        aliased into a slow beat by sampling at a fixed interval, rises like a leak for a minute or two.
+        Peaks, whichever statistic was fitted: what runs out of memory is the peak, so it must rise."""
         w = fit.window_s
         mid = now - w / 2
         start = now - w - max(600.0, w)
@@ -185,7 +193,7 @@ class PeakTrend:
         """Fitting every window every 5 s costs; growth needs new highs, so skip while nothing is growing:
         no forecast last time, no coarse bucket closed, and the bucket that just closed is not the highest of
         the last 10 min. Refreshed at least every 30 s regardless."""
-        t, hi, _ = series.arrays(False, -math.inf)
+        t, hi, _ = series.arrays(False, -math.inf)  # new highs of the peaks, whichever statistic is fitted
         if self.last is None or self.last.window_s is not None or len(hi) < 2 or self._skipped >= 5:
             return True
         key = (len(series.coarse), series.coarse[-1].index if series.coarse else -1)
@@ -194,11 +202,10 @@ class PeakTrend:
         i = int(np.searchsorted(t, t[-1] - 600.0))
         return bool(hi[-1] > hi[i:-1].max()) if i < len(hi) - 1 else True
 
-    @staticmethod
-    def _sustained(series: PeakSeries, now: float, fit: SlopeFit, coarse: bool) -> bool:
+    def _sustained(self, series: PeakSeries, now: float, fit: SlopeFit, coarse: bool) -> bool:
         """The local forecast's check: both halves of its window grow, by a quarter of its slope at least.
         A burst (a caching allocator taking its segments for a checkpoint in a few steps) fills one half."""
-        t, hi, _ = series.arrays(coarse, now - fit.window_s)
+        t, hi, _ = self._points(series, coarse, now - fit.window_s)
         mid = now - fit.window_s / 2
         for m in (t < mid, t >= mid):
             if m.sum() < 3 or repeated_median_slope(t[m], hi[m]) < 0.25 * fit.slope:
@@ -246,12 +253,30 @@ class PeakTrend:
         return self.last
 
 
+def _combined(fits: list[PeakTrend]) -> Trend | None:
+    """One series' forecast from its fits (peaks, troughs). Memory that persists lifts peaks and troughs
+    alike, so where both see growth they estimate one rate: their slopes and envelopes are averaged, weighted
+    by 1 / standard error^2. The z is the surer fit's (both come from the same samples, so together they are
+    no stronger evidence), the window the longer. Where one sees growth, it speaks; where none, the peaks'."""
+    done = [f.last for f in fits if f.last is not None]
+    growing = [t for t in done if t.window_s is not None and t.slope > 0 and t.z > 0]
+    if len(growing) < 2:
+        return growing[0] if growing else (done[0] if done else None)
+    weights = [(t.z / t.slope) ** 2 for t in growing]
+    total = sum(weights)
+    slope = sum(w * t.slope for w, t in zip(weights, growing, strict=True)) / total
+    peak = sum(w * t.peak for w, t in zip(weights, growing, strict=True)) / total
+    surer = max(growing, key=lambda t: t.z)
+    return Trend(surer.ts, slope, surer.z, max(t.window_s or 0.0 for t in growing), peak)
+
+
 class OomForecaster:
     """Forecast of when a GPU's per-cycle peak reaches its total memory; raises `oom` findings (see module)."""
 
     def __init__(self, config: MemoryDetectorConfig) -> None:
         self.config = config
-        self.trends: dict[str, PeakTrend] = {}
+        # per series: the fit of its peaks and, with `oom_fit_troughs`, of its troughs
+        self.trends: dict[str, list[PeakTrend]] = {}
         self.first_ts: float | None = None
         self.raised: RiskLevel | None = None
         self.raised_eta: float | None = None
@@ -268,13 +293,17 @@ class OomForecaster:
         """Fit series `name` ("used": NVML, "need": the allocator's) and predict from the recent fits."""
         if self.first_ts is None:
             self.first_ts = now
-        trend = self.trends.get(name)
-        if trend is None:
-            trend = self.trends[name] = PeakTrend(self.config)
-        trend.fit(series, now, used, total, self.first_ts + self.config.oom_warmup_s)
+        fits = self.trends.get(name)
+        if fits is None:
+            fits = self.trends[name] = [PeakTrend(self.config)]
+            if self.config.oom_fit_troughs:
+                fits.append(PeakTrend(self.config, troughs=True))
+        for fit in fits:
+            fit.fit(series, now, used, total, self.first_ts + self.config.oom_warmup_s)
         # NVML's used memory is what runs out; the allocator's view (sampled at a random phase of the step,
         # so noisier) speaks when used memory shows no growth: a caching allocator at its ceiling
-        fresh = {n: t.last for n, t in self.trends.items() if t.last is not None and now - t.last.ts <= 60.0}
+        fresh = {n: t for n, t in ((n, _combined(f)) for n, f in self.trends.items())
+                 if t is not None and now - t.ts <= 60.0}
         # The allocator's view is sampled at a random phase of the step: at a fixed sampling interval a
         # sawtooth aliases into slow waves that rise like growth for minutes, so it speaks only on a window
         # long enough to see such a wave whole (`oom_need_min_window_s`).
@@ -283,7 +312,8 @@ class OomForecaster:
         if growing:
             pick = growing[0]
         else:  # no series grows (or only the allocator's, on too short a window): no forecast
-            base = fresh.get("used") or trend.last
+            base = fresh.get("used") or _combined(fits)
+            assert base is not None  # the series just fitted
             pick = base if base.eta(total) is None else Trend(base.ts, 0.0, base.z, None, base.peak)
         return self._predict(now, used, total, pick, leak, fragmented)
 
