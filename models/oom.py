@@ -67,7 +67,7 @@ class PeakTrend:
         self.fine_span = max([w for w in self.windows if w <= 8 * config.mem_coarse_bucket_s] or [0.0])
         self.last: Trend | None = None
         self._coarse_key: tuple[int, int] | None = None
-        self._coarse_fits: list[SlopeFit | None] = []
+        self._coarse_fits: list[SlopeFit | None] | None = None  # None: to compute (a coarse bucket closed)
         self._fine_noise: float | None = None
         self._coarse_noise: float | None = None
         self._global: SlopeFit | None = None
@@ -79,18 +79,36 @@ class PeakTrend:
         t, hi, lo = series.arrays(coarse, since)
         return t, (lo if self.troughs else hi), lo
 
+    def save_state(self) -> dict[str, Any]:
+        last = self.last
+        return {"troughs": self.troughs, "skipped": self._skipped,
+                "last": None if last is None else [last.ts, last.slope, last.z, last.window_s, last.peak],
+                # the noise scales are measured when a coarse bucket closes, not at every fit
+                "noise": [self._coarse_key, self._fine_noise, self._coarse_noise]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._skipped = int(state.get("skipped", 0))
+        key, fine, coarse = state.get("noise") or (None, None, None)
+        self._coarse_key = None if key is None else (int(key[0]), int(key[1]))
+        self._fine_noise = None if fine is None else float(fine)
+        self._coarse_noise = None if coarse is None else float(coarse)
+        last = state.get("last")
+        self.last = None if last is None else Trend(*(None if v is None else float(v) for v in last))
+
     # ---- the slope -----------------------------------------------------------------------------------------
     def _refresh(self, series: PeakSeries, now: float) -> None:
         """Once a minute (when a coarse bucket closes): the noise of the fine peaks over the last 20 min (long
         enough to see a slow aliasing beat whole) and the fits of the coarse windows."""
         key = (len(series.coarse), series.coarse[-1].index if series.coarse else -1)
-        if key == self._coarse_key and self._fine_noise is not None:
+        if key != self._coarse_key or self._fine_noise is None or self._coarse_noise is None:
+            floor = self.config.mem_noise_floor_bytes
+            self._coarse_key = key
+            self._fine_noise = series_noise(*self._points(series, False, -math.inf)[:2], floor)
+            self._coarse_noise = series_noise(*self._points(series, True, -math.inf)[:2], floor)
+            self._coarse_fits = None
+        if self._coarse_fits is not None:
             return
-        floor = self.config.mem_noise_floor_bytes
-        self._coarse_key = key
-        self._fine_noise = series_noise(*self._points(series, False, -math.inf)[:2], floor)
         end = series.coarse[-1].t_max if series.coarse else now
-        self._coarse_noise = series_noise(*self._points(series, True, -math.inf)[:2], floor)
         self._coarse_fits = []
         for w in (w for w in self.windows if w > self.fine_span):
             t, hi, _ = self._points(series, True, max(end - w, self.start))
@@ -379,10 +397,18 @@ class OomForecaster:
         return Finding("oom", "gpu_memory", eta, None, threshold, p.z, sev, msg, ctx), why
 
     def save_state(self) -> dict[str, Any]:
+        # the fits' last results decide whether the next evaluation refits or skips (PeakTrend._needs_fit):
+        # kept, so a restored worker judges as one that never stopped
+        fits = {name: [f.save_state() for f in fs] for name, fs in self.trends.items()}
         return {"first_ts": self.first_ts, "raised": self.raised.value if self.raised else None,
-                "raised_eta": self.raised_eta, "streak": self.streak, "calm_since": self.calm_since}
+                "raised_eta": self.raised_eta, "streak": self.streak, "calm_since": self.calm_since, "fits": fits}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        self.trends = {}
+        for name, saved in (state.get("fits") or {}).items():
+            fits = self.trends[name] = [PeakTrend(self.config, troughs=bool(f.get("troughs"))) for f in saved]
+            for f, st in zip(fits, saved, strict=True):
+                f.load_state(st)
         self.first_ts = state.get("first_ts")
         self.raised = RiskLevel(state["raised"]) if state.get("raised") else None
         self.raised_eta = state.get("raised_eta")
