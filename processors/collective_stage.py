@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
 from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict
-from rankwatch.processors.stages import Summary
+from rankwatch.processors.stages import Summary, finite, take_each
 
 from rankwatch.records import Anomaly, Record
 
@@ -204,11 +204,7 @@ class CollectiveJob:
     # ---- input ------------------------------------------------------------------------------------------
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for s in summaries:
-            try:
-                self._take(s)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.ctx.skip_summary(s, exc)
+        take_each(summaries, self._take, self.ctx.skip_summary)
         # ops are judged at ticks, behind the job's clock (see CollectiveTracker.judge)
         out.extend(self._release(self.judged_at))
         return out
@@ -218,7 +214,8 @@ class CollectiveJob:
         t = s.get("type")
         if t == "ops" and len({len(s[k]) for k in OP_COLUMNS}) != 1:
             raise ValueError("ops summary with columns of different lengths")
-        ts = float(s.get("ts", self.clock)) if t != "ops" else float(max(s["ts"], default=self.clock))
+        raw = s.get("ts") if t != "ops" else max(s["ts"], default=None)
+        ts = self.clock if raw is None else finite(raw)
         self.clock = max(self.clock, ts)
         if t == "ops":
             self._ops(s)
@@ -235,7 +232,7 @@ class CollectiveJob:
         elif t == "nccl_init" and s.get("comm_id"):
             self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
         elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
-            self.evidence.append(s)
+            self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
 
     def _ops(self, s: Summary) -> None:
         ranks, ts, comms, ptrs, ns, ops, nranks, counts, files, offsets = (s[k] for k in OP_COLUMNS)

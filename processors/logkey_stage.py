@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.logkeys import Finding, Line, LogKeyDetector
 from rankwatch.models.templates import LogTemplateMiner
-from rankwatch.processors.stages import Summary
+from rankwatch.processors.stages import Summary, finite, take_each
 
 from rankwatch.deeplog.model import UNK, DeepLog, Vocabulary, fit_windows, load_checkpoint
 from rankwatch.records import Anomaly, Record
@@ -93,10 +93,11 @@ class Reorder:
         self.seq = 0
 
     def push(self, s: Summary, wall: float) -> None:
-        ts = float(s["ts"])
+        ts = finite(s["ts"])
         rank = -1 if s.get("rank") is None else int(s["rank"])
+        offset = int(s.get("offset", -1))
         self.seq += 1
-        heapq.heappush(self.heap, (ts, rank, str(s.get("file", "")), int(s.get("offset", -1)), self.seq, s))
+        heapq.heappush(self.heap, (ts, rank, str(s.get("file", "")), offset, self.seq, s))
         if ts > self.rank_ts.get(rank, -math.inf):
             self.rank_ts[rank] = ts
         self.rank_wall[rank] = wall
@@ -224,9 +225,13 @@ class LogKeyJob:
     # ---- the JobDetector interface ---------------------------------------------------------------------
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         wall = time.monotonic()
-        for s in summaries:
-            if isinstance(s.get("ts"), (int, float)) and isinstance(s.get("msg"), str):
-                self.reorder.push(s, wall)
+
+        def take(s: Summary) -> None:
+            if not isinstance(s.get("msg"), str):
+                raise TypeError(f"log summary without a message: {s.get('msg')!r}")
+            self.reorder.push(s, wall)  # reads every field before it changes anything
+
+        take_each(summaries, take, self.ctx.skip_summary)
         return self._advance(self.reorder.release(wall))
 
     def tick(self, now: float) -> list[Anomaly]:

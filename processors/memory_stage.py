@@ -14,7 +14,7 @@ from rankwatch.models.gpu_memory import GpuMemoryDetector
 from rankwatch.models.imbalance import ImbalanceConfig, ImbalanceFinding, MemoryImbalanceDetector
 from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.training import Finding
-from rankwatch.processors.stages import Summary
+from rankwatch.processors.stages import Summary, finite, take_each
 
 from rankwatch.records import Anomaly, Record
 
@@ -170,6 +170,7 @@ class GpuImbalanceJob:
     def __init__(self, job: str, ctx: StageContext) -> None:
         c: MemoryDetectorConfig = ctx.config
         self.job = job
+        self.ctx = ctx
         self.bucket_s = c.imbalance_bucket_s
         self.detector: MemoryImbalanceDetector[Summary] = MemoryImbalanceDetector(ImbalanceConfig(
             gap_pct=c.imbalance_gap_pct, k=c.imbalance_k, min_gpus=c.imbalance_min_gpus, persist=c.imbalance_persist,
@@ -177,9 +178,14 @@ class GpuImbalanceJob:
 
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for s in summaries:
-            found = self.detector.add(f"{s['host']}/{s['gpu']}", int(s["bucket"]), float(s["share"]), s)
-            out.extend(self._anomaly(f) for f in found)
+
+        def take(s: Summary) -> None:
+            gpu = f"{s['host']}/{int(s['gpu'])}"
+            bucket, share = int(s["bucket"]), finite(s["share"])
+            finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's event time and source
+            out.extend(self._anomaly(f) for f in self.detector.add(gpu, bucket, share, s))
+
+        take_each(summaries, take, self.ctx.skip_summary)
         return out
 
     def _anomaly(self, f: ImbalanceFinding[Summary]) -> Anomaly:

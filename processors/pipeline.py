@@ -152,7 +152,8 @@ class Pipeline:
     def job_stage(self, job: str) -> JobStage:
         stage = self.jobs.get(job)
         if stage is None:
-            stage = self.jobs[job] = JobStage(job, [cls(job, self.ctx) for cls in JOB_DETECTORS])
+            stage = self.jobs[job] = JobStage(job, [cls(job, self.ctx) for cls in JOB_DETECTORS],
+                                              on_bad=self.ctx.skip_summary)
         return stage
 
     def second_stage(self, summaries: Iterable[Summary], wall: float | None = None) -> list[Anomaly]:

@@ -29,6 +29,28 @@ from rankwatch.records import Anomaly
 Summary = dict[str, Any]  # JSON-able; keys: type, job, ts, and type-specific fields (rank, file, offset, ...)
 
 
+BadSummary = Callable[[Summary, Exception], None]  # counts a malformed summary (StageContext.skip_summary)
+MALFORMED = (KeyError, TypeError, ValueError)  # what reading a summary's fields raises on a malformed one
+
+
+def take_each(summaries: Iterable[Summary], take: Callable[[Summary], Any], on_bad: BadSummary) -> None:
+    """`take` every summary; one that is malformed (another worker's version, a corrupt message) is counted
+    and skipped, so the batch's good summaries still count. `take` must raise before it changes anything."""
+    for s in summaries:
+        try:
+            take(s)
+        except MALFORMED as exc:
+            on_bad(s, exc)
+
+
+def finite(x: Any) -> float:
+    """A summary's number: float(x), refusing NaN and infinities (they would poison medians and clocks)."""
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError(f"not a finite number: {x!r}")
+    return v
+
+
 class JobDetector(Protocol):
     """A cross-rank detector of one job. Plain object: no Kafka, files or Prometheus."""
 
@@ -84,8 +106,10 @@ JobDetectorFactory = Callable[[str], JobDetector]  # job name -> detector
 class JobStage:
     """The second stage of one job: routes summaries to its detectors by type and keeps the job's clock."""
 
-    def __init__(self, job: str, detectors: Iterable[JobDetector], tick_every_s: float = 1.0) -> None:
+    def __init__(self, job: str, detectors: Iterable[JobDetector], tick_every_s: float = 1.0,
+                 on_bad: BadSummary | None = None) -> None:
         self.job = job
+        self.on_bad: BadSummary = on_bad or (lambda s, exc: None)
         self.detectors = list(detectors)
         self.tick_every_s = tick_every_s
         self.routes: dict[str, list[JobDetector]] = defaultdict(list)
@@ -109,7 +133,10 @@ class JobStage:
         for s in summaries:
             t = s.get("type")
             if t == "clock":
-                self.event_time = max(self.event_time, float(s["ts"]))
+                try:
+                    self.event_time = max(self.event_time, finite(s["ts"]))
+                except MALFORMED as exc:
+                    self.on_bad(s, exc)
                 continue
             if t == "progress":
                 self._progress(s, wall)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig
+from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig, StragglerFinding
 from rankwatch.models.training import Finding, RankMetricsDetector
 from rankwatch.processors.logkey_stage import log_summary
-from rankwatch.processors.stages import Summary
+from rankwatch.processors.stages import Summary, finite, take_each
 
 from rankwatch.records import Anomaly, Record
 
@@ -98,24 +98,31 @@ class StepStragglerJob:
     def __init__(self, job: str, ctx: StageContext) -> None:
         c = ctx.config
         self.job = job
+        self.ctx = ctx
         self.detector: StepStragglerDetector[Summary] = StepStragglerDetector(
             StragglerConfig(ratio=c.straggler_ratio, k=c.straggler_k, min_ranks=c.straggler_min_ranks))
 
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for s in summaries:
-            for f in self.detector.add(int(s["rank"]), int(s["step"]), float(s["value"]), s):
-                ref = f.ref
-                msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
-                       f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
-                ctx = {"step": f.step, "ranks_compared": f.ranks, "model_checkpoint": ref.get("model_checkpoint")}
-                if "lr" in ref:
-                    ctx["lr"] = ref["lr"]
-                out.append(Anomaly("straggler", "step_time_s", self.job, f.rank, float(ref["ts"]), f.value,
-                                   f.median, f.score, f.threshold, "critical" if f.value > 2 * f.median else
-                                   "warning", msg, ctx, source_file=str(ref.get("file", "")),
-                                   source_offset=int(ref.get("offset", -1))))
+
+        def take(s: Summary) -> None:
+            rank, step, value = int(s["rank"]), int(s["step"]), finite(s["value"])
+            finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's event time and source
+            out.extend(self._anomaly(f) for f in self.detector.add(rank, step, value, s))
+
+        take_each(summaries, take, self.ctx.skip_summary)
         return out
+
+    def _anomaly(self, f: StragglerFinding[Summary]) -> Anomaly:
+        ref = f.ref
+        msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
+               f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
+        ctx = {"step": f.step, "ranks_compared": f.ranks, "model_checkpoint": ref.get("model_checkpoint")}
+        if "lr" in ref:
+            ctx["lr"] = ref["lr"]
+        return Anomaly("straggler", "step_time_s", self.job, f.rank, float(ref["ts"]), f.value, f.median, f.score,
+                       f.threshold, "critical" if f.value > 2 * f.median else "warning", msg, ctx,
+                       source_file=str(ref.get("file", "")), source_offset=int(ref.get("offset", -1)))
 
     def tick(self, now: float) -> list[Anomaly]:
         return []
