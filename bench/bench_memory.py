@@ -24,12 +24,13 @@ from rich.progress import Progress
 from rankwatch.memory_eval import LEAK_TIERS, evaluate_memory, report_lines
 
 
-def quality(seeds: int) -> None:
+def quality(seeds: int, hook_peaks: bool = False) -> None:
     total = seeds * (len(LEAK_TIERS) + 4)
     with Progress(transient=True) as progress:
         task = progress.add_task("simulated runs", total=total)
-        q = evaluate_memory(seeds, progress=lambda _: progress.advance(task))
-    print(f"GPU memory detection quality, {seeds} seeds per scenario")
+        q = evaluate_memory(seeds, progress=lambda _: progress.advance(task), hook_peaks=hook_peaks)
+    print(f"GPU memory detection quality, {seeds} seeds per scenario"
+          + (" (the hook's runs send each interval's peak: memory_peaks=True)" if hook_peaks else ""))
     print("\n".join(report_lines(q)))
     for line in q.stable_alarms:
         print("stable-run alarm:", line)
@@ -164,6 +165,9 @@ def main() -> None:
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--hook-peaks", action="store_true",
+                    help="quality: runs with allocator stats also send peak_allocated_bytes (TrainingMonitor "
+                         "memory_peaks=True)")
     a = ap.parse_args()
     everything = not (a.quality or a.overhead or a.throughput or a.stream)
     if a.overhead or everything:
@@ -173,7 +177,7 @@ def main() -> None:
     if a.stream:
         stream()
     if a.quality or everything:
-        quality(a.seeds)
+        quality(a.seeds, a.hook_peaks)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Used memory (NVML) feeds the peak series that the forecast and the leak judge. W
 allocator stats, two better series come with them: what the process needs (allocated + the memory outside the
 allocator, used - reserved), which the forecast then judges (a caching allocator holds NVML's figure flat at
 its last reserved segment while allocations keep growing inside it), and allocated bytes, whose troughs the
-leak then judges; and the fragmentation detector gets its input. Detectors re-evaluate when a fine bucket closes (every 5 s
+leak then judges; and the fragmentation detector gets its input. With the hook's `peak_allocated_bytes` (the
+most allocated since its previous sample) the needed series' buckets hold the steps' real peaks, and the
+forecast prefers it. Detectors re-evaluate when a fine bucket closes (every 5 s
 of event time), the leak when a coarse one closes (every minute), so the cost per sample stays small.
 """
 
@@ -35,6 +37,7 @@ class GpuMemoryDetector:
         self.num_ooms: float | None = None
         self.first_ts: float | None = None
         self.usage_raised = False
+        self.need_peaks = False  # the hook sends each interval's peak (`peak_allocated_bytes`)
         self.restarts = 0
         self.low_since: float | None = None
 
@@ -59,7 +62,12 @@ class GpuMemoryDetector:
         if _finite(alloc):
             self.alloc.add(ts, float(alloc))
             if _finite(reserved):
-                closed_need = self.need.add(ts, float(alloc) + max(0.0, used - float(reserved)))
+                outside = max(0.0, used - float(reserved))  # the CUDA context, other libraries' memory
+                closed_need = self.need.add(ts, float(alloc) + outside)
+                peak = data.get("peak_allocated_bytes")  # the most allocated since the last sample (the hook)
+                if _finite(peak) and float(peak) >= float(alloc):
+                    self.need.add(ts, float(peak) + outside)  # the bucket's high: the step's real peak
+                    self.need_peaks = True
         self.frag.add(ts, data)
         out.extend(self._allocator_ooms(data))
         if not (closed_used or closed_need):
@@ -78,7 +86,7 @@ class GpuMemoryDetector:
         for name, series, closed in (("used", self.used, closed_used), ("need", self.need, closed_need)):
             if closed:
                 pred = self.forecaster.evaluate(name, series, ts, used, total, self.leak.raised,
-                                                self.frag.raised)
+                                                self.frag.raised, exact_peaks=name == "need" and self.need_peaks)
         assert pred is not None
         f, _ = self.forecaster.judge(pred)
         if f is not None:
@@ -139,7 +147,7 @@ class GpuMemoryDetector:
                 "forecaster": self.forecaster.save_state(), "leak": self.leak.save_state(),
                 "frag": self.frag.save_state(), "latest": self.latest, "samples": self.samples,
                 "num_ooms": self.num_ooms, "usage_raised": self.usage_raised,
-                "first_ts": self.first_ts, "restarts": self.restarts}
+                "first_ts": self.first_ts, "restarts": self.restarts, "need_peaks": self.need_peaks}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.used.load_state(state.get("used", {}))
@@ -154,6 +162,7 @@ class GpuMemoryDetector:
         self.usage_raised = bool(state.get("usage_raised", False))
         self.first_ts = state.get("first_ts")
         self.restarts = int(state.get("restarts", 0))
+        self.need_peaks = bool(state.get("need_peaks", False))
 
 
 def _finite(x: object) -> bool:

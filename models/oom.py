@@ -295,6 +295,7 @@ class OomForecaster:
         self.config = config
         # per series: the fit of its peaks and, with `oom_fit_troughs`, of its troughs
         self.trends: dict[str, list[PeakTrend]] = {}
+        self.exact: set[str] = set()  # series whose buckets hold the real peaks (see evaluate)
         self.first_ts: float | None = None
         self.raised: RiskLevel | None = None
         self.raised_eta: float | None = None
@@ -307,10 +308,13 @@ class OomForecaster:
         return PeakTrend(self.config).fine_span
 
     def evaluate(self, name: str, series: PeakSeries, now: float, used: float, total: float, leak: bool = False,
-                 fragmented: bool = False) -> OomPrediction:
-        """Fit series `name` ("used": NVML, "need": the allocator's) and predict from the recent fits."""
+                 fragmented: bool = False, exact_peaks: bool = False) -> OomPrediction:
+        """Fit series `name` ("used": NVML, "need": the allocator's) and predict from the recent fits.
+        `exact_peaks`: the series' buckets hold each interval's real peak (the hook's peak counters)."""
         if self.first_ts is None:
             self.first_ts = now
+        if exact_peaks:
+            self.exact.add(name)
         fits = self.trends.get(name)
         if fits is None:
             fits = self.trends[name] = [PeakTrend(self.config)]
@@ -325,8 +329,12 @@ class OomForecaster:
         # The allocator's view is sampled at a random phase of the step: at a fixed sampling interval a
         # sawtooth aliases into slow waves that rise like growth for minutes, so it speaks only on a window
         # long enough to see such a wave whole (`oom_need_min_window_s`).
-        growing = [fresh[n] for n in ("used", *sorted(fresh)) if n in fresh and fresh[n].eta(total) is not None
-                   and (n == "used" or (fresh[n].window_s or 0.0) >= self.config.oom_need_min_window_s)]
+        # A series with the real peaks of each interval neither aliases nor misses a step's peak: it speaks
+        # first, on any window.
+        order = (*sorted(self.exact), "used", *sorted(fresh))
+        growing = [fresh[n] for n in dict.fromkeys(order) if n in fresh and fresh[n].eta(total) is not None
+                   and (n == "used" or n in self.exact
+                        or (fresh[n].window_s or 0.0) >= self.config.oom_need_min_window_s)]
         if growing:
             pick = growing[0]
         else:  # no series grows (or only the allocator's, on too short a window): no forecast
@@ -401,7 +409,8 @@ class OomForecaster:
         # kept, so a restored worker judges as one that never stopped
         fits = {name: [f.save_state() for f in fs] for name, fs in self.trends.items()}
         return {"first_ts": self.first_ts, "raised": self.raised.value if self.raised else None,
-                "raised_eta": self.raised_eta, "streak": self.streak, "calm_since": self.calm_since, "fits": fits}
+                "raised_eta": self.raised_eta, "streak": self.streak, "calm_since": self.calm_since, "fits": fits,
+                "exact": sorted(self.exact)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trends = {}
@@ -409,6 +418,7 @@ class OomForecaster:
             fits = self.trends[name] = [PeakTrend(self.config, troughs=bool(f.get("troughs"))) for f in saved]
             for f, st in zip(fits, saved, strict=True):
                 f.load_state(st)
+        self.exact = {str(n) for n in state.get("exact", [])}
         self.first_ts = state.get("first_ts")
         self.raised = RiskLevel(state["raised"]) if state.get("raised") else None
         self.raised_eta = state.get("raised_eta")

@@ -1,8 +1,9 @@
 """GPU and host memory for the in-training hook (`TrainingMonitor(..., gpu_memory=True)`, producers/training.py).
 
 - `torch_memory_stats`: the CUDA caching allocator's view of the current device (`allocated_bytes`,
-  `reserved_bytes`, `active_bytes`, `inactive_split_bytes`, `num_alloc_retries`, `num_ooms`) plus the device's
-  used/total memory (`cudaMemGetInfo`), as a GPU sample. Any function returning such a dict can stand in for it
+  `reserved_bytes`, `active_bytes`, `inactive_split_bytes`, `num_alloc_retries`, `num_ooms`, and on request
+  `peak_allocated_bytes` since the previous sample) plus the device's used/total memory (`cudaMemGetInfo`), as
+  a GPU sample. Any function returning such a dict can stand in for it
   (tests run on CPU with an injected one).
 - `HostMemoryTracker`: the process's resident memory and, with tracemalloc, the Python allocation sites that grew
   most since the last look: the Python side of a leak hunt.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tracemalloc
@@ -41,8 +43,13 @@ def cuda_in_use() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
-def torch_memory_stats(device: int | None = None) -> dict[str, Any] | None:
-    """A GPU sample of the current CUDA device from torch's allocator; None when CUDA is not in use."""
+def torch_memory_stats(device: int | None = None, reset_peak: bool = False) -> dict[str, Any] | None:
+    """A GPU sample of the current CUDA device from torch's allocator; None when CUDA is not in use.
+
+    `reset_peak`: also report `peak_allocated_bytes`, the most allocated since the previous sample, and reset
+    torch's peak counters for the next one. A sample lands at one moment of a step; this is the step's peak,
+    which a sampler every few seconds sees only by chance. It resets what `torch.cuda.max_memory_allocated()`
+    returns, hence opt-in (`TrainingMonitor(memory_peaks=True)`)."""
     if not cuda_in_use():
         return None
     import torch
@@ -55,6 +62,9 @@ def torch_memory_stats(device: int | None = None) -> dict[str, Any] | None:
     for name, key in _STATS.items():
         if key in stats:
             out[name] = int(stats[key])
+    if reset_peak and "allocated_bytes.all.peak" in stats:
+        out["peak_allocated_bytes"] = int(stats["allocated_bytes.all.peak"])
+        torch.cuda.reset_peak_memory_stats(dev)
     return out
 
 
@@ -102,8 +112,8 @@ class MemoryProbe:
     """When to take a GPU sample in the training loop, and how (the stats function and this host's name)."""
 
     def __init__(self, stats_fn: StatsFn | None, interval_s: float, host: str | None = None,
-                 track_host: bool = False) -> None:
-        self.stats_fn = stats_fn or torch_memory_stats
+                 track_host: bool = False, peaks: bool = False) -> None:
+        self.stats_fn = stats_fn or functools.partial(torch_memory_stats, reset_peak=peaks)
         self.interval_s = interval_s
         self.host = host or socket.gethostname()
         self.last: float | None = None

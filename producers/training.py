@@ -14,7 +14,10 @@ GPU memory (`gpu_memory`, on by default when torch.cuda is in use): every `memor
 stats are sampled (producers/memory_hook.py), published as a GPU sample and judged locally by the memory
 detectors; `add_warning_callback(fn(device, prediction))` lets the training code act on an OOM forecast (e.g.
 lower the batch size). With `track_host_memory` the samples carry the process's RSS, and memory anomalies the
-top growing Python allocation sites (tracemalloc); `host_memory_report()` gives them on request.
+top growing Python allocation sites (tracemalloc); `host_memory_report()` gives them on request. With
+`memory_peaks` each sample also carries the most allocated since the previous one (torch's peak counters, reset
+at each sample): the step's peak, which the OOM forecast then fits instead of whatever phase of the step the
+sample caught.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class TrainingMonitor:
                  publisher: Callable[[Record], None] | None = None, clock: Callable[[], float] = time.time,
                  gpu_memory: bool | None = None, memory_interval_s: float = 1.0,
                  memory_stats: Callable[[], dict[str, Any] | None] | None = None,
-                 track_host_memory: bool = False, host: str | None = None) -> None:
+                 track_host_memory: bool = False, host: str | None = None, memory_peaks: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.rank = rank
         self.job = job or self.output_dir.resolve().name
@@ -84,7 +87,7 @@ class TrainingMonitor:
         self.pipeline = Pipeline(cfg)
         # None: decided at the first step (the model may move to the GPU after the monitor is made)
         self.gpu_memory = gpu_memory if memory_stats is None else (gpu_memory is not False)
-        self.probe = MemoryProbe(memory_stats, memory_interval_s, host, track_host_memory)
+        self.probe = MemoryProbe(memory_stats, memory_interval_s, host, track_host_memory, memory_peaks)
         self.warning_callbacks: list[Callable[[int | None, Any], None]] = []
         self.dropped = {"publish": 0, "save": 0}
         self.anomalies_seen = 0

@@ -121,13 +121,14 @@ class MemoryQuality:
 
 def evaluate_memory(seeds: int, tiers: Iterable[str] = tuple(LEAK_TIERS), stable_s: float = 7200.0,
                     config: DetectionConfig | None = None,
-                    progress: Callable[[str], None] | None = None) -> MemoryQuality:
+                    progress: Callable[[str], None] | None = None, hook_peaks: bool = False) -> MemoryQuality:
+    """`hook_peaks`: the leak and stable runs that carry allocator stats also send each interval's peak."""
     q = MemoryQuality()
     step = progress or (lambda _: None)
     for tier in tiers:
         res = q.tiers.setdefault(tier, LeadResult())
         for seed in range(seeds):
-            run = leak_run(seed, tier)
+            run = leak_run(seed, tier, hook_peaks)
             res.add(run, judge([run], config))
             step(f"leak {tier}")
     for seed in range(seeds):
@@ -135,7 +136,7 @@ def evaluate_memory(seeds: int, tiers: Iterable[str] = tuple(LEAK_TIERS), stable
         q.ramp.add(run, judge([run], config))
         step("ramp")
     for seed in range(seeds):
-        run = stable_run(seed, stable_s)
+        run = stable_run(seed, stable_s, hook_peaks)
         found = judge([run], config)
         q.stable_runs += 1
         q.stable_hours += stable_s / 3600

@@ -103,9 +103,11 @@ class Faults:
 
 def simulate_gpu(p: JobProfile, base: float, duration: float, rng: np.random.Generator, faults: Faults,
                  *, from_job_start: bool = True, allocator_stats: bool = False, steps: np.ndarray | None = None,
-                 host: str = "node000", gpu: int = 0, rank: int | None = None) -> GpuRun:
+                 host: str = "node000", gpu: int = 0, rank: int | None = None, hook_peaks: bool = False) -> GpuRun:
     """One GPU's samples over `duration` seconds (sampling starts with the job, or mid-run when not
-    `from_job_start`). `base`: persistent bytes (weights, optimizer state) besides the context."""
+    `from_job_start`). `base`: persistent bytes (weights, optimizer state) besides the context. `hook_peaks`:
+    the allocator stats carry `peak_allocated_bytes`, the most allocated since the previous sample (the hook's
+    `memory_peaks`)."""
     if steps is None:
         steps = step_starts(p, duration, rng)
     load = p.load_s if from_job_start else 0.0
@@ -154,6 +156,7 @@ def simulate_gpu(p: JobProfile, base: float, duration: float, rng: np.random.Gen
     else:
         res = alloc * (1 + frag[idx]) + rng.uniform(0, 64, len(t)) * MIB
         used = p.ctx + res
+    peak_alloc = _interval_peaks(t, alloc, s0 + f * d, need) if allocator_stats and hook_peaks else None
     retries = np.cumsum((res + p.ctx > 0.96 * p.total) & (rng.random(len(t)) < 0.05)) if faults.frag_end else None
     samples = []
     for i in range(len(t)):
@@ -166,6 +169,8 @@ def simulate_gpu(p: JobProfile, base: float, duration: float, rng: np.random.Gen
                      active_bytes=int(alloc[i] + 8 * MIB),
                      inactive_split_bytes=int(max(0.0, 0.7 * (res[i] - alloc[i])) * (frag[idx[i]] > 0.05)),
                      num_alloc_retries=int(retries[i]) if retries is not None else 0, num_ooms=0)
+            if peak_alloc is not None:
+                s["peak_allocated_bytes"] = int(peak_alloc[i])
         samples.append(s)
     if oom_ts is not None:  # the process died: the driver's footprint is all that is left
         for j in range(1, 4):
@@ -174,6 +179,17 @@ def simulate_gpu(p: JobProfile, base: float, duration: float, rng: np.random.Gen
                             **({"rank": rank} if rank is not None else {})})
     return GpuRun(host, gpu, rank, samples, None if oom_ts is None else START_TS + oom_ts,
                   {"oom_cause": oom_cause} if oom_cause else {})
+
+
+def _interval_peaks(t: np.ndarray, alloc: np.ndarray, peak_t: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """The most allocated between each sample and the previous one (torch's peak counter, reset at each
+    sample): the allocations at both ends and the peaks of the steps in between (`peak_t`: when each peaks)."""
+    out = np.maximum(alloc, np.concatenate([alloc[:1], alloc[:-1]]))
+    j = np.searchsorted(peak_t, t, side="right")  # steps peaking at or before each sample
+    lo = np.concatenate([[0], j[:-1]])
+    for i in np.nonzero(j > lo)[0]:
+        out[i] = max(out[i], float(need[lo[i]:j[i]].max()))
+    return out
 
 
 def step_starts(p: JobProfile, duration: float, rng: np.random.Generator) -> np.ndarray:
@@ -197,22 +213,23 @@ def _cached(seg: np.ndarray, in_eval: np.ndarray, rng: np.random.Generator) -> n
 
 
 # ---- scenarios -----------------------------------------------------------------------------------------------
-def stable_run(seed: int, duration: float = 7200.0) -> GpuRun:
+def stable_run(seed: int, duration: float = 7200.0, hook_peaks: bool = False) -> GpuRun:
     rng = np.random.default_rng([seed, 1])
     p = job_profile(rng)
     peak_frac = rng.uniform(0.5, 0.93)
     base = peak_frac * p.total - p.ctx - headroom_peak(p)
     base = max(base, 0.05 * p.total)
-    run = simulate_gpu(p, base, duration, rng, Faults(), allocator_stats=bool(rng.random() < 0.5))
+    run = simulate_gpu(p, base, duration, rng, Faults(), allocator_stats=bool(rng.random() < 0.5),
+                       hook_peaks=hook_peaks)
     run.labels = {"kind": "stable", "allocator": p.allocator, "interval": p.interval, "peak_frac": peak_frac}
     return run
 
 
-def leak_run(seed: int, tier: str) -> GpuRun:
+def leak_run(seed: int, tier: str, hook_peaks: bool = False) -> GpuRun:
     """A job that leaks at the tier's rate from `leak start` until it runs out of memory: slow leaks from the
     job's start (hours of samples, at the 5-10 s intervals production samplers use), fast ones after a stable
     phase. The headroom is set so that the earliest a step can fail (the longest batch during a checkpoint)
-    is the tier's minutes after the leak began."""
+    is the tier's minutes after the leak began. `hook_peaks`: see simulate_gpu."""
     rate, minutes, start, intervals = LEAK_TIERS[tier]
     rng = np.random.default_rng([seed, 2, list(LEAK_TIERS).index(tier)])
     p = job_profile(rng, intervals)
@@ -225,7 +242,7 @@ def leak_run(seed: int, tier: str) -> GpuRun:
     base = max(base, 0.05 * p.total)
     duration = leak_start + to_oom * 1.5 + 120
     run = simulate_gpu(p, base, duration, rng, Faults(leak_rate=rate, leak_start=leak_start),
-                       allocator_stats=bool(rng.random() < 0.5))
+                       allocator_stats=bool(rng.random() < 0.5), hook_peaks=hook_peaks)
     run.labels = {**run.labels, "kind": "leak", "tier": tier, "rate": rate, "leak_start": START_TS + leak_start,
                   "allocator": p.allocator, "interval": p.interval}
     return run

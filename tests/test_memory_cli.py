@@ -180,3 +180,28 @@ def test_hook_without_cuda_samples_nothing(tmp_path):
         mon.observe(step, 1.0)
     mon.close()
     assert mon.gpu_memory is False and not (tmp_path / "gpu").exists()
+
+
+def test_torch_memory_stats_reports_and_resets_the_interval_peak_only_on_request(monkeypatch, tmp_path):
+    import torch
+    from rankwatch.processors.offline import read_records
+    from rankwatch.producers import memory_hook
+
+    gib = 2**30
+    resets = []
+    fake = {"allocated_bytes.all.current": 30 * gib, "allocated_bytes.all.peak": 37 * gib,
+            "reserved_bytes.all.current": 38 * gib, "num_alloc_retries": 0, "num_ooms": 0}
+    monkeypatch.setattr(memory_hook, "cuda_in_use", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda dev: dict(fake))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev: resets.append(dev))
+    plain = memory_hook.torch_memory_stats()
+    assert plain is not None and "peak_allocated_bytes" not in plain and resets == []
+    peaked = memory_hook.MemoryProbe(None, 1.0, host="n1", peaks=True).sample(1e9)
+    assert peaked is not None and peaked["peak_allocated_bytes"] == 37 * gib and resets == [0]
+    assert peaked["allocated_bytes"] == 30 * gib and peaked["mem_used_bytes"] == 40 * gib
+    # the GPU sample format keeps it (the hook's saved samples, `analyze`, the shipper)
+    (tmp_path / "gpu_rank_0.jsonl").write_bytes(orjson.dumps({"ts": 1e9, "rank": 0, **peaked}) + b"\n")
+    recs = list(read_records([str(tmp_path)]))
+    assert len(recs) == 1 and recs[0].data["peak_allocated_bytes"] == 37 * gib

@@ -8,6 +8,7 @@ from typing import Any
 
 from rankwatch.processors.offline import read_records
 from rankwatch.processors.pipeline import Pipeline
+
 from rankwatch.simulate import Fault, Scenario, write_job
 
 # a field of each summary type, and a value that cannot be read as what it must be

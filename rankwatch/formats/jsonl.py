@@ -16,7 +16,8 @@ from rankwatch.formats.base import METRIC_FIELDS, OPTIONAL_METRIC_FIELDS, ParseE
 from rankwatch.formats.prefixes import parse_iso
 
 _GPU_OPTIONAL = ("util_pct", "temp_c", "power_w", "allocated_bytes", "reserved_bytes", "active_bytes",
-                 "inactive_split_bytes", "num_alloc_retries", "num_ooms", "proc_used_bytes", "rss_bytes")
+                 "inactive_split_bytes", "num_alloc_retries", "num_ooms", "proc_used_bytes", "rss_bytes",
+                 "peak_allocated_bytes")
 _NOT_JSON = object()
 
 
