@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
 from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict
 from rankwatch.processors.stages import Summary, finite, take_each
@@ -107,6 +108,25 @@ def op_columns(job: str, recs: list[Record]) -> list[Summary]:
                     "nranks": [d.get("nranks") for d in data], "count": [d.get("count") for d in data],
                     "file": [r.file for r in part], "offset": [r.offset for r in part]})
     return out
+
+
+_OP_DEFAULTS: dict[str, Any] = {"comm": "", "ptr": "", "op": "", "file": "", "offset": -1}
+
+
+def _checked_columns(s: Summary) -> Summary:
+    """An `ops` summary's columns read as what they must be, in new lists: ranks, opCounts and offsets ints,
+    times finite, shared comms text or empty (they key the tracker's tables). Raises on a malformed one, before
+    anything of it is taken."""
+    if len({len(s[k]) for k in OP_COLUMNS}) != 1:
+        raise ValueError("ops summary with columns of different lengths")
+    ts = np.asarray(s["ts"], np.float64)
+    if not np.isfinite(ts).all():
+        raise ValueError("ops summary with a time that is not a finite number")
+    comms = [c or "" for c in s["comm"]]
+    if not all(isinstance(c, str) for c in comms):
+        raise TypeError("ops summary with a comm that is not text")
+    return {**s, "rank": np.asarray(s["rank"], np.int64).tolist(), "ts": ts.tolist(), "comm": comms,
+            "n": np.asarray(s["n"], np.int64).tolist(), "offset": np.asarray(s["offset"], np.int64).tolist()}
 
 
 def op_summary(rec: Record) -> Summary:
@@ -212,33 +232,33 @@ class CollectiveJob:
     def _take(self, s: Summary) -> None:
         """One summary; a malformed one raises before it changes anything (process counts it)."""
         t = s.get("type")
-        if t == "ops" and len({len(s[k]) for k in OP_COLUMNS}) != 1:
-            raise ValueError("ops summary with columns of different lengths")
-        raw = s.get("ts") if t != "ops" else max(s["ts"], default=None)
-        ts = self.clock if raw is None else finite(raw)
-        self.clock = max(self.clock, ts)
+        if t == "op":  # one op per summary (a worker before columns): its one row
+            s = {k: [s.get(k, self.clock if k == "ts" else _OP_DEFAULTS.get(k))] for k in OP_COLUMNS}
+            t = "ops"
         if t == "ops":
-            self._ops(s)
-        elif t == "op":  # one op per summary (a worker before columns)
-            self._ops({"rank": [int(s["rank"])], "ts": [ts], "comm": [str(s.get("comm") or "")],
-                       "ptr": [str(s.get("ptr", ""))], "n": [int(s["n"])], "op": [str(s.get("op", ""))],
-                       "nranks": [s.get("nranks")], "count": [s.get("count")], "file": [str(s.get("file", ""))],
-                       "offset": [int(s.get("offset", -1))]})
-        elif t == "op_flag":
-            self.held.append({"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])),
-                              "n": int(s["n"])})
-            if self.ctx.wall is not None:
-                self.held[-1]["since"] = self.ctx.wall
-        elif t == "nccl_init" and s.get("comm_id"):
-            self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
-        elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
-            self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
+            cols = _checked_columns(s)
+            when = max(cols["ts"], default=None)
+            self._ops(cols)
+        else:
+            when = None if s.get("ts") is None else finite(s["ts"])  # read before anything changes
+            if t == "op_flag":
+                held = {"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])), "n": int(s["n"])}
+                if self.ctx.wall is not None:
+                    held["since"] = self.ctx.wall
+                self.held.append(held)
+            elif t == "nccl_init" and s.get("comm_id"):
+                self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
+            elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
+                self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
+        if when is not None:
+            self.clock = max(self.clock, when)
 
     def _ops(self, s: Summary) -> None:
+        """A batch's ops, as checked columns (`_checked_columns`): nothing here raises."""
         ranks, ts, comms, ptrs, ns, ops, nranks, counts, files, offsets = (s[k] for k in OP_COLUMNS)
         for i, comm in enumerate(comms):
             if not comm:  # a per-process pointer: resolved here, where every rank's init lines arrive
-                comms[i] = self._shared(int(ranks[i]), str(ptrs[i]), nranks[i], ops[i], counts[i])
+                comms[i] = self._shared(ranks[i], str(ptrs[i]), nranks[i], ops[i], counts[i])
         add = self.tracker.add
         for rank, t, comm, n, op, size in zip(ranks, ts, comms, ns, ops, nranks, strict=True):
             add(comm, rank, n, t, op, int(size) if isinstance(size, (int, float)) else 0)

@@ -442,9 +442,11 @@ def test_malformed_summaries_are_counted_and_the_good_ones_still_judged():
         bad_lengths = {**cols[0], "rank": cols[0]["rank"][:-1], "ts": [1e12]}
         missing = {k: v for k, v in cols[0].items() if k != "offset"}
         bad_op = {**batch[0], "rank": "x"}
-        found += p.second_stage([bad_lengths, missing, bad_op, *cols,
+        # one bad value inside a column, with a time far ahead: the summary is refused whole, clock included
+        bad_cell = {**cols[0], "rank": [*cols[0]["rank"][:-1], "x"], "ts": [*cols[0]["ts"][:-1], 1e12]}
+        found += p.second_stage([bad_lengths, missing, bad_op, bad_cell, *cols,
                                  {"type": "clock", "job": "j", "family": "op", "ts": t + 1}])
     found += p.finish()
-    assert p.errors == 3 * 40
+    assert p.errors == 4 * 40
     assert any(a.detector == "straggler" and a.rank == 2 for a in found)
     assert p.job_stage("j").detector(CollectiveJob).clock < 1e6  # the bad summary's time was not taken
