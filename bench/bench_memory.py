@@ -75,36 +75,50 @@ def overhead(n: int = 2000, gpus: int = 8) -> None:
     del sys.modules["pynvml"]
 
 
+def _leaking(gpus: int, tier: str, hook_peaks: bool = False) -> list:
+    """GPUs that all leak at `tier`'s rate, spread over hosts of 8."""
+    from rankwatch.sim_memory import leak_run
+
+    runs = []
+    for g in range(gpus):
+        r = leak_run(g, tier, hook_peaks)
+        r.host, r.gpu = f"node{g // 8:03d}", g % 8
+        for s in r.samples:
+            s["host"], s["gpu"] = r.host, r.gpu
+        runs.append(r)
+    return runs
+
+
 def _records(gpus: int, seconds: int, leaking: bool = False) -> list:
     """A fleet of steady GPUs (jobs of 8-16, one imbalanced per pair of jobs), or of GPUs that all leak (every
     evaluation then fits every window: the worst case)."""
-    from rankwatch.sim_memory import imbalance_job, leak_run, to_records
+    from rankwatch.sim_memory import imbalance_job, to_records
 
-    runs = []
     if leaking:
-        for g in range(gpus):
-            r = leak_run(g, "10MB/s")
-            r.host, r.gpu = f"node{g // 8:03d}", g % 8
-            for s in r.samples:
-                s["host"], s["gpu"] = r.host, r.gpu
-            runs.append(r)
+        runs = _leaking(gpus, "10MB/s")
         return [rec for rec in to_records(runs) if rec.ts - runs[0].samples[0]["ts"] < seconds]
+    runs = []
     for job in range((gpus + 15) // 16):
         runs += imbalance_job(job, job % 2 == 0, duration=float(seconds))
     return to_records(runs[:gpus])
 
 
-def throughput(gpus: int = 64, seconds: int = 900) -> None:
+def _judge_seconds(recs: list) -> float:
+    """Seconds one pipeline takes over `recs` in the worker's micro-batches of 500 (both stages)."""
     from rankwatch.processors.pipeline import Pipeline
 
+    p = Pipeline()
+    t = time.perf_counter()
+    for i in range(0, len(recs), 500):
+        found, summaries = p.first_stage(recs[i:i + 500])
+        p.second_stage(summaries)
+    return time.perf_counter() - t
+
+
+def throughput(gpus: int = 64, seconds: int = 900) -> None:
     for leaking in (False, True):
         recs = _records(gpus, seconds, leaking)
-        p = Pipeline()
-        t = time.perf_counter()
-        for i in range(0, len(recs), 500):  # the worker's micro-batch
-            found, summaries = p.first_stage(recs[i:i + 500])
-            p.second_stage(summaries)
-        dt = time.perf_counter() - t
+        dt = _judge_seconds(recs)
         what = "every GPU leaking (worst case)" if leaking else "steady GPUs"
         print(f"pipeline, {what}: {len(recs) / dt:,.0f} GPU samples/s ({len(recs):,} samples of {gpus} GPUs, "
               f"one process: {len(recs) / dt:,.0f} GPUs sampled at 1 Hz per worker core)")
@@ -113,29 +127,16 @@ def throughput(gpus: int = 64, seconds: int = 900) -> None:
 def throughput_history(gpus: int = 16) -> None:
     """The costliest case: GPUs leaking for hours (every window from 40 s to 2.8 h fitted at every 5 s
     evaluation), half with the hook's allocator stats and interval peaks (four fits per GPU instead of two)."""
-    from rankwatch.processors.pipeline import Pipeline
+    from rankwatch.sim_memory import to_records
 
-    from rankwatch.sim_memory import leak_run, to_records
-
-    runs = []
-    for g in range(gpus):
-        r = leak_run(g, "60MB/min", hook_peaks=True)
-        r.host, r.gpu = f"node{g // 8:03d}", g % 8
-        for s in r.samples:
-            s["host"], s["gpu"] = r.host, r.gpu
-        runs.append(r)
+    runs = _leaking(gpus, "60MB/min", hook_peaks=True)
     recs = to_records(runs)
-    evaluations = sum((r.samples[-1]["ts"] - r.samples[0]["ts"]) / 5.0 for r in runs)  # one per 5 s bucket
-    p = Pipeline()
-    t = time.perf_counter()
-    for i in range(0, len(recs), 500):
-        found, summaries = p.first_stage(recs[i:i + 500])
-        p.second_stage(summaries)
-    dt = time.perf_counter() - t
-    hours = sum(r.samples[-1]["ts"] - r.samples[0]["ts"] for r in runs) / 3600
-    print(f"pipeline, {gpus} GPUs leaking for {hours / gpus:.1f} h each (1-5 s samples, half with allocator stats "
-          f"and interval peaks): {len(recs) / dt:,.0f} samples/s, {1e3 * dt / evaluations:.2f} ms per GPU "
-          f"evaluation (every 5 s): one core keeps up with ~{5 * evaluations / dt:,.0f} such GPUs")
+    seconds = [r.samples[-1]["ts"] - r.samples[0]["ts"] for r in runs]
+    evaluations = sum(seconds) / 5.0  # one per 5 s bucket
+    dt = _judge_seconds(recs)
+    print(f"pipeline, {gpus} GPUs leaking for {sum(seconds) / 3600 / gpus:.1f} h each (1-5 s samples, half with "
+          f"allocator stats and interval peaks): {len(recs) / dt:,.0f} samples/s, {1e3 * dt / evaluations:.2f} ms "
+          f"per GPU evaluation (every 5 s): one core keeps up with ~{5 * evaluations / dt:,.0f} such GPUs")
 
 
 def stream(gpus: int = 64, seconds: int = 900) -> None:
