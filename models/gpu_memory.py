@@ -37,7 +37,6 @@ class GpuMemoryDetector:
         self.num_ooms: float | None = None
         self.first_ts: float | None = None
         self.usage_raised = False
-        self.need_peaks = False  # the hook sends each interval's peak (`peak_allocated_bytes`)
         self.restarts = 0
         self.low_since: float | None = None
 
@@ -58,6 +57,7 @@ class GpuMemoryDetector:
         out: list[Finding] = []
         closed_used = self.used.add(ts, used)
         closed_need = False
+        peaked = False  # the hook sent this interval's peak (`peak_allocated_bytes`)
         alloc, reserved = data.get("allocated_bytes"), data.get("reserved_bytes")
         if _finite(alloc):
             self.alloc.add(ts, float(alloc))
@@ -67,7 +67,7 @@ class GpuMemoryDetector:
                 peak = data.get("peak_allocated_bytes")  # the most allocated since the last sample (the hook)
                 if _finite(peak) and float(peak) >= float(alloc):
                     self.need.add(ts, float(peak) + outside)  # the bucket's high: the step's real peak
-                    self.need_peaks = True
+                    peaked = True
         self.frag.add(ts, data)
         out.extend(self._allocator_ooms(data))
         if not (closed_used or closed_need):
@@ -86,7 +86,7 @@ class GpuMemoryDetector:
         for name, series, closed in (("used", self.used, closed_used), ("need", self.need, closed_need)):
             if closed:
                 pred = self.forecaster.evaluate(name, series, ts, used, total, self.leak.raised,
-                                                self.frag.raised, exact_peaks=name == "need" and self.need_peaks)
+                                                self.frag.raised, exact_peaks=name == "need" and peaked)
         assert pred is not None
         f, _ = self.forecaster.judge(pred)
         if f is not None:
@@ -147,7 +147,7 @@ class GpuMemoryDetector:
                 "forecaster": self.forecaster.save_state(), "leak": self.leak.save_state(),
                 "frag": self.frag.save_state(), "latest": self.latest, "samples": self.samples,
                 "num_ooms": self.num_ooms, "usage_raised": self.usage_raised,
-                "first_ts": self.first_ts, "restarts": self.restarts, "need_peaks": self.need_peaks}
+                "first_ts": self.first_ts, "restarts": self.restarts}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.used.load_state(state.get("used", {}))
@@ -162,7 +162,6 @@ class GpuMemoryDetector:
         self.usage_raised = bool(state.get("usage_raised", False))
         self.first_ts = state.get("first_ts")
         self.restarts = int(state.get("restarts", 0))
-        self.need_peaks = bool(state.get("need_peaks", False))
 
 
 def _finite(x: object) -> bool:

@@ -310,7 +310,8 @@ class OomForecaster:
     def evaluate(self, name: str, series: PeakSeries, now: float, used: float, total: float, leak: bool = False,
                  fragmented: bool = False, exact_peaks: bool = False) -> OomPrediction:
         """Fit series `name` ("used": NVML, "need": the allocator's) and predict from the recent fits.
-        `exact_peaks`: the series' buckets hold each interval's real peak (the hook's peak counters)."""
+        `exact_peaks`: the series' buckets hold each interval's real peak (the hook's peak counters); once
+        told, the forecaster remembers it for the series (saved with its state)."""
         if self.first_ts is None:
             self.first_ts = now
         if exact_peaks:
