@@ -12,13 +12,13 @@ comparable amount, just before, is a victim waiting at the collective; it is cou
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
 from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict
+from rankwatch.processors.op_refs import RecentRefs
 from rankwatch.processors.stages import Summary, finite, take_each
 
 from rankwatch.records import Anomaly, Record
@@ -61,20 +61,27 @@ class OpHandler:
                 except (TypeError, ValueError, KeyError) as exc:
                     self.ctx.skip(rec, exc)
         data = [rec.data for rec in kept]
+        ranks = [rec.rank for rec in kept]
+        ts = [rec.ts for rec in kept]
         verdicts = self.detector.update_columns(
-            [(rec.job, rec.rank, str(d.get("stream", "default"))) for rec, d in zip(kept, data, strict=True)],
-            [rec.ts for rec in kept], counts, [str(d.get("comm") or d.get("comm_id") or "") for d in data],
+            list(zip([rec.job for rec in kept], ranks, [str(d.get("stream", "default")) for d in data], strict=True)),
+            ts, counts, [str(d.get("comm") or d.get("comm_id") or "") for d in data],
             [d.get("save_count") for d in data])
         out: list[Anomaly] = []
         summaries: list[Summary] = []
         to_stage2 = self.ctx.wants("op_flag")
         if self.ctx.wants("ops"):
-            by_job: dict[str, list[Record]] = {}
-            for rec in kept:
+            by_job: dict[str, list[int]] = {}
+            for i, rec in enumerate(kept):
                 if rec.rank is not None:
-                    by_job.setdefault(rec.job, []).append(rec)
-            for job, recs in by_job.items():
-                summaries.extend(op_columns(job, recs))
+                    by_job.setdefault(rec.job, []).append(i)
+            for job, rows in by_job.items():
+                if len(rows) == len(kept):  # the usual batch: one job's ops, the columns built above as they are
+                    summaries.extend(op_columns(job, kept, data, ranks, ts, counts))
+                else:
+                    summaries.extend(op_columns(job, [kept[i] for i in rows], [data[i] for i in rows],
+                                                [ranks[i] for i in rows], [ts[i] for i in rows],
+                                                [counts[i] for i in rows]))
         for i in verdicts.onsets():
             rec = kept[i]
             a = op_timing_anomaly(rec, verdicts[i])
@@ -95,17 +102,23 @@ OPS_PER_SUMMARY = 1024  # ops per columnar summary: ~100 KB of JSON, within a su
 OP_COLUMNS = ("rank", "ts", "comm", "ptr", "n", "op", "nranks", "count", "file", "offset")
 
 
-def op_columns(job: str, recs: list[Record]) -> list[Summary]:
+def op_columns(job: str, recs: list[Record], data: list[dict[str, Any]] | None = None, ranks: list[Any] | None = None,
+               ts: list[float] | None = None, counts: list[int] | None = None) -> list[Summary]:
     """Every op of a batch, for its job's stage 2, as columns (OP_COLUMNS, one summary per 1,024 ops): one dict
-    per op cost ~3.7 us per op to build, encode and decode again in stage 2, columns ~1.1 us."""
+    per op cost ~3.7 us per op to build, encode and decode again in stage 2, columns ~1.1 us. `data`, `ranks`,
+    `ts` and `counts` (opCounts as ints): the records' columns where the caller has built them already."""
+    data = [r.data for r in recs] if data is None else data
+    ranks = [r.rank for r in recs] if ranks is None else ranks
+    ts = [r.ts for r in recs] if ts is None else ts
+    counts = [int(d["op_count"]) for d in data] if counts is None else counts
     out = []
     for a in range(0, len(recs), OPS_PER_SUMMARY):
-        part = recs[a: a + OPS_PER_SUMMARY]
-        data = [r.data for r in part]
-        out.append({"type": "ops", "job": job, "rank": [r.rank for r in part], "ts": [r.ts for r in part],
-                    "comm": [shared_comm(d) for d in data], "ptr": [str(d.get("comm") or "") for d in data],
-                    "n": [int(d["op_count"]) for d in data], "op": [str(d.get("op", "")) for d in data],
-                    "nranks": [d.get("nranks") for d in data], "count": [d.get("count") for d in data],
+        b = a + OPS_PER_SUMMARY
+        part, d = recs[a:b], data[a:b]
+        out.append({"type": "ops", "job": job, "rank": ranks[a:b], "ts": ts[a:b],
+                    "comm": [shared_comm(x) for x in d], "ptr": [str(x.get("comm") or "") for x in d],
+                    "n": counts[a:b], "op": [str(x.get("op", "")) for x in d],
+                    "nranks": [x.get("nranks") for x in d], "count": [x.get("count") for x in d],
                     "file": [r.file for r in part], "offset": [r.offset for r in part]})
     return out
 
@@ -211,7 +224,7 @@ class CollectiveJob:
         self.signatures: dict[tuple[int, str], str] = {}  # fallback identity when no init line was seen
         self.last_ref: dict[int, tuple[str, int]] = {}  # rank -> (file, offset) of its latest op
         self.heard: dict[int, float] = {}  # stream: rank -> wall time its latest op summary arrived
-        self.refs: OrderedDict[tuple[str, int, int], tuple[str, int]] = OrderedDict()  # (comm, op, rank) -> line
+        self.refs = RecentRefs()  # (comm, op, rank) -> line
         self.held: list[dict[str, Any]] = []  # op-timing candidates waiting for the cross-rank view
         self.evidence: list[Summary] = []  # watchdog timeouts waiting for the cross-rank view
         self.clock = float("-inf")  # latest op time seen (a partition ahead of others can push it early)
@@ -263,11 +276,8 @@ class CollectiveJob:
         for rank, t, comm, n, op, size in zip(ranks, ts, comms, ns, ops, nranks, strict=True):
             add(comm, rank, n, t, op, int(size) if isinstance(size, (int, float)) else 0)
         # the source line of each op (a finding names it), and each rank's latest, in bulk
-        refs = list(zip(files, offsets, strict=True))
-        self.refs.update(zip(zip(comms, ns, ranks, strict=True), refs, strict=True))
-        while len(self.refs) > 65536:  # recent ops only: a late op is judged within seconds
-            self.refs.popitem(last=False)
-        self.last_ref.update(zip(ranks, refs, strict=True))
+        self.refs.add(comms, ns, ranks, files, offsets)
+        self.last_ref.update(zip(ranks, zip(files, offsets, strict=True), strict=True))
         if self.ctx.wall is not None:  # the stream: when each rank was last heard of
             self.heard.update(dict.fromkeys(ranks, self.ctx.wall))
 
@@ -432,7 +442,7 @@ class CollectiveJob:
                 "comm_ids": [[r, p, c] for (r, p), c in self.comm_ids.items()],
                 "signatures": [[r, p, c] for (r, p), c in self.signatures.items()],
                 "last_ref": {str(r): list(v) for r, v in self.last_ref.items()}, "held": self.held,
-                "refs": [[c, n, r, *v] for (c, n, r), v in list(self.refs.items())[-4096:]],
+                "refs": self.refs.rows(4096),
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
                 "paused": self.paused}
@@ -443,7 +453,7 @@ class CollectiveJob:
         self.signatures = {(int(r), str(p)): c for r, p, c in state.get("signatures", [])}
         self.last_ref = {int(r): (str(v[0]), int(v[1])) for r, v in state.get("last_ref", {}).items()}
         self.held = list(state.get("held", []))
-        self.refs = OrderedDict(((str(c), int(n), int(r)), (str(f), int(o))) for c, n, r, f, o in state.get("refs", []))
+        self.refs = RecentRefs.from_rows(state.get("refs", []))
         self.evidence = list(state.get("evidence", []))
         if state.get("clock") is not None:
             self.clock = float(state["clock"])

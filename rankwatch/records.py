@@ -89,6 +89,18 @@ def encode_record(rec: Record) -> bytes:
 
 
 def _record_from(d: object) -> Record:
+    if type(d) is dict:  # the usual op or log record, typed as encode_record wrote it: no conversion to make
+        kind, job, rank, ts, data = d.get("kind"), d.get("job"), d.get("rank"), d.get("ts"), d.get("data")
+        if ((kind == "op" or kind == "log") and type(job) is str and (rank is None or type(rank) is int)
+                and type(ts) is float and type(data) is dict):
+            file, offset, fid = d.get("file", ""), d.get("offset", -1), d.get("fid", "")
+            if type(file) is str and type(offset) is int and type(fid) is str:
+                return Record(kind, job, rank, ts, file, offset, data, fid)
+    return _checked_record_from(d)
+
+
+def _checked_record_from(d: object) -> Record:
+    """Any other record: each field converted to its type, or a DecodeError saying which is wrong."""
     if not isinstance(d, dict):
         raise DecodeError("record is not a JSON object")
     try:

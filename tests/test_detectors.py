@@ -227,6 +227,30 @@ def test_packs_decode_to_records_and_bad_members_are_reported_not_fatal():
     assert decode_records(b"\x00junk")[0] == []
 
 
+def test_the_fast_decode_path_gives_what_the_checked_one_gives():
+    """records._record_from takes exactly typed op/log records as they are; anything else (a rank as text, an
+    integer time, a missing offset, another kind, a bool rank) goes through the checked conversion, same result."""
+    from rankwatch.records import DecodeError, _checked_record_from, _record_from
+
+    base = {"kind": "op", "job": "j", "rank": 3, "ts": 12.5, "file": "f", "offset": 7, "fid": "d:1",
+            "data": {"op_count": 1, "stream": "0x1"}}
+    variants = [base, {**base, "kind": "log"}, {**base, "rank": None}, {**base, "rank": "3"}, {**base, "ts": 12},
+                {**base, "rank": True}, {k: v for k, v in base.items() if k not in ("file", "offset", "fid")},
+                {**base, "offset": "7"}, {**base, "job": 5}, {**base, "kind": "metrics", "data": {"loss": "NaN"}},
+                {**base, "data": [["op_count", 1]]}, {**base, "kind": "nope"}, {**base, "ts": "x"}, [1, 2],
+                {k: v for k, v in base.items() if k != "job"}]
+    for d in variants:
+        try:
+            want = _checked_record_from(d)
+        except DecodeError:
+            try:
+                _record_from(d)
+            except DecodeError:
+                continue
+            raise AssertionError(f"fast path took {d!r}") from None
+        got = _record_from(d)
+        assert got == want and type(got.rank) is type(want.rank) and type(got.ts) is float, d
+
 def test_pipeline_state_roundtrip_gives_identical_verdicts(tmp_path):
     from rankwatch.processors.app import load_pipeline_state, save_pipeline_state
     from rankwatch.processors.pipeline import Pipeline
