@@ -9,8 +9,9 @@ decided it) to reading the anomaly from the `anomalies` topic. Prints p50/p99/ma
 
 `--load R` adds a second, healthy job of 1,024 ranks x 4 streams whose op records a separate process sends
 straight to the ops topic at R records/s (event time = wall time), shipped as `--shippers` node shippers (8 ranks
-each) would: every `--cycle` seconds each ships what its ranks enqueued since its last read, packed per partition
-(producers/packing.py; `--packing key`: one message per key, as shippers did before). So the worker judges the
+each) would: every `--cycle` seconds each ships what its ranks enqueued since its last read, keyed by rank group
+and packed per partition as the shipper does (producers/packing.py; `--packing partition`: keyed per rank/stream
+and packed per partition, as shippers did before op_group_ranks; `--packing key`: one message per key). So the worker judges the
 measured job while it carries that load. The worker's consumed rate is printed from its metrics, with the
 messages/s it was sent: if it falls behind R, the latency says so.
 `RW_PROFILE=FILE` runs the worker under cProfile, its profile written to FILE when it stops.
@@ -62,14 +63,14 @@ def load_ops(step: int, t0: float, step_s: float, rng: np.random.Generator) -> l
 def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float, packing: str,
               sent: Any) -> None:
     """A healthy synchronous job at `rate` op records/s, shipped as `shippers` node shippers would: each ships,
-    every `cycle_s`, what its ranks enqueued since its last read, packed per partition (or per key, as shippers
-    did before producers/packing.py), until stop. `sent` counts the messages."""
+    every `cycle_s`, what its ranks enqueued since its last read, keyed and packed as `packing` says (see module),
+    until stop. `sent` counts the messages."""
     from kafka import KafkaProducer
-    from rankwatch.producers.packing import key_partition, pack_messages
+    from rankwatch.producers.packing import key_partition, op_message_key, pack_messages
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=5, batch_size=256 * 1024, acks=1)
     parts = sorted(producer.partitions_for(s.topic_ops))
-    partition_of = (lambda _t, key: key_partition(key, parts)) if packing == "partition" else (lambda _t, _k: None)
+    partition_of = (lambda _t, key: key_partition(key, parts)) if packing != "key" else (lambda _t, _k: None)
     ranks_per_node = max(1, LOAD_RANKS // shippers)
     step_s = LOAD_RANKS * LOAD_STREAMS * LOAD_OPS / rate
     rng = np.random.default_rng(0)
@@ -85,6 +86,8 @@ def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float
         pending = [op for op in pending if op[0] > now]
         by_node: dict[int, list] = {}
         for _ts, r, key, value in sorted(due, key=lambda op: op[0]):
+            if packing == "group":
+                key = op_message_key("load-job", r, "", 8)
             by_node.setdefault(r // ranks_per_node, []).append((s.topic_ops, key, value, True))
         for items in by_node.values():
             for topic, key, value, part in pack_messages(items, partition_of):
@@ -101,8 +104,9 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=0.0, help="op records/s of a second, healthy job (see module)")
     ap.add_argument("--shippers", type=int, default=128, help="node shippers of the load job (8 ranks each)")
     ap.add_argument("--cycle", type=float, default=0.1, help="seconds between a load shipper's reads")
-    ap.add_argument("--packing", choices=("partition", "key"), default="partition",
-                    help="the load shippers' messages: per partition and read (today) or per key (before)")
+    ap.add_argument("--packing", choices=("group", "partition", "key"), default="group",
+                    help="the load shippers' messages: keyed by rank group, per partition and read (today), keyed "
+                         "by rank/stream per partition and read, or per key (before)")
     a = ap.parse_args()
     faults = [Fault("straggler", 3, 50, 30, 0.2), Fault("slow_stream", 9 % a.ranks, 110, 14, 2.5, stream="tp"),
               Fault("straggler", 12 % a.ranks, 135, 20, 0.3)]
@@ -187,7 +191,7 @@ def main() -> int:
           f"x{a.speed} real time); findings {found}")
     if a.load:
         print(f"load: a 1,024-rank job at {a.load:,.0f} op records/s from {a.shippers} shippers reading every "
-              f"{a.cycle} s, packed per {a.packing}; worker consumed {consumed}")
+              f"{a.cycle} s, packing {a.packing}; worker consumed {consumed}")
     if lat:
         print(f"line written -> anomaly read: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
               f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms over {len(lat)} findings")

@@ -33,11 +33,13 @@ from rankwatch.config import Settings  # noqa: E402
 from rankwatch.stream_eval import events_processed  # noqa: E402
 
 
-def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int) -> tuple[int, int]:
+def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int, group_ranks: int
+            ) -> tuple[int, int]:
     """Write `steps` steps of the load job as shippers reading every `cycle_s` would ship them at `rate` records/s
-    (event time in the past: the backlog of a worker that starts late). Returns (records, messages)."""
+    (event time in the past: the backlog of a worker that starts late), keyed as the shipper keys op records
+    (`group_ranks`: producers/packing.py op_message_key). Returns (records, messages)."""
     from kafka import KafkaProducer
-    from rankwatch.producers.packing import key_partition, pack_messages
+    from rankwatch.producers.packing import key_partition, op_message_key, pack_messages
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=20, batch_size=1024 * 1024, acks=1)
     parts = sorted(producer.partitions_for(s.topic_ops))
@@ -53,6 +55,7 @@ def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int)
         by_node: dict[int, list] = {}
         while i < len(ops) and ops[i][0] <= read_at:
             _ts, r, key, value = ops[i]
+            key = op_message_key("load-job", r, key.rsplit(b"/", 1)[1].decode(), group_ranks)
             by_node.setdefault(r // ranks_per_node, []).append((s.topic_ops, key, value, True))
             i += 1
         for items in by_node.values():
@@ -90,6 +93,9 @@ def main() -> int:
     ap.add_argument("--cycle", type=float, default=0.25, help="seconds between a shipper's reads")
     ap.add_argument("--steps", type=int, default=100, help="steps of the 1,024 x 4 job (12,288 records each)")
     ap.add_argument("--shippers", type=int, default=128)
+    ap.add_argument("--op-group-ranks", type=int, default=8,
+                    help="the shipper's op_group_ranks: op records keyed by groups of this many ranks (0: per "
+                         "rank/stream, as shippers did before)")
     ap.add_argument("--predictor", choices=["auto", "seasonal", "lstm"], default="auto",
                     help="op_predictor of the worker (auto: the LSTM judges this load once it predicts it better)")
     ap.add_argument("--steady", type=float, default=0.5,
@@ -105,7 +111,7 @@ def main() -> int:
         s.use_topic_prefix(s.app_id)
         ensure_topics(s)
         t = time.time()
-        records, messages = preload(s, a.rate, a.cycle, a.steps, a.shippers)
+        records, messages = preload(s, a.rate, a.cycle, a.steps, a.shippers, a.op_group_ranks)
         print(f"preloaded {records:,} op records in {messages:,} messages ({records / messages:.1f} per message) "
               f"in {time.time() - t:.0f} s")
         port = free_port()
@@ -137,8 +143,8 @@ def main() -> int:
     if not marks or marks[-1][1] < 0.99 * records:
         print(f"the worker judged {marks[-1][1] if marks else 0:,.0f} of {records:,} records within {a.timeout} s")
         return 1
-    print(f"{records / messages:.1f} records per message (rate {a.rate:,.0f}/s, reads every {a.cycle} s), "
-          f"op_predictor {a.predictor}")
+    print(f"{records / messages:.1f} records per message (rate {a.rate:,.0f}/s, reads every {a.cycle} s, "
+          f"op_group_ranks {a.op_group_ranks}), op_predictor {a.predictor}")
     for name, start in (("whole backlog", 0.01), (f"from {a.steady:.0%} on", a.steady)):
         report(name, marks, start * records, 0.99 * records, worker.pid)
     return 0

@@ -25,7 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from rankwatch.producers.checkpoint import CheckpointStore
-from rankwatch.producers.packing import Message, PartitionMap, pack_messages
+from rankwatch.producers.packing import Message, PartitionMap, op_message_key, pack_messages
 from rankwatch.producers.reconcile import end_positions, shipped_since, tp_key
 from rankwatch.producers.tail import HOST, Line, Tailer
 
@@ -51,6 +51,7 @@ class ShipperConfig:
     metrics_port: int = 9109  # 0: no HTTP endpoint
     compression: str | None = None  # gzip | snappy | lz4 | zstd (the last three need their Python package)
     pack_bytes: int = 256 * 1024  # most bytes of records packed into one message (producers/packing.py)
+    op_group_ranks: int = 8  # collective-op records keyed by groups of this many ranks (0: by rank/stream)
 
 
 class ShipperMetrics:
@@ -183,7 +184,11 @@ class Shipper:
             return self.topics["deadletter"], key, dead_letter(exc.reason, line.text, file=line.path,
                                                                offset=line.offset, job=ctx.job, fid=line.fid), False
         self.metrics.lines.labels(rec.kind).inc()
-        return self.topics[rec.family()], rec.key().encode(), encode_record(rec), True
+        if rec.kind == "op":  # by rank group: see op_message_key
+            key = op_message_key(rec.job, rec.rank, str(rec.data.get("stream", "default")), self.config.op_group_ranks)
+        else:
+            key = rec.key().encode()
+        return self.topics[rec.family()], key, encode_record(rec), True
 
     def ship_once(self) -> int:
         """Read what is there (up to batch_lines), ship it, wait for acks, checkpoint. Returns lines shipped."""

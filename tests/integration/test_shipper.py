@@ -180,3 +180,44 @@ def test_records_of_one_partition_share_a_message_and_each_key_keeps_its_partiti
         kafka_says = probe.send(s.topic_metrics, key=key.encode(), value=b"{}").get(timeout=30).partition
         assert found == {key_partition(key.encode(), parts)} == {kafka_says}, key
     probe.close()
+
+
+def test_op_records_of_a_rank_group_share_a_partition_and_each_rank_stream_keeps_its_order(broker, tmp_path):
+    """The shipper keys collective-op records by rank group (op_message_key, `op_group_ranks` 8): a read of a
+    node's ranks is one message per group, not one per partition its rank/stream keys hash to, and each
+    rank/stream's ops stay on one partition, in order, where Kafka's own partitioner puts the group key."""
+    from kafka import KafkaProducer
+    from rankwatch.producers.packing import op_message_key
+
+    from rankwatch.consume import messages_from_beginning
+    from rankwatch.records import decode_records
+
+    s = make_settings(broker.bootstrap)
+    logdir = tmp_path / "opjob"
+    ranks, streams, ops = 16, 2, 12
+    for r in range(ranks):
+        (logdir / f"rank{r}").mkdir(parents=True)
+        with open(logdir / f"rank{r}" / "nccl.log", "w") as fh:
+            fh.writelines(f"node{r // 8}:100{r}:200{r} [{r % 8}] NCCL INFO AllReduce: opCount {n:x} sendbuff "
+                          f"0x7f00 recvbuff 0x7f00 count 1024 datatype 7 op 0 root 0 comm 0x55{r:02d} "
+                          f"[nranks={ranks}] stream 0x56{st}\n" for n in range(ops) for st in range(streams))
+    sh = Shipper([str(logdir)], s, ShipperConfig(checkpoint=str(tmp_path / "c.json"), metrics_port=0))
+    assert sh.run_until_idle(0.5) == ranks * streams * ops
+    sh.close()
+    msgs = list(messages_from_beginning(s, [s.topic_ops]))
+    counts: dict[str, list[int]] = {}
+    where: dict[str, set[int]] = {}
+    for m in msgs:
+        recs, errors = decode_records(m.value)
+        assert not errors and len({rec.rank // 8 for rec in recs}) == 1  # one rank group per message
+        for rec in recs:
+            counts.setdefault(rec.key(), []).append(rec.data["op_count"])
+            where.setdefault(rec.key(), set()).add(m.partition)
+    assert len(counts) == ranks * streams and all(v == list(range(ops)) for v in counts.values())
+    assert len(msgs) <= 2 * 2  # two rank groups; the first read may stop inside a file
+    probe = KafkaProducer(**s.kafka_kwargs())
+    for key, found in where.items():
+        rank = int(key.split("/")[1])
+        group_key = op_message_key("opjob", rank, "", 8)
+        assert found == {probe.send(s.topic_ops, key=group_key, value=b"{}").get(timeout=30).partition}, key
+    probe.close()
