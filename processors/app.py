@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import faust
@@ -25,7 +27,11 @@ log = logging.getLogger("rankwatch.worker")
 
 @dataclass
 class WorkerConfig:
-    batch_size: int = 500  # micro-batch handed to the pipeline
+    batch_size: int = 500  # messages per micro-batch taken from a topic
+    # ... judged in slices of at most this many records (a batch of 256 KiB packs can hold 600,000). Slices of
+    # 8,192 cost the LSTM's overlap with the event loop (each waits on its own last forward passes): 47k -> 37-43k
+    # op records/s in bench_worker_capacity.py --predictor auto
+    max_batch_records: int = 65536
     batch_within_s: float = 0.05
     # Kafka group timeouts. The embedded broker completes a join only after the rebalance timeout, so
     # `rankwatch up` and the demo use 5/6/1; production clusters can keep Faust's longer defaults.
@@ -106,12 +112,14 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             log.warning("%d records skipped by the pipeline; last: %s", pipeline.errors - errors_before,
                         pipeline.last_error)
 
+    # (topic, partition) -> records taken from it and not yet judged: the consumer's position is past them
+    unjudged: dict[tuple[str, int], int] = {}
+
     async def handle(events) -> None:
         """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
         records: list = []
+        origins: list[tuple[str, int]] = []  # per record: the (topic, partition) it came from
         kinds: dict[str, int] = {}
-        # (job, family, partition, key) -> the latest event time of the batch: one watermark update per key
-        latest: dict[tuple[str, str, int, str], float] = {}
         now = time.time()
         for ev in events:
             msg = ev.message
@@ -124,15 +132,44 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
                 continue
             if msg.timestamp:  # the records of one message share its produce time: one age per message
                 metrics.latency.observe(max(0.0, now - msg.timestamp))
-            partition = msg.partition
-            for rec in decoded:
-                kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
-                mark = (rec.job, rec.family(), partition, rec.key())
-                if rec.ts > latest.get(mark, -math.inf):
-                    latest[mark] = rec.ts
             records.extend(decoded)
+            origins.extend([(msg.topic, msg.partition)] * len(decoded))
+        for rec in records:
+            kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
         for kind, n in kinds.items():  # one labelled increment per kind and batch, not per record
             metrics.events.labels(kind).inc(n)
+        # A batch of 500 messages can hold ~50,000 op records (a node's read is one message), and far more of
+        # records packed to 256 KiB: judged in slices, each slice's findings and summaries out before the next
+        step = max(1, worker.max_batch_records)
+        _count(origins, 1)
+        done = 0
+        try:
+            for a in range(0, len(records), step):
+                try:
+                    await judge(records[a:a + step], origins[a:a + step], now)
+                finally:
+                    done = min(a + step, len(records))
+                    _count(origins[a:done], -1)
+                if done < len(records):
+                    await asyncio.sleep(0)  # let the summaries and anomalies go out, and progress be reported
+        finally:
+            _count(origins[done:], -1)  # slices never judged (cancelled): no longer waited for
+
+    def _count(origins: list[tuple[str, int]], sign: int) -> None:
+        for tp, n in Counter(origins).items():
+            left = unjudged.get(tp, 0) + sign * n
+            if left > 0:
+                unjudged[tp] = left
+            else:
+                unjudged.pop(tp, None)
+
+    async def judge(records: list, origins: list[tuple[str, int]], now: float) -> None:
+        # (job, family, partition, key) -> the latest event time of the slice: one watermark update per key
+        latest: dict[tuple[str, str, int, str], float] = {}
+        for rec, (_topic, partition) in zip(records, origins, strict=True):
+            mark = (rec.job, rec.family(), partition, rec.key())
+            if rec.ts > latest.get(mark, -math.inf):
+                latest[mark] = rec.ts
         errors_before = pipeline.errors
         found, summaries = pipeline.first_stage(records)
         count_skipped(errors_before)
@@ -193,6 +230,8 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
         def backlog(fam: str, part: int) -> float:
             tp = (sources.get(fam, ""), part)
+            if unjudged.get(tp):  # read from Kafka, not yet judged (a batch's later slices): not read yet
+                return math.inf
             return backlog_s(tp, *positions.get(tp, (1, None)), now)
 
         by_job: dict[str, list[bytes]] = {}
