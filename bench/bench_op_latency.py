@@ -20,6 +20,7 @@ messages/s it was sent: if it falls behind R, the latency says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import subprocess
@@ -70,7 +71,9 @@ def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=5, batch_size=256 * 1024, acks=1)
     parts = sorted(producer.partitions_for(s.topic_ops))
-    partition_of = (lambda _t, key: key_partition(key, parts)) if packing != "key" else (lambda _t, _k: None)
+    # kafka-python's murmur2 is pure Python (~4 us a key): cached per key
+    partition_of = functools.lru_cache(maxsize=None)(
+        (lambda _t, key: key_partition(key, parts)) if packing != "key" else (lambda _t, _k: None))
     ranks_per_node = max(1, LOAD_RANKS // shippers)
     step_s = LOAD_RANKS * LOAD_STREAMS * LOAD_OPS / rate
     rng = np.random.default_rng(0)
