@@ -9,7 +9,6 @@ import math
 import os
 import socket
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 
 import faust
@@ -112,17 +111,21 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             log.warning("%d records skipped by the pipeline; last: %s", pipeline.errors - errors_before,
                         pipeline.last_error)
 
-    # (topic, partition) -> records taken from it and not yet judged: the consumer's position is past them
-    unjudged: dict[tuple[str, int], int] = {}
+    # (topic, partition) -> offset of the last message judged. Faust's read offset runs ahead of it: messages
+    # waiting in the agent's queue and buffer, and a batch's later slices, are read but not judged yet
+    judged: dict[tuple[str, int], int] = {}
 
     async def handle(events) -> None:
         """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
         records: list = []
-        origins: list[tuple[str, int]] = []  # per record: the (topic, partition) it came from
+        partitions: list[int] = []  # per record: the partition it came from
+        ends: dict[tuple[str, int], int] = {}  # per (topic, partition): the batch's last offset
         kinds: dict[str, int] = {}
         now = time.time()
         for ev in events:
             msg = ev.message
+            tp = (msg.topic, msg.partition)
+            ends[tp] = max(ends.get(tp, -1), msg.offset)
             decoded, errors = decode_records(ev.value or b"")
             if errors:
                 metrics.decode_errors.labels(msg.topic).inc(len(errors))
@@ -133,7 +136,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             if msg.timestamp:  # the records of one message share its produce time: one age per message
                 metrics.latency.observe(max(0.0, now - msg.timestamp))
             records.extend(decoded)
-            origins.extend([(msg.topic, msg.partition)] * len(decoded))
+            partitions.extend([msg.partition] * len(decoded))
         for rec in records:
             kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
         for kind, n in kinds.items():  # one labelled increment per kind and batch, not per record
@@ -141,32 +144,16 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         # A batch of 500 messages can hold ~50,000 op records (a node's read is one message), and far more of
         # records packed to 256 KiB: judged in slices, each slice's findings and summaries out before the next
         step = max(1, worker.max_batch_records)
-        _count(origins, 1)
-        done = 0
-        try:
-            for a in range(0, len(records), step):
-                try:
-                    await judge(records[a:a + step], origins[a:a + step], now)
-                finally:
-                    done = min(a + step, len(records))
-                    _count(origins[a:done], -1)
-                if done < len(records):
-                    await asyncio.sleep(0)  # let the summaries and anomalies go out, and progress be reported
-        finally:
-            _count(origins[done:], -1)  # slices never judged (cancelled): no longer waited for
+        for a in range(0, len(records), step):
+            await judge(records[a:a + step], partitions[a:a + step])
+            if a + step < len(records):
+                await asyncio.sleep(0)  # let the summaries and anomalies go out, and progress be reported
+        judged.update(ends)  # only now do progress reports count these messages as read
 
-    def _count(origins: list[tuple[str, int]], sign: int) -> None:
-        for tp, n in Counter(origins).items():
-            left = unjudged.get(tp, 0) + sign * n
-            if left > 0:
-                unjudged[tp] = left
-            else:
-                unjudged.pop(tp, None)
-
-    async def judge(records: list, origins: list[tuple[str, int]], now: float) -> None:
+    async def judge(records: list, partitions: list[int]) -> None:
         # (job, family, partition, key) -> the latest event time of the slice: one watermark update per key
         latest: dict[tuple[str, str, int, str], float] = {}
-        for rec, (_topic, partition) in zip(records, origins, strict=True):
+        for rec, partition in zip(records, partitions, strict=True):
             mark = (rec.job, rec.family(), partition, rec.key())
             if rec.ts > latest.get(mark, -math.inf):
                 latest[mark] = rec.ts
@@ -180,6 +167,7 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
                 await summaries_topic.send(key=job.encode(), value=pack)
         # only now may a progress report cover these records: their summaries are ahead of it in the topic
+        now = time.time()  # when these keys moved: after their slice, not when the batch began
         for (job, family, partition, key), ts in latest.items():
             watermarks.observe(job, family, partition, key, ts, now)
         await publish(found)
@@ -230,8 +218,6 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
         def backlog(fam: str, part: int) -> float:
             tp = (sources.get(fam, ""), part)
-            if unjudged.get(tp):  # read from Kafka, not yet judged (a batch's later slices): not read yet
-                return math.inf
             return backlog_s(tp, *positions.get(tp, (1, None)), now)
 
         by_job: dict[str, list[bytes]] = {}
@@ -284,13 +270,20 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         not fetched yet counts as far behind: nothing is known of it."""
         consumer = app.consumer
         out: dict[tuple[str, int], tuple[int, int | None]] = {}
-        for tp in consumer.assignment():
+        assignment = consumer.assignment()
+        held = {(tp.topic, tp.partition) for tp in assignment}
+        for gone in [tp for tp in judged if tp not in held]:  # revoked: if it comes back, from Faust's read on
+            del judged[gone]
+        for tp in assignment:
             try:
                 high = consumer.highwater(tp)
             except Exception:  # noqa: BLE001 - not yet fetched
                 high = None
-            # Faust keeps the last offset it read per partition (private, but the only source of it).
-            pos = getattr(consumer, "_read_offset", {}).get(tp)
+            # the last offset judged (see `judged`); before this worker judged any of a partition (a source topic
+            # quiet since a restart, or one no agent here judges), the last Faust read (private, the only source)
+            pos = judged.get((tp.topic, tp.partition))
+            if pos is None:
+                pos = getattr(consumer, "_read_offset", {}).get(tp)
             out[(tp.topic, tp.partition)] = (1 << 30 if high is None else max(
                 0, high - (pos + 1 if pos is not None else 0)), high)
         return out

@@ -30,11 +30,11 @@ class _Chunk:
 
 
 class RecentRefs:
-    """(comm, opCount, rank) -> (file, offset) over at least the latest `keep` ops: a late op is judged within
-    seconds of arriving, so older ones are never asked for."""
+    """(comm, opCount, rank) -> (file, offset) over at least the latest `keep` op rows (a replayed op counts
+    twice): a late op is judged within seconds of arriving, so older ones are never asked for."""
 
     def __init__(self, keep: int = 65536) -> None:
-        self.keep = keep
+        self.keep = max(1, keep)
         self.chunks: deque[_Chunk] = deque()
         self.size = 0
 

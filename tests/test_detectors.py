@@ -227,7 +227,7 @@ def test_packs_decode_to_records_and_bad_members_are_reported_not_fatal():
     assert decode_records(b"\x00junk")[0] == []
 
 
-def test_the_fast_decode_path_gives_what_the_checked_one_gives():
+def test_the_fast_decode_path_gives_what_the_checked_one_gives(monkeypatch):
     """records._record_from takes exactly typed op/log records as they are; anything else (a rank as text, an
     integer time, a missing offset, another kind, a bool rank) goes through the checked conversion, same result."""
     from rankwatch.records import DecodeError, _checked_record_from, _record_from
@@ -250,6 +250,15 @@ def test_the_fast_decode_path_gives_what_the_checked_one_gives():
             raise AssertionError(f"fast path took {d!r}") from None
         got = _record_from(d)
         assert got == want and type(got.rank) is type(want.rank) and type(got.ts) is float, d
+    # the usual records do take the fast path: they decode with the checked one out of reach
+    from rankwatch import records
+
+    def unreachable(d):
+        raise AssertionError(f"checked path taken for {d!r}")
+
+    monkeypatch.setattr(records, "_checked_record_from", unreachable)
+    for d in (base, {**base, "kind": "log"}, {**base, "rank": None}):
+        assert _record_from(d) == records.Record(d["kind"], "j", d["rank"], 12.5, "f", 7, d["data"], "d:1")
 
 def test_pipeline_state_roundtrip_gives_identical_verdicts(tmp_path):
     from rankwatch.processors.app import load_pipeline_state, save_pipeline_state
