@@ -67,7 +67,7 @@ def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float
     every `cycle_s`, what its ranks enqueued since its last read, keyed and packed as `packing` says (see module),
     until stop. `sent` counts the messages."""
     from kafka import KafkaProducer
-    from rankwatch.producers.packing import key_partition, op_message_key, pack_messages
+    from rankwatch.producers.packing import key_partition, pack_messages, rank_group_key
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=5, batch_size=256 * 1024, acks=1)
     parts = sorted(producer.partitions_for(s.topic_ops))
@@ -90,7 +90,7 @@ def send_load(s: Settings, rate: float, stop: Any, shippers: int, cycle_s: float
         by_node: dict[int, list] = {}
         for _ts, r, key, value in sorted(due, key=lambda op: op[0]):
             if packing == "group":
-                key = op_message_key("load-job", r, "", 8)
+                key = rank_group_key("load-job", r, 8) or key
             by_node.setdefault(r // ranks_per_node, []).append((s.topic_ops, key, value, True))
         for items in by_node.values():
             for topic, key, value, part in pack_messages(items, partition_of):

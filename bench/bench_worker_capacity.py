@@ -37,9 +37,9 @@ def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int,
             ) -> tuple[int, int]:
     """Write `steps` steps of the load job as shippers reading every `cycle_s` would ship them at `rate` records/s
     (event time in the past: the backlog of a worker that starts late), keyed as the shipper keys op records
-    (`group_ranks`: producers/packing.py op_message_key). Returns (records, messages)."""
+    (`group_ranks`: producers/packing.py rank_group_key). Returns (records, messages)."""
     from kafka import KafkaProducer
-    from rankwatch.producers.packing import key_partition, op_message_key, pack_messages
+    from rankwatch.producers.packing import key_partition, pack_messages, rank_group_key
 
     producer = KafkaProducer(**s.kafka_kwargs(), linger_ms=20, batch_size=1024 * 1024, acks=1)
     parts = sorted(producer.partitions_for(s.topic_ops))
@@ -55,7 +55,7 @@ def preload(s: Settings, rate: float, cycle_s: float, steps: int, shippers: int,
         by_node: dict[int, list] = {}
         while i < len(ops) and ops[i][0] <= read_at:
             _ts, r, key, value = ops[i]
-            key = op_message_key("load-job", r, key.rsplit(b"/", 1)[1].decode(), group_ranks)
+            key = rank_group_key("load-job", r, group_ranks) or key
             by_node.setdefault(r // ranks_per_node, []).append((s.topic_ops, key, value, True))
             i += 1
         for items in by_node.values():

@@ -26,15 +26,15 @@ log = logging.getLogger("rankwatch.producer")
 Message = tuple[str, bytes | None, bytes, int | None]  # topic, key, value, partition (None: by key)
 
 
-def op_message_key(job: str, rank: int | None, stream: str, group_ranks: int) -> bytes:
+def rank_group_key(job: str, rank: int | None, group_ranks: int) -> bytes | None:
     """The Kafka key of a collective-op record: its ranks' group, `job/ranks<first>-<last>` for `group_ranks`
     consecutive ranks (a node's GPUs at the default 8), so a node's op records share one partition and a
     shipper's read of them travels as one message, not one per partition its 32 rank/stream keys hash to.
     Every rank/stream key still lands on one partition, in order (what per-key state needs), whichever shipper
-    reads it: the group is a function of the rank alone. `group_ranks` 0 (or no rank): the record's own key,
-    job/rank/stream."""
+    reads it: the group is a function of the rank alone. None (`group_ranks` 0, or no rank): the record keeps its
+    own key, `Record.key()`."""
     if group_ranks <= 0 or rank is None:
-        return f"{job}/{rank}/{stream}".encode()
+        return None
     first = rank - rank % group_ranks
     return f"{job}/ranks{first}-{first + group_ranks - 1}".encode()
 

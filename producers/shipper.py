@@ -25,7 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from rankwatch.producers.checkpoint import CheckpointStore
-from rankwatch.producers.packing import Message, PartitionMap, op_message_key, pack_messages
+from rankwatch.producers.packing import Message, PartitionMap, pack_messages, rank_group_key
 from rankwatch.producers.reconcile import end_positions, shipped_since, tp_key
 from rankwatch.producers.tail import HOST, Line, Tailer
 
@@ -184,11 +184,8 @@ class Shipper:
             return self.topics["deadletter"], key, dead_letter(exc.reason, line.text, file=line.path,
                                                                offset=line.offset, job=ctx.job, fid=line.fid), False
         self.metrics.lines.labels(rec.kind).inc()
-        if rec.kind == "op":  # by rank group: see op_message_key
-            key = op_message_key(rec.job, rec.rank, str(rec.data.get("stream", "default")), self.config.op_group_ranks)
-        else:
-            key = rec.key().encode()
-        return self.topics[rec.family()], key, encode_record(rec), True
+        group = rank_group_key(rec.job, rec.rank, self.config.op_group_ranks) if rec.kind == "op" else None
+        return self.topics[rec.family()], group or rec.key().encode(), encode_record(rec), True
 
     def ship_once(self) -> int:
         """Read what is there (up to batch_lines), ship it, wait for acks, checkpoint. Returns lines shipped."""

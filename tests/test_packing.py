@@ -64,18 +64,19 @@ def test_partition_map_falls_back_while_metadata_is_missing_and_follows_added_pa
 
 
 def test_op_records_are_keyed_by_rank_group_so_a_nodes_read_is_one_message():
-    """A node's 8 ranks x 4 streams are 32 rank/stream keys; keyed by rank group (op_message_key) they share one
+    """A node's 8 ranks x 4 streams are 32 rank/stream keys; keyed by rank group (rank_group_key) they share one
     partition, so one read of them is one message, and each rank/stream still has one partition whichever
     shipper reads it (the group is a function of the rank alone)."""
-    from rankwatch.producers.packing import op_message_key
+    from rankwatch.producers.packing import rank_group_key
 
-    assert op_message_key("j", 13, "0xs", 8) == b"j/ranks8-15" == op_message_key("j", 8, "0xt", 8)
-    assert op_message_key("j", 13, "0xs", 0) == b"j/13/0xs" and op_message_key("j", None, "0xs", 8) == b"j/None/0xs"
-    assert op_message_key("j", 13, "0xs", 1) == b"j/ranks13-13"
+    assert rank_group_key("j", 13, 8) == b"j/ranks8-15" == rank_group_key("j", 8, 8)
+    assert rank_group_key("j", 13, 0) is None and rank_group_key("j", None, 8) is None  # the record's own key
+    assert rank_group_key("j", 13, 1) == b"j/ranks13-13"
     parts = list(range(8))
     for group, most in ((8, 1), (0, 8)):
-        items = [("ops", op_message_key("job", r, f"s{st}", group), orjson.dumps({"key": f"job/{r}/s{st}", "i": i}),
-                  True) for i in range(3) for r in range(8, 16) for st in range(4)]
+        items = [("ops", rank_group_key("job", r, group) or f"job/{r}/s{st}".encode(),
+                  orjson.dumps({"key": f"job/{r}/s{st}", "i": i}), True)
+                 for i in range(3) for r in range(8, 16) for st in range(4)]
         msgs = pack_messages(items, lambda _t, key: key_partition(key, parts))
         assert 1 <= len(msgs) <= most and (group == 0 or len(msgs) == 1)
         seen: dict[str, list[int]] = {}

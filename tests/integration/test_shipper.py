@@ -150,9 +150,6 @@ def test_records_of_one_partition_share_a_message_and_each_key_keeps_its_partiti
     from kafka import KafkaProducer
     from rankwatch.producers.packing import key_partition
 
-    from rankwatch.consume import messages_from_beginning
-    from rankwatch.records import decode_records
-
     s = make_settings(broker.bootstrap)
     logdir = tmp_path / "packjob"
     ranks = 24
@@ -163,15 +160,7 @@ def test_records_of_one_partition_share_a_message_and_each_key_keeps_its_partiti
     sh = Shipper([str(logdir)], s, ShipperConfig(checkpoint=str(tmp_path / "c.json"), metrics_port=0))
     assert sh.run_until_idle(0.5) == ranks * 20
     sh.close()
-    msgs = list(messages_from_beginning(s, [s.topic_metrics]))
-    steps: dict[str, list[int]] = {}
-    where: dict[str, set[int]] = {}
-    for m in msgs:
-        recs, errors = decode_records(m.value)
-        assert not errors
-        for rec in recs:
-            steps.setdefault(rec.key(), []).append(rec.data["step"])
-            where.setdefault(rec.key(), set()).add(m.partition)
+    msgs, steps, where = shipped_by_key(s, s.topic_metrics, "step")
     assert len(steps) == ranks and all(v == list(range(20)) for v in steps.values())  # all there, in order
     assert len(msgs) <= s.partitions < ranks  # one read of 24 ranks' files: a message per partition
     probe = KafkaProducer(**s.kafka_kwargs())
@@ -183,14 +172,11 @@ def test_records_of_one_partition_share_a_message_and_each_key_keeps_its_partiti
 
 
 def test_op_records_of_a_rank_group_share_a_partition_and_each_rank_stream_keeps_its_order(broker, tmp_path):
-    """The shipper keys collective-op records by rank group (op_message_key, `op_group_ranks` 8): a read of a
+    """The shipper keys collective-op records by rank group (rank_group_key, `op_group_ranks` 8): a read of a
     node's ranks is one message per group, not one per partition its rank/stream keys hash to, and each
     rank/stream's ops stay on one partition, in order, where Kafka's own partitioner puts the group key."""
     from kafka import KafkaProducer
-    from rankwatch.producers.packing import op_message_key
-
-    from rankwatch.consume import messages_from_beginning
-    from rankwatch.records import decode_records
+    from rankwatch.producers.packing import rank_group_key
 
     s = make_settings(broker.bootstrap)
     logdir = tmp_path / "opjob"
@@ -204,20 +190,32 @@ def test_op_records_of_a_rank_group_share_a_partition_and_each_rank_stream_keeps
     sh = Shipper([str(logdir)], s, ShipperConfig(checkpoint=str(tmp_path / "c.json"), metrics_port=0))
     assert sh.run_until_idle(0.5) == ranks * streams * ops
     sh.close()
-    msgs = list(messages_from_beginning(s, [s.topic_ops]))
-    counts: dict[str, list[int]] = {}
-    where: dict[str, set[int]] = {}
-    for m in msgs:
-        recs, errors = decode_records(m.value)
-        assert not errors and len({rec.rank // 8 for rec in recs}) == 1  # one rank group per message
-        for rec in recs:
-            counts.setdefault(rec.key(), []).append(rec.data["op_count"])
-            where.setdefault(rec.key(), set()).add(m.partition)
+    msgs, counts, where = shipped_by_key(s, s.topic_ops, "op_count")
+    assert all(len({rec.rank // 8 for rec in recs}) == 1 for recs in msgs)  # one rank group per message
     assert len(counts) == ranks * streams and all(v == list(range(ops)) for v in counts.values())
     assert len(msgs) <= 2 * 2  # two rank groups; the first read may stop inside a file
     probe = KafkaProducer(**s.kafka_kwargs())
     for key, found in where.items():
         rank = int(key.split("/")[1])
-        group_key = op_message_key("opjob", rank, "", 8)
+        group_key = rank_group_key("opjob", rank, 8)
         assert found == {probe.send(s.topic_ops, key=group_key, value=b"{}").get(timeout=30).partition}, key
     probe.close()
+
+
+def shipped_by_key(s, topic: str, field: str) -> tuple[list[list], dict[str, list], dict[str, set[int]]]:
+    """What the shipper sent to `topic`, decoded without errors: each message's records, each record key's
+    `field` values in the order they arrived, and the partitions each key arrived on."""
+    from rankwatch.consume import messages_from_beginning
+    from rankwatch.records import decode_records
+
+    per_message: list[list] = []
+    values: dict[str, list] = {}
+    where: dict[str, set[int]] = {}
+    for m in messages_from_beginning(s, [topic]):
+        recs, errors = decode_records(m.value)
+        assert not errors
+        per_message.append(recs)
+        for rec in recs:
+            values.setdefault(rec.key(), []).append(rec.data[field])
+            where.setdefault(rec.key(), set()).add(m.partition)
+    return per_message, values, where
