@@ -96,6 +96,7 @@ class Windows:
         self.rows = 0
         self.sent = 0  # rows handed to the inference thread so far
         self.model = model
+        self.net = model.net  # the network when the batch began: later weights do not score its later chunks
         self.chunks: list[tuple[int, int, Future]] = []  # (first row, rows, predictions)
 
     def add(self, items: np.ndarray, x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> None:
@@ -110,9 +111,9 @@ class Windows:
         a = self.sent
         if inline:  # a small batch's only chunk gains nothing from the hand-over
             done: Future = Future()
-            done.set_result(self.model.predict(self.x[a:end]))
+            done.set_result(self.model.predict(self.x[a:end], self.net))
         else:
-            done = infer_executor().submit(self.model.predict, self.x[a:end])
+            done = infer_executor(self.model.infer_threads).submit(self.model.predict, self.x[a:end], self.net)
         self.chunks.append((a, end - a, done))
         self.sent = end
 
@@ -156,6 +157,15 @@ def rounds(slots: np.ndarray) -> list[np.ndarray]:
     return np.split(by_round, np.cumsum(np.bincount(occ))[:-1])
 
 
+
+
+class PendingOps:
+    """A batch between `OpTimingDetector.begin` and `finish`: its columns, key slots and rounds."""
+
+    __slots__ = ("batch", "slots", "rounds")
+
+    def __init__(self, batch: Batch, slots: np.ndarray, batch_rounds: list[np.ndarray]) -> None:
+        self.batch, self.slots, self.rounds = batch, slots, batch_rounds
 
 
 class Batch:

@@ -15,6 +15,7 @@ that builds the next chunk (models/op_timing.py).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,8 +32,9 @@ except ImportError:  # pragma: no cover - exercised by tests that hide torch
 
 N_FEATURES = 2
 CHUNK = 1024  # windows per forward pass (see predict)
+MAX_INFER_THREADS = 4  # auto: one inference thread per usable core, at most this many
 _EXECUTOR: ThreadPoolExecutor | None = None
-_INFER: ThreadPoolExecutor | None = None
+_INFER: dict[int, ThreadPoolExecutor] = {}  # threads -> pool (one per process and size)
 
 
 def torch_available() -> bool:
@@ -46,17 +48,31 @@ def _executor() -> ThreadPoolExecutor:
     return _EXECUTOR
 
 
-def infer_executor() -> ThreadPoolExecutor:
-    """One thread for forward passes: torch releases the GIL inside the LSTM kernel, so a chunk's forward pass
-    runs on the second core while the event loop builds the next chunk's windows (models/op_timing.py)."""
-    global _INFER
-    if _INFER is None:
-        _INFER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankwatch-op-infer")
+def resolve_infer_threads(wanted: int = 0) -> int:
+    """`wanted` inference threads, or for 0 one per core this process may run on, at most MAX_INFER_THREADS."""
+    if wanted > 0:
+        return wanted
+    try:
+        cores = len(os.sched_getaffinity(0))  # a container's CPU set, not the host's count
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_INFER_THREADS, cores))
+
+
+def infer_executor(threads: int = 1) -> ThreadPoolExecutor:
+    """Threads for forward passes: torch releases the GIL inside the LSTM kernel, so chunks' forward passes run
+    on the other cores while the event loop builds the next chunk's windows (models/op_timing.py). More than one:
+    when the loop has built a batch's windows it waits for their verdicts, and then every core can take a
+    chunk (2 on the 2-core dev machine: 37-40k -> 43-50k op records/s with the LSTM judging, docs/PERFORMANCE.md).
+    Concurrent forward passes of one network give the same numbers as one after the other (tested)."""
+    pool = _INFER.get(threads)
+    if pool is None:
+        pool = _INFER[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rankwatch-op-infer")
         # the forward pass takes the GIL back a few times per chunk (module calls, tensor conversions); at the
         # default 5 ms switch interval each hand-over waits out the event loop's slice and the two threads run
         # one after the other (measured: no overlap at all); at 0.5 ms they overlap
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-    return _INFER
+    return pool
 
 
 def pick_device(name: str) -> str:
@@ -106,7 +122,8 @@ class SharedIntervalModel:
 
     def __init__(self, seed: int, hidden_size: int = 64, num_layers: int = 2, buffer: int = 8192,
                  train_every: int = 2000, train_steps: int = 20, train_batch: int = 128, lr: float = 1e-3,
-                 background: bool = False, device: str = "auto", budget: int = 600) -> None:
+                 background: bool = False, device: str = "auto", budget: int = 600, infer_threads: int = 0
+                 ) -> None:
         if torch is None:
             raise RuntimeError("torch is not installed")
         # Small batches on a small LSTM: more intra-op threads only contend (measured 0.36 s per training round
@@ -127,6 +144,7 @@ class SharedIntervalModel:
         self.buffer = buffer
         self.train_every, self.train_steps, self.train_batch = train_every, train_steps, train_batch
         self.background = background
+        self.infer_threads = resolve_infer_threads(infer_threads)
         self.budget = budget  # training steps until the model has converged; then rounds are 10x rarer
         self.seen = 0  # windows offered (all lengths)
         self.since_round = 0
@@ -139,15 +157,18 @@ class SharedIntervalModel:
         self._round: Future | None = None
 
     # ---- inference -----------------------------------------------------------------------------------
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """x: [B, L, 2] float32 -> predicted standardised next value [B]. Thread-safe against training rounds
-        (they write another copy of the weights); callers run one predict at a time per model."""
+    def predict(self, x: np.ndarray, net: Any = None) -> np.ndarray:
+        """x: [B, L, 2] float32 -> predicted standardised next value [B], by `net` (a batch's windows name the
+        network that was current when the batch began) or the current one. Thread-safe: training rounds write
+        another copy, new weights come in a new network (take_weights), and concurrent forward passes of one
+        network only read it."""
+        net = self.net if net is None else net
         out = np.empty(len(x), np.float32)
         with torch.inference_mode():
             # chunks of 1,024: the CPU LSTM is ~40% slower per window on larger batches (cache), and a bounded
             # set of batch sizes keeps the kernels' per-shape caches bounded
             for i in range(0, len(x), CHUNK):
-                out[i:i + CHUNK] = self.net(torch.from_numpy(x[i:i + CHUNK]).to(self.device)).float().cpu().numpy()
+                out[i:i + CHUNK] = net(torch.from_numpy(x[i:i + CHUNK]).to(self.device)).float().cpu().numpy()
         return out
 
     # ---- training -------------------------------------------------------------------------------------
@@ -206,14 +227,17 @@ class SharedIntervalModel:
             self.steps_trained += len(xs)
 
     def take_weights(self) -> None:
-        """The weights of a finished training round become the inference weights: the detector calls it
-        between batches only, so every window of a batch is scored by the same weights."""
+        """The weights of a finished training round become the inference weights, in a new network: forward
+        passes of a batch begun earlier may still be running on the old one (the detector calls this as a batch
+        begins, so every window of a batch is scored by the same weights)."""
         if self._pending is None:
             return
         with self._lock:
             weights, self._pending = self._pending, None
         if weights is not None:
-            self.net.load_state_dict(weights)
+            net = IntervalNet(**self.args).to(self.device).eval()
+            net.load_state_dict(weights)
+            self.net = net
 
     def wait(self) -> None:
         """Finish a background round (tests, shutdown)."""
@@ -245,5 +269,6 @@ class SharedIntervalModel:
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
+        d.setdefault("infer_threads", 1)
         self.__dict__.update(d)
         self._lock = threading.Lock()

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from rankwatch.models.op_batch import Batch, OpInput, OpVerdict, OpVerdicts, Windows, ewma, rounds
+from rankwatch.models.op_batch import Batch, OpInput, OpVerdict, OpVerdicts, PendingOps, Windows, ewma, rounds
 from rankwatch.models.op_keys import KeyTable
 from rankwatch.models.op_lstm import SharedIntervalModel, torch_available
 
-__all__ = ["OpInput", "OpTimingConfig", "OpTimingDetector", "OpVerdict", "OpVerdicts", "step_period"]
+__all__ = ["OpInput", "OpTimingConfig", "OpTimingDetector", "OpVerdict", "OpVerdicts", "PendingOps", "step_period"]
 
 EPS = 1e-4  # s: timestamp resolution floor (logs print ms or us); keeps log() finite for equal timestamps
 
@@ -59,6 +59,7 @@ class OpTimingConfig:
     op_buffer: int = 8192  # reservoir of training windows per job
     op_background_training: bool = False  # the worker sets it: training rounds on a thread
     op_device: str = "auto"  # auto | cpu | cuda
+    op_infer_threads: int = 0  # threads for the LSTM's forward passes; 0: one per usable core, at most 4
     op_use_lstm: bool = True  # False: the seasonal moving-average predictor only
     op_shadow_every: int = 4  # auto, while the seasonal reference judges a job: the LSTM scores 1 op in this many
     op_predictor: str = "auto"  # auto: the LSTM once it predicts the job better than the seasonal one | lstm | seasonal
@@ -143,7 +144,7 @@ class OpTimingDetector:
                 seed=zlib.crc32(name.encode()), hidden_size=c.op_hidden_size, num_layers=c.op_num_layers,
                 buffer=c.op_buffer, train_every=c.op_train_every, train_steps=c.op_train_steps,
                 train_batch=c.op_train_batch, background=c.op_background_training, device=c.op_device,
-                budget=c.op_train_budget)
+                budget=c.op_train_budget, infer_threads=c.op_infer_threads)
         return m
 
     def lstm_active(self, name: str) -> bool:
@@ -164,10 +165,18 @@ class OpTimingDetector:
     def update_columns(self, keys: list[tuple[str, int | None, str]], ts: list[float], op_counts: list[int],
                        comms: list[str], save_counts: list[Any]) -> OpVerdicts:
         """`update` for inputs given as columns (the worker's adapter builds no object per op)."""
+        return self.finish(self.begin(keys, ts, op_counts, comms, save_counts, send=False))
+
+    def begin(self, keys: list[tuple[str, int | None, str]], ts: list[float], op_counts: list[int],
+              comms: list[str], save_counts: list[Any], send: bool = True) -> PendingOps:
+        """The first half of an update: every op advances its key's run, history and normalisation, and the
+        LSTM's windows go to the inference threads (all of them with `send`; without it a small batch's last
+        rows are predicted in line by `finish`). `finish` gives the verdicts. Nothing `begin` reads is written by
+        `finish` except the per-batch choices below (which predictor judges, the LSTM's weights), so the worker
+        may begin batch j+1 before it finishes batch j: the forward passes of j then run while the event loop
+        builds j+1 (processors/app.py). Batches are finished in the order they began."""
         n = len(keys)
         out = OpVerdicts(n)
-        if n == 0:
-            return out
         t = self.table
         self.settle()
         for m in self.models.values():
@@ -179,6 +188,8 @@ class OpTimingDetector:
         slots = np.array(found, np.int64)
         b = Batch(out, self.lstm_wanted(), np.array(ts, np.float64), np.array(op_counts, np.int64),
                   np.array(t.comms.ids(comms), np.int64), np.array(t.saves.ids(save_counts), np.int64))
+        if n == 0:
+            return PendingOps(b, slots, [])
         # which predictor judges each job, once per batch; while it is the seasonal reference, the LSTM scores a
         # sample of the ops (enough to train it and to tell when it predicts better), not every one. A job first
         # seen in this batch: every op scored, none judged by the LSTM
@@ -188,11 +199,23 @@ class OpTimingDetector:
         batch_rounds = rounds(slots)
         for idx in batch_rounds:
             self._advance(b, idx, slots[idx])
-        lstm = np.full(n, np.nan)
+        if send:
+            for (m, _), group in b.windows.items():
+                if b.judged[m]:
+                    group.send()
+        return PendingOps(b, slots, batch_rounds)
+
+    def finish(self, pending: PendingOps) -> OpVerdicts:
+        """The verdicts of a begun batch: waits for its LSTM predictions, judges its ops in order."""
+        b, slots = pending.batch, pending.slots
+        if len(slots) == 0:
+            return b.out
+        self.settle()  # a shadow of an earlier batch: its calibration comes before these verdicts
+        lstm = np.full(len(slots), np.nan)
         judging = [g for (m, _), g in b.windows.items() if b.judged[m]]
         for group in judging:
             group.predictions(lstm)
-        for idx in batch_rounds:
+        for idx in pending.rounds:
             self._judge(b, idx, slots[idx], lstm[idx])
         self._learn_lstm(b.y, b.season, slots, lstm, judging)
         # where the seasonal reference judges, no verdict waits for the LSTM: its forward passes run on while
@@ -201,7 +224,7 @@ class OpTimingDetector:
         for group in shadow:
             group.send()
         self._shadow = (shadow, b.y, b.season, slots) if shadow else None
-        return out
+        return b.out
 
     def settle(self) -> None:
         """The LSTM's shadow scores of the last batch: its calibration per key, its error against the seasonal
@@ -276,6 +299,9 @@ class OpTimingDetector:
         hist.append(s, y)
         t.sref.append(s, np.where(ok, season, y))
         self._update_periods(s)
+        # the key's units learn the op here, after its window was standardised, not at its verdict: the next op's
+        # window then does not depend on whether this one has been judged yet (begin / finish)
+        self._learn_norm(s, y)
         b.y[idx], b.actual[idx], b.season[idx], b.interval[idx] = y, actual, season, True
 
     def _windows(self, b: Batch, idx: np.ndarray, s: np.ndarray, season: np.ndarray) -> None:
@@ -307,7 +333,7 @@ class OpTimingDetector:
 
     def _judge(self, b: Batch, idx: np.ndarray, s: np.ndarray, lstm: np.ndarray) -> None:
         """Verdicts for one op of each of `s`: both predictors are scored (before either learns from the op),
-        the one that judges the job decides; then episodes and the key's normalisation."""
+        the one that judges the job decides; then episodes."""
         t, c, out = self.table, self.config, b.out
         sel = b.interval[idx] & ~np.isnan(b.season[idx])
         i2, s2, lp = idx[sel], s[sel], lstm[sel]
@@ -346,8 +372,6 @@ class OpTimingDetector:
             out.deviation[i2], out.score[i2], out.predictor[i2] = deviation, z, np.where(used, 2, 1)
             if hit.any():
                 self._episodes(out, i2[hit], s2[hit])
-        ii = idx[b.interval[idx]]
-        self._learn_norm(s[b.interval[idx]], b.y[ii])
 
     def _episodes(self, out: OpVerdicts, idx: np.ndarray, s: np.ndarray) -> None:
         """Anomalous ops of a key fewer than op_episode_gap ops apart are one episode, reported at its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import math
@@ -31,6 +32,11 @@ class WorkerConfig:
     # 8,192 cost the LSTM's overlap with the event loop (each waits on its own last forward passes): 47k -> 37-43k
     # op records/s in bench_worker_capacity.py --predictor auto
     max_batch_records: int = 65536
+    # A batch of at least this many op records gives its op verdicts with the next batch (0: never): the LSTM's
+    # forward passes of batch j then run on the other cores while the event loop reads and builds batch j+1,
+    # instead of the loop waiting for them. Its messages are acked (committed) only once its findings are out
+    defer_op_records: int = 4096
+    defer_flush_s: float = 0.05  # ... or when no batch has come for this long
     batch_within_s: float = 0.05
     # Kafka group timeouts. The embedded broker completes a join only after the rebalance timeout, so
     # `rankwatch up` and the demo use 5/6/1; production clusters can keep Faust's longer defaults.
@@ -115,7 +121,29 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
     # waiting in the agent's queue and buffer, and a batch's later slices, are read but not judged yet
     judged: dict[tuple[str, int], int] = {}
 
+    # batches whose op verdicts were deferred (WorkerConfig.defer_op_records), or that came while one was:
+    # (deferred batches begun when it was held, its events, its last offsets). Their messages are neither
+    # acked nor counted as judged until every batch deferred by then has given its findings
+    held: collections.deque = collections.deque()
+    busy = [0, time.monotonic()]  # handle() calls under way, when the last one ended
+
+    def release_held() -> None:
+        done = pipeline.deferred[1]
+        while held and held[0][0] <= done:
+            _, events, ends = held.popleft()
+            for ev in events:
+                ev.ack()  # the refcount taken when it was held: now Faust may commit it
+            judged.update(ends)
+
     async def handle(events) -> None:
+        busy[0] += 1
+        try:
+            await handle_batch(events)
+        finally:
+            busy[0] -= 1
+            busy[1] = time.monotonic()
+
+    async def handle_batch(events) -> None:
         """Stage 1: per-key detectors; summaries go on to the job's stage 2 through the summaries topic."""
         records: list = []
         partitions: list[int] = []  # per record: the partition it came from
@@ -144,13 +172,28 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
         # A batch of 500 messages can hold ~50,000 op records (a node's read is one message), and far more of
         # records packed to 256 KiB: judged in slices, each slice's findings and summaries out before the next
         step = max(1, worker.max_batch_records)
+        defer = 0 < worker.defer_op_records <= kinds.get("op", 0)
         for a in range(0, len(records), step):
-            await judge(records[a:a + step], partitions[a:a + step])
+            await judge(records[a:a + step], partitions[a:a + step], defer)
             if a + step < len(records):
                 await asyncio.sleep(0)  # let the summaries and anomalies go out, and progress be reported
-        judged.update(ends)  # only now do progress reports count these messages as read
+        begun, done = pipeline.deferred
+        if begun > done:  # op verdicts still to come: Faust acks this batch when we return, unless held
+            for ev in events:
+                ev.message.incref()
+            held.append((begun, events, ends))
+        else:
+            judged.update(ends)  # only now do progress reports count these messages as read
 
-    async def judge(records: list, partitions: list[int]) -> None:
+    async def send_summaries(summaries: list) -> None:
+        by_job: dict[str, list] = {}
+        for s in summaries:
+            by_job.setdefault(s["job"], []).append(s)
+        for job, items in by_job.items():  # packs per job, like the shipper's, within the message size limit
+            for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
+                await summaries_topic.send(key=job.encode(), value=pack)
+
+    async def judge(records: list, partitions: list[int], defer: bool = False) -> None:
         # (job, family, partition, key) -> the latest event time of the slice: one watermark update per key
         latest: dict[tuple[str, str, int, str], float] = {}
         for rec, partition in zip(records, partitions, strict=True):
@@ -158,19 +201,31 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
             if rec.ts > latest.get(mark, -math.inf):
                 latest[mark] = rec.ts
         errors_before = pipeline.errors
-        found, summaries = pipeline.first_stage(records)
+        found, summaries = pipeline.first_stage(records, defer)
         count_skipped(errors_before)
-        by_job: dict[str, list] = {}
-        for s in summaries:
-            by_job.setdefault(s["job"], []).append(s)
-        for job, items in by_job.items():  # packs per job, like the shipper's, within the message size limit
-            for pack in packs([orjson.dumps(i, option=orjson.OPT_SERIALIZE_NUMPY) for i in items]):
-                await summaries_topic.send(key=job.encode(), value=pack)
+        await send_summaries(summaries)
         # only now may a progress report cover these records: their summaries are ahead of it in the topic
         now = time.time()  # when these keys moved: after their slice, not when the batch began
         for (job, family, partition, key), ts in latest.items():
             watermarks.observe(job, family, partition, key, ts, now)
         await publish(found)
+        release_held()
+
+    if worker.defer_op_records > 0:
+
+        @app.timer(worker.defer_flush_s)
+        async def flush_deferred() -> None:
+            """A deferred batch's findings when no batch follows it soon (never in the middle of one: its
+            summaries must reach stage 2 before its findings)."""
+            begun, done = pipeline.deferred
+            if begun == done or busy[0] or time.monotonic() - busy[1] < worker.defer_flush_s:
+                return
+            errors_before = pipeline.errors
+            found, summaries = pipeline.flush_deferred()
+            count_skipped(errors_before)
+            await send_summaries(summaries)
+            await publish(found)
+            release_held()
 
     for kind, topic_name in sources.items():
         topic = raw_topic(topic_name)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
-from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict
+from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict, PendingOps
 from rankwatch.processors.op_refs import RecentRefs
 from rankwatch.processors.stages import Summary, finite, take_each
 
@@ -42,13 +42,21 @@ def shared_comm(data: dict[str, Any]) -> str:
 
 
 class OpHandler:
-    """Stage 1 for collective ops, keyed by job/rank/stream."""
+    """Stage 1 for collective ops, keyed by job/rank/stream.
+
+    `process(records, defer=True)` begins the batch (runs, windows, the LSTM's forward passes sent to the
+    inference threads), returns its op summaries at once and its findings with the next call (or `flush`): the
+    worker then builds batch j+1 while the forward passes of batch j run (processors/app.py). Findings come in
+    batch order either way, and with the verdicts an undeferred run gives."""
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.detector = OpTimingDetector(ctx.config)
+        self._pending: tuple[PendingOps, list[Record]] | None = None
+        self.deferred_begun = 0  # batches deferred so far ...
+        self.deferred_done = 0  # ... and those whose findings have been returned since
 
-    def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
+    def process(self, records: list[Record], defer: bool = False) -> tuple[list[Anomaly], list[Summary]]:
         try:  # the usual batch: every record has an opCount, columns built at once
             counts = [int(rec.data["op_count"]) for rec in records]
             kept = records
@@ -63,13 +71,11 @@ class OpHandler:
         data = [rec.data for rec in kept]
         ranks = [rec.rank for rec in kept]
         ts = [rec.ts for rec in kept]
-        verdicts = self.detector.update_columns(
+        pending = self.detector.begin(
             list(zip([rec.job for rec in kept], ranks, [str(d.get("stream", "default")) for d in data], strict=True)),
             ts, counts, [str(d.get("comm") or d.get("comm_id") or "") for d in data],
-            [d.get("save_count") for d in data])
-        out: list[Anomaly] = []
+            [d.get("save_count") for d in data], send=defer)
         summaries: list[Summary] = []
-        to_stage2 = self.ctx.wants("op_flag")
         if self.ctx.wants("ops"):
             by_job: dict[str, list[int]] = {}
             for i, rec in enumerate(kept):
@@ -82,6 +88,33 @@ class OpHandler:
                     summaries.extend(op_columns(job, [kept[i] for i in rows], [data[i] for i in rows],
                                                 [ranks[i] for i in rows], [ts[i] for i in rows],
                                                 [counts[i] for i in rows]))
+        out: list[Anomaly] = []
+        self._finish_pending(out, summaries)  # the batch before, after this one's ops summaries (see findings)
+        if defer and kept:
+            self._pending = (pending, kept)
+            self.deferred_begun += 1
+        else:
+            self._findings(pending, kept, out, summaries)
+        return out, summaries
+
+    def flush(self) -> tuple[list[Anomaly], list[Summary]]:
+        """The findings of a deferred batch (none: nothing deferred)."""
+        out: list[Anomaly] = []
+        summaries: list[Summary] = []
+        self._finish_pending(out, summaries)
+        return out, summaries
+
+    def _finish_pending(self, out: list[Anomaly], summaries: list[Summary]) -> None:
+        if self._pending is not None:
+            pending, kept = self._pending
+            self._pending = None
+            self._findings(pending, kept, out, summaries)
+            self.deferred_done += 1
+
+    def _findings(self, pending: PendingOps, kept: list[Record], out: list[Anomaly], summaries: list[Summary]
+                  ) -> None:
+        verdicts = self.detector.finish(pending)
+        to_stage2 = self.ctx.wants("op_flag")
         for i in verdicts.onsets():
             rec = kept[i]
             a = op_timing_anomaly(rec, verdicts[i])
@@ -89,10 +122,9 @@ class OpHandler:
                 summaries.append({**op_summary(rec), "type": "op_flag", "anomaly": anomaly_fields(a)})
             else:
                 out.append(a)
-        return out, summaries
 
     def save_state(self) -> dict[str, Any]:
-        return self.detector.save_state()
+        return self.detector.save_state()  # a deferred batch: its ops are in, its verdicts' learning is not
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.detector.load_state(state)

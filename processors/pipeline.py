@@ -126,9 +126,11 @@ class Pipeline:
         return next(h for h in self.handlers.values() if isinstance(h, cls))
 
     # ---- the stages --------------------------------------------------------------------------------------
-    def first_stage(self, records: Iterable[Record]) -> tuple[list[Anomaly], list[Summary]]:
+    def first_stage(self, records: Iterable[Record], defer: bool = False) -> tuple[list[Anomaly], list[Summary]]:
         """Per-key detectors. Records are grouped by family (order kept within each), so a handler can batch
-        across keys (one LSTM forward pass for every stream in the micro-batch)."""
+        across keys (one LSTM forward pass for every stream in the micro-batch). `defer`: handlers that can
+        (collective ops) give this batch's findings with the next call or `flush_deferred`, and those of a batch
+        deferred before with this one (processors/app.py: the worker overlaps the LSTM with the next batch)."""
         by_family: dict[str, list[Record]] = defaultdict(list)
         clocks: dict[tuple[str, str], float] = {}
         for rec in records:
@@ -144,10 +146,28 @@ class Pipeline:
                                     for (job, fam), ts in clocks.items()]
         for family, recs in by_family.items():
             for handler in self.by_family.get(family, ()):
-                found, summ = handler.process(recs)
+                found, summ = handler.process(recs, defer=True) if defer and hasattr(handler, "flush") \
+                    else handler.process(recs)
                 out.extend(found)
                 summaries.extend(summ)
         return out, summaries
+
+    def flush_deferred(self) -> tuple[list[Anomaly], list[Summary]]:
+        """The findings and summaries of deferred batches (first_stage with `defer`)."""
+        out: list[Anomaly] = []
+        summaries: list[Summary] = []
+        for handler in self.handlers.values():
+            if hasattr(handler, "flush"):
+                found, summ = handler.flush()
+                out.extend(found)
+                summaries.extend(summ)
+        return out, summaries
+
+    @property
+    def deferred(self) -> tuple[int, int]:
+        """(batches deferred so far, those whose findings have been given since): equal when none is pending."""
+        hs = [h for h in self.handlers.values() if hasattr(h, "flush")]
+        return sum(h.deferred_begun for h in hs), sum(h.deferred_done for h in hs)
 
     def job_stage(self, job: str) -> JobStage:
         stage = self.jobs.get(job)

@@ -450,3 +450,38 @@ def test_malformed_summaries_are_counted_and_the_good_ones_still_judged():
     assert p.errors == 4 * 40
     assert any(a.detector == "straggler" and a.rank == 2 for a in found)
     assert p.job_stage("j").detector(CollectiveJob).clock < 1e6  # the bad summary's time was not taken
+
+
+def test_deferred_op_verdicts_come_with_the_next_batch_and_match_undeferred(tmp_path):
+    """The worker may begin a batch's ops before the previous batch's verdicts are given (`first_stage(...,
+    defer=True)`, WorkerConfig.defer_op_records): each call then gives the findings of the batch before, the
+    last come from `flush_deferred`, and the findings are those of undeferred processing."""
+    from rankwatch.processors.offline import read_records
+
+    from rankwatch.simulate import Fault, Scenario, write_job
+
+    sc = Scenario(ranks=4, steps=240, seed=5, faults=[Fault("straggler", 1, 150, 40, 0.2),
+                                                     Fault("slow_stream", 3, 200, 12, 2.5, stream="tp")])
+    write_job(sc, tmp_path / "job")
+    recs = list(read_records([str(tmp_path / "job")]))
+    batches = [recs[i:i + 700] for i in range(0, len(recs), 700)]
+
+    def run(defer: bool) -> list[Anomaly]:
+        p = Pipeline(DetectionConfig(op_use_lstm=False))
+        found: list[Anomaly] = []
+        for batch in batches:
+            f, s = p.first_stage(batch, defer)
+            found += f + p.second_stage(s)
+            begun, done = p.deferred
+            assert begun == done + (1 if defer and any(r.kind == "op" for r in batch) else 0)
+        f, s = p.flush_deferred()
+        found += f + p.second_stage(s) + p.finish()
+        assert p.deferred[0] == p.deferred[1] == (sum(any(r.kind == "op" for r in b) for b in batches) if defer
+                                                  else 0)
+        assert p.flush_deferred() == ([], [])  # nothing left
+        return found
+
+    plain, deferred = run(False), run(True)
+    key = lambda xs: sorted((a.detector, a.rank, a.event_time, a.value, a.message) for a in xs)  # noqa: E731
+    assert key(deferred) == key(plain)
+    assert {("straggler", 1), ("op_timing", 3)} <= {(a.detector, a.rank) for a in deferred}

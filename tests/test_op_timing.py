@@ -142,10 +142,12 @@ def lstm_judging(**kw) -> OpTimingDetector:
                                            op_train_batch=64, **kw))
 
 
-def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(monkeypatch):
-    """Chunks go to the inference thread while the batch is built, and verdicts are read back per chunk: with
-    tiny chunks (many of them per batch, most on the thread) every prediction and verdict must be the one a
-    single forward pass gives, op for op, across several keys interleaved in each batch."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(monkeypatch, threads):
+    """Chunks go to the inference threads while the batch is built, and verdicts are read back per chunk: with
+    tiny chunks (many of them per batch, most on the threads, with 3 threads several at once and finishing in
+    any order) every prediction and verdict must be the one a single forward pass gives, op for op, across
+    several keys interleaved in each batch."""
     from rankwatch.models import op_batch
 
     keys = [("job", r, s) for r in range(3) for s in ("0xs0", "0xs1")]
@@ -157,7 +159,7 @@ def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(
 
     def verdicts(chunk: int) -> list[tuple]:
         monkeypatch.setattr(op_batch, "CHUNK", chunk)
-        det = lstm_judging()
+        det = lstm_judging(op_infer_threads=threads)
         out = []
         for i in range(0, len(items), 211):
             out += [(v.is_anomaly, v.predictor, v.predicted_s) for v in det.update(items[i:i + 211])]
@@ -169,6 +171,47 @@ def test_chunked_inference_on_the_thread_gives_the_verdicts_of_one_forward_pass(
     assert [v[:2] for v in chunked] == [v[:2] for v in one]
     # float32 kernels round differently for other batch shapes: the same prediction to ~1e-7 relative
     np.testing.assert_allclose([v[2] for v in chunked], [v[2] for v in one], rtol=1e-5)
+
+
+def test_the_next_batch_begun_before_one_is_finished_gives_the_same_verdicts():
+    """The worker begins batch j+1 before it finishes batch j (its forward passes run meanwhile): with the same
+    weights, every verdict and prediction is the one of batches updated one after the other. (New weights are
+    taken as a batch begins, so a training round changes which batch they score first; here none runs.)"""
+    keys = [("job", r, s) for r in range(3) for s in ("0xs0", "0xs1")]
+    items = []
+    for n, key in enumerate(keys):
+        times = periodic_times(260, seed=n, slow=(800, 860, 2.5) if n == 4 else None)
+        items += [OpInput(key, t, i, "0xc") for i, t in enumerate(times)]
+    items.sort(key=lambda it: it.ts)
+    warm, rest = items[:3000], items[3000:]
+    det = lstm_judging()
+    for i in range(0, len(warm), 211):
+        det.update(warm[i:i + 211])
+    for m in det.models.values():
+        m.wait()
+        m.train_every, m.budget = 10**9, 0  # no more rounds: both runs keep these weights
+    seq, pip = pickle.loads(pickle.dumps(det)), pickle.loads(pickle.dumps(det))
+    batches = [rest[i:i + 97] for i in range(0, len(rest), 97)]
+    one_by_one = [v for b in batches for v in seq.update(b)]
+    overlapped, pending = [], None
+    for b in batches:
+        begun = pip.begin([it.key for it in b], [it.ts for it in b], [it.op_count for it in b],
+                          [it.comm for it in b], [it.save_count for it in b])
+        if pending is not None:
+            overlapped += list(pip.finish(pending))
+        pending = begun
+    overlapped += list(pip.finish(pending))
+    assert overlapped == one_by_one
+    assert sum(v.predictor == "lstm" for v in one_by_one) > 1000 and any(v.is_anomaly for v in one_by_one)
+
+
+def test_inference_threads_default_to_the_usable_cores_at_most_four(monkeypatch):
+    monkeypatch.setattr(op_lstm.os, "sched_getaffinity", lambda _pid: set(range(2)), raising=False)
+    assert op_lstm.resolve_infer_threads(0) == 2
+    monkeypatch.setattr(op_lstm.os, "sched_getaffinity", lambda _pid: set(range(64)), raising=False)
+    assert op_lstm.resolve_infer_threads(0) == op_lstm.MAX_INFER_THREADS == 4
+    assert op_lstm.resolve_infer_threads(3) == 3  # asked for: as asked
+    assert op_lstm.infer_executor(3)._max_workers == 3
 
 
 def test_converged_model_trains_every_50_windows_per_key():
