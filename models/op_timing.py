@@ -47,6 +47,9 @@ class OpTimingConfig:
     op_threshold: float = 2.0  # relative rule: |actual - predicted| / predicted > threshold
     op_k: float = 8.0  # calibrated: residual above median + k * 1.4826 * MAD of the key's own residuals ...
     op_min_ratio: float = 1.3  # ... and actual >= min_ratio x predicted
+    # ... and actual >= predicted + this: a few ms of CPU jitter on a ms-short interval (the gap before a
+    # step's last small all-reduce) is 2-3x its prediction, yet no stream is slow by it
+    op_min_excess_s: float = 0.02
     op_residual_window: int = 128
     op_min_history: int = 48  # ops of a run before its first verdict
     op_max_period: int = 64  # longest step pattern (ops per step per stream) the seasonal reference follows
@@ -361,9 +364,10 @@ class OpTimingDetector:
                 hit = deviation > t.threshold[s2]
                 out.threshold_s[i2] = predicted * (1 + t.threshold[s2])
             else:
-                hit &= actual >= c.op_min_ratio * predicted
+                floor = np.maximum(c.op_min_ratio * predicted, predicted + c.op_min_excess_s)
+                hit &= actual >= floor
                 with np.errstate(over="ignore", invalid="ignore"):
-                    limit = np.maximum(np.exp(pred + thr) - EPS, c.op_min_ratio * predicted)
+                    limit = np.maximum(np.exp(pred + thr) - EPS, floor)
                 out.threshold_s[i2] = np.where(np.isfinite(thr), limit, np.nan)
             index = out.index[i2]
             ready = index >= c.op_min_history  # the op's own position: the key may have moved on in this batch

@@ -304,3 +304,32 @@ def test_overrides_of_the_window_length_train_the_shared_lstm_on_every_stream():
         det.update(items[i:i + 100])
     model = det.models["job"]
     assert set(model.reservoirs) == {6, 10} and model.steps_trained >= 200
+
+
+def _loss_gap_times(n_steps: int, seed: int, slow: tuple[int, int, float] | None = None) -> list[float]:
+    """Per step four 50 ms bucket gaps, then a step's small loss all-reduce 6 ms + Exp(2 ms) after the last
+    bucket (CPU jitter: a few ms, 2-3x that short gap now and then), then the gap to the next step."""
+    rng = np.random.default_rng(seed)
+    t, out, i = 1000.0, [], 0
+    for _ in range(n_steps):
+        for g in (0.05, 0.05, 0.05, 0.05, 0.006 + rng.exponential(0.002), 0.35):
+            g *= 1 + 0.03 * rng.standard_normal()
+            if slow and slow[0] <= i < slow[1]:
+                g *= slow[2]
+            t += max(g, 1e-4)
+            out.append(t)
+            i += 1
+    return out
+
+
+def test_milliseconds_of_jitter_on_a_short_interval_are_not_a_slow_stream():
+    # ms-scale jitter makes the 6 ms gap 2-3x its prediction now and then, two such within 16 ops an episode;
+    # no stream is slow by a few ms: an op must also be op_min_excess_s (20 ms) over its prediction
+    times = [_loss_gap_times(1500, seed) for seed in range(4)]
+    loose = [sum(v.onset for v in run(seasonal_only(op_min_excess_s=0.0), ts)) for ts in times]
+    assert sum(loose) > 0, "the jitter never reached an episode: the test shows nothing"
+    assert [sum(v.onset for v in run(seasonal_only(), ts)) for ts in times] == [0, 0, 0, 0]
+    # a stream 1.5x slower on its 50 ms gaps (25 ms over) is still one episode
+    verdicts = run(seasonal_only(), _loss_gap_times(600, 9, slow=(1800, 1850, 1.5)))
+    onsets = [i for i, v in enumerate(verdicts) if v.onset]
+    assert len(onsets) == 1 and 1800 <= onsets[0] < 1815
