@@ -88,7 +88,9 @@ class GpuMemoryDetector:
                 pred = self.forecaster.evaluate(name, series, ts, used, total, self.leak.raised,
                                                 self.frag.raised, exact_peaks=name == "need" and peaked)
         assert pred is not None
-        f, _ = self.forecaster.judge(pred)
+        # memory far under the recent peaks may be the process gone (an OOM, a crash: reset after 10 s): no
+        # forecast is raised from before while that is undecided
+        f = None if self.low_since is not None else self.forecaster.judge(pred)[0]
         if f is not None:
             out.append(f)
         usage = pred.current_usage_percent

@@ -53,6 +53,12 @@ class MemoryDetectorConfig:
     oom_medium_min_z: float = 10.0  # ... and a medium one (hours ahead: no hurry, so be sure)
     oom_agree_z: float = 2.0  # a longer window is used while its slope agrees with the shorter one's
     oom_max_extrapolation: float = 4.0  # an ETA is alarm-grade up to this many times the fitted window
+    # peaks further than this from the highest one are the ordinary steps' (a checkpoint lasts 10-30 s): only
+    # they raise the risk to critical (models/oom_prediction.py, forecast_level)
+    oom_transient_s: float = 60.0
+    # NVML's used memory this close to total (% of it) at the troughs too, over the last minute: the GPU is
+    # full, its real headroom inside the allocator's cache (no critical risk from NVML alone)
+    oom_full_margin_pct: float = 2.0
     oom_critical_eta_s: float = 120.0
     oom_high_eta_s: float = 900.0
     oom_medium_eta_s: float = 7200.0

@@ -216,3 +216,13 @@ def duration_text(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
+
+
+def pinned_at_total(series: PeakSeries, now: float, total: float, margin_pct: float) -> bool:
+    """NVML's used memory within `margin_pct` of total at every sample of the last minute, troughs too: a
+    caching allocator holding the whole GPU (a sawtooth's troughs lie GiBs below its peaks)."""
+    recent = [b for b in series.fine if b.t_max >= now - 60.0]
+    if series.open_fine is not None:
+        recent.append(series.open_fine)
+    floor = total * (1.0 - margin_pct / 100.0)
+    return total > 0 and len(recent) >= 3 and all(b.lo >= floor for b in recent)

@@ -4,7 +4,7 @@ A robust slope of the per-cycle peaks (models/memory_series.py) over the longest
 agrees with the shorter ones (growth that began two minutes ago is fitted on those two minutes, a steady leak on
 the last hour), the upper envelope of the peaks, and from both the seconds until the peak reaches total memory.
 Risk: critical (ETA <= 2 min), high (<= 15 min), medium (<= 2 h, or usage above `oom_usage_threshold_pct`),
-low. Each series a GPU reports is fitted on its own: NVML's used memory, and with the hook's allocator stats what
+low; critical needs the ordinary steps' peaks that close, not only a transient one (`forecast_level`). Each series a GPU reports is fitted on its own: NVML's used memory, and with the hook's allocator stats what
 the process needs. Each is fitted twice (`PeakTrend`), on its per-bucket peaks and on its troughs (what persists
 between steps, better sampled by a sparse sampler and barely moved by an evaluation phase's smaller activations);
 where both see growth they are averaged (`_combined`).
@@ -20,7 +20,6 @@ anomalies (e.g. medium at 1.5 h, 40 min, high at 14 min, 7 min, critical at 1.7 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,29 +30,22 @@ from rankwatch.models.memory_series import (
     SlopeFit,
     duration_text,
     fit_window,
+    pinned_at_total,
     repeated_median_slope,
     series_noise,
 )
-from rankwatch.models.oom_prediction import OomPrediction, RiskLevel, forecast_level, recommendation
+from rankwatch.models.oom_prediction import (
+    OomPrediction,
+    RiskLevel,
+    Trend,
+    combined_trend,
+    forecast_level,
+    recommendation,
+)
 from rankwatch.models.training import Finding
 
 if TYPE_CHECKING:
     from rankwatch.models.memory import MemoryDetectorConfig
-
-
-@dataclass
-class Trend:
-    """The latest fit of one series: slope (0 unless significant, novel and positive), its z, the window it
-    was fitted on (None: no growth) and the upper envelope of the peaks now."""
-
-    ts: float
-    slope: float
-    z: float
-    window_s: float | None
-    peak: float
-
-    def eta(self, total: float) -> float | None:
-        return max(0.0, (total - self.peak) / self.slope) if self.slope > 0 and total > 0 else None
 
 
 class PeakTrend:
@@ -82,7 +74,8 @@ class PeakTrend:
     def save_state(self) -> dict[str, Any]:
         last = self.last
         return {"troughs": self.troughs, "skipped": self._skipped,
-                "last": None if last is None else [last.ts, last.slope, last.z, last.window_s, last.peak],
+                "last": None if last is None else [last.ts, last.slope, last.z, last.window_s, last.peak,
+                                                   last.ordinary],
                 # the noise scales are measured when a coarse bucket closes, not at every fit
                 "noise": [self._coarse_key, self._fine_noise, self._coarse_noise]}
 
@@ -237,8 +230,13 @@ class PeakTrend:
         recent = now - max(2 * series.fine_s, fit.window_s / 3)
         tf, hf, _ = series.arrays(False, recent)
         tc, hc, _ = series.arrays(True, recent)
-        peak = float(np.max(np.concatenate([hc - fit.slope * (tc - now), hf - fit.slope * (tf - now), [used]])))
-        return Trend(now, fit.slope, fit.z, fit.window_s, peak)
+        t = np.concatenate([tc, tf, [now]])
+        carried = np.concatenate([hc - fit.slope * (tc - now), hf - fit.slope * (tf - now), [used]])
+        top = int(np.argmax(carried))
+        # what recurs: the highest peak away from the highest one's moment (a checkpoint lasts 10-30 s)
+        away = np.abs(t - t[top]) > self.config.oom_transient_s
+        ordinary = float(np.max(carried[away])) if away.any() else None
+        return Trend(now, fit.slope, fit.z, fit.window_s, float(carried[top]), ordinary)
 
     def fit(self, series: PeakSeries, now: float, used: float, total: float, start: float = -math.inf) -> Trend:
         """Two candidates: the local one (the chain from the newest data, so growth that just began counts at
@@ -271,23 +269,6 @@ class PeakTrend:
         return self.last
 
 
-def _combined(fits: list[PeakTrend]) -> Trend | None:
-    """One series' forecast from its fits (peaks, troughs). Memory that persists lifts peaks and troughs
-    alike, so where both see growth they estimate one rate: their slopes and envelopes are averaged, weighted
-    by 1 / standard error^2. The z is the surer fit's (both come from the same samples, so together they are
-    no stronger evidence), the window the longer. Where one sees growth, it speaks; where none, the peaks'."""
-    done = [f.last for f in fits if f.last is not None]
-    growing = [t for t in done if t.window_s is not None and t.slope > 0 and t.z > 0]
-    if len(growing) < 2:
-        return growing[0] if growing else (done[0] if done else None)
-    weights = [(t.z / t.slope) ** 2 for t in growing]
-    total = sum(weights)
-    slope = sum(w * t.slope for w, t in zip(weights, growing, strict=True)) / total
-    peak = sum(w * t.peak for w, t in zip(weights, growing, strict=True)) / total
-    surer = max(growing, key=lambda t: t.z)
-    return Trend(surer.ts, slope, surer.z, max(t.window_s or 0.0 for t in growing), peak)
-
-
 class OomForecaster:
     """Forecast of when a GPU's per-cycle peak reaches its total memory; raises `oom` findings (see module)."""
 
@@ -302,6 +283,7 @@ class OomForecaster:
         self.streak = 0
         self.calm_since: float | None = None
         self.last: OomPrediction | None = None
+        self.full = False  # NVML's used memory pinned at total, troughs too (see forecast_level)
 
     @property
     def fine_span(self) -> float:
@@ -323,9 +305,11 @@ class OomForecaster:
                 fits.append(PeakTrend(self.config, troughs=True))
         for fit in fits:
             fit.fit(series, now, used, total, self.first_ts + self.config.oom_warmup_s)
+        if name == "used":
+            self.full = pinned_at_total(series, now, total, self.config.oom_full_margin_pct)
         # NVML's used memory is what runs out; the allocator's view (sampled at a random phase of the step,
         # so noisier) speaks when used memory shows no growth: a caching allocator at its ceiling
-        fresh = {n: t for n, t in ((n, _combined(f)) for n, f in self.trends.items())
+        fresh = {n: t for n, t in ((n, combined_trend([x.last for x in f])) for n, f in self.trends.items())
                  if t is not None and now - t.ts <= 60.0}
         # The allocator's view is sampled at a random phase of the step: at a fixed sampling interval a
         # sawtooth aliases into slow waves that rise like growth for minutes, so it speaks only on a window
@@ -339,29 +323,25 @@ class OomForecaster:
         if growing:
             pick = growing[0]
         else:  # no series grows (or only the allocator's, on too short a window): no forecast
-            base = fresh.get("used") or _combined(fits)
+            base = fresh.get("used") or combined_trend([x.last for x in fits])
             assert base is not None  # the series just fitted
             pick = base if base.eta(total) is None else Trend(base.ts, 0.0, base.z, None, base.peak)
         return self._predict(now, used, total, pick, leak, fragmented)
 
     def _predict(self, now: float, used: float, total: float, trend: Trend, leak: bool, fragmented: bool
                  ) -> OomPrediction:
-        c = self.config
-        eta = trend.eta(total)
+        eta, ordinary = trend.eta(total), trend.eta_ordinary(total)
         usage = 100.0 * used / total if total > 0 else 0.0
-        if eta is not None and eta <= c.oom_critical_eta_s:
-            level = RiskLevel.CRITICAL
-        elif eta is not None and eta <= c.oom_high_eta_s:
-            level = RiskLevel.HIGH
-        elif (eta is not None and eta <= c.oom_medium_eta_s) or usage >= c.oom_usage_threshold_pct:
-            level = RiskLevel.MEDIUM
-        else:
-            level = RiskLevel.LOW
         z = trend.z
         confidence = 0.0 if z <= 1 or eta is None else min(0.99, 1.0 - 1.0 / z)  # 1 - (standard error / slope)
-        self.last = OomPrediction(now, level, confidence, usage, trend.slope / MIB, eta,
-                                  recommendation(level, leak, fragmented), trend.peak, total, trend.window_s, z)
-        return self.last
+        p = OomPrediction(now, RiskLevel.LOW, confidence, usage, trend.slope / MIB, eta, "", trend.peak, total,
+                          trend.window_s, z, ordinary, self.full)
+        level = forecast_level(p, self.config)
+        if level is RiskLevel.LOW and usage >= self.config.oom_usage_threshold_pct:
+            level = RiskLevel.MEDIUM
+        p.risk_level, p.recommendation = level, recommendation(level, leak, fragmented)
+        self.last = p
+        return p
 
     def judge(self, p: OomPrediction) -> tuple[Finding | None, str]:
         """The episode logic: raise once, update when the risk rises or the ETA halves, end after calm."""
@@ -369,6 +349,9 @@ class OomForecaster:
         floor = RiskLevel(c.oom_alert_level).rank
         # the forecast's own level: usage alone (risk medium above the usage threshold) raises no forecast
         lvl = forecast_level(p, c)
+        # how sure and how soon to raise follows the earliest ETA (the highest peak's), as for any forecast;
+        # the level raised is capped while only a transient is that close (forecast_level)
+        soonest = forecast_level(p, c, transient=True)
         alarming = lvl.rank >= floor
         self.streak = self.streak + 1 if alarming else 0
         if not alarming:
@@ -377,8 +360,8 @@ class OomForecaster:
                 self.raised, self.raised_eta = None, None
         else:
             self.calm_since = None
-        confirm = 1 if p.z >= 3 * c.oom_min_z and lvl is RiskLevel.CRITICAL else c.oom_confirm
-        needed = {RiskLevel.MEDIUM: c.oom_medium_min_z, RiskLevel.HIGH: c.oom_high_min_z}.get(lvl, 0.0)
+        confirm = 1 if p.z >= 3 * c.oom_min_z and soonest is RiskLevel.CRITICAL else c.oom_confirm
+        needed = {RiskLevel.MEDIUM: c.oom_medium_min_z, RiskLevel.HIGH: c.oom_high_min_z}.get(soonest, 0.0)
         if p.z < needed:
             return None, ""  # the streak counts on, so a sure forecast is raised at once
         if (p.window_s or 0) * c.oom_max_extrapolation < (p.predicted_oom_time_seconds or 0):
@@ -386,17 +369,29 @@ class OomForecaster:
         if not alarming or self.streak < confirm or p.ts - (self.first_ts or p.ts) < c.oom_warmup_s:
             return None, ""
         eta = float(p.predicted_oom_time_seconds)  # type: ignore[arg-type]
+        # updates follow the ordinary steps' ETA: a checkpoint's buffers climbing for 20 s would halve the
+        # transient's ETA again and again, an anomaly each time, with no news for the user
+        track = eta if p.ordinary_oom_time_seconds is None else float(p.ordinary_oom_time_seconds)
         if self.raised is None:
             why = "raised"
         elif lvl.rank > self.raised.rank:
             why = "risk_rose"
-        elif self.raised_eta is not None and eta < self.raised_eta / 2 and self.raised_eta - eta >= 10.0:
+        elif self.raised_eta is not None and track < self.raised_eta / 2 and self.raised_eta - track >= 10.0:
             why = "eta_halved"
         else:
             return None, ""
-        self.raised, self.raised_eta = lvl, eta
+        self.raised, self.raised_eta = lvl, track
         sev = {RiskLevel.CRITICAL: "critical", RiskLevel.HIGH: "warning"}.get(lvl, "info")
-        msg = (f"out of memory in ~{duration_text(eta)}: peak {p.peak_bytes / GIB:.1f} of {p.total_bytes / GIB:.1f} "
+        when = f"out of memory in ~{duration_text(eta)}"
+        ordinary = p.ordinary_oom_time_seconds
+        if p.memory_full and soonest.rank > lvl.rank:
+            when = ("the GPU's memory is full between steps too: the allocator's cache holds all of it, and when "
+                    "the process needs more than that cache it runs out of memory; how much of the cache is free "
+                    "NVML does not show (TrainingMonitor's allocator stats do)")
+        elif ordinary is not None and (soonest.rank > lvl.rank or ordinary >= 1.25 * eta + 10.0):
+            when = (f"the next peak as high as the last transient one (a checkpoint, the longest batch) runs out "
+                    f"of memory in ~{duration_text(eta)}, ordinary steps in ~{duration_text(ordinary)}")
+        msg = (f"{when}: peak {p.peak_bytes / GIB:.1f} of {p.total_bytes / GIB:.1f} "
                f"GiB, growing {p.growth_rate_mb_per_sec:.2f} MB/s over the last {duration_text(p.window_s or 0)} "
                f"(risk {lvl.value}, confidence {p.confidence:.2f}). {p.recommendation}")
         ctx = {**p.to_dict(), "update": why}
@@ -411,7 +406,7 @@ class OomForecaster:
         fits = {name: [f.save_state() for f in fs] for name, fs in self.trends.items()}
         return {"first_ts": self.first_ts, "raised": self.raised.value if self.raised else None,
                 "raised_eta": self.raised_eta, "streak": self.streak, "calm_since": self.calm_since, "fits": fits,
-                "exact": sorted(self.exact)}
+                "exact": sorted(self.exact), "full": self.full}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trends = {}
@@ -425,5 +420,6 @@ class OomForecaster:
         self.raised_eta = state.get("raised_eta")
         self.streak = int(state.get("streak", 0))
         self.calm_since = state.get("calm_since")
+        self.full = bool(state.get("full", False))
 
 

@@ -30,6 +30,8 @@ GAUGES = {
     "rankwatch_gpu_memory_peak_bytes": "Upper envelope of the per-step peaks now (what runs out of memory)",
     "rankwatch_gpu_memory_growth_bytes_per_second": "Growth of the per-step peaks (0 unless significant)",
     "rankwatch_gpu_oom_eta_seconds": "Seconds until the peak reaches total memory (absent: no growth)",
+    "rankwatch_gpu_oom_ordinary_eta_seconds": "Seconds until the ordinary steps' peaks reach total memory (the "
+                                              "ETA above may be a transient's, e.g. a checkpoint's buffers)",
     "rankwatch_gpu_oom_risk_level": "OOM risk: 0 low, 1 medium, 2 high, 3 critical",
     "rankwatch_gpu_memory_fragmentation_ratio": "1 - allocated/reserved at the peak (allocator stats only)",
     "rankwatch_gpu_memory_leak_bytes_per_second": "Growth between steps while the leak detector judges it a leak "
@@ -127,10 +129,14 @@ class GpuMemoryHandler:
         g.set("rankwatch_gpu_memory_total_bytes", labels, p.total_bytes)
         g.set("rankwatch_gpu_memory_peak_bytes", labels, p.peak_bytes)
         g.set("rankwatch_gpu_memory_growth_bytes_per_second", labels, p.growth_bytes_per_s)
-        if p.predicted_oom_time_seconds is not None:
-            g.set("rankwatch_gpu_oom_eta_seconds", labels, p.predicted_oom_time_seconds)
-        else:
-            g.remove("rankwatch_gpu_oom_eta_seconds", labels)
+        for name, eta in (("rankwatch_gpu_oom_eta_seconds", p.predicted_oom_time_seconds),
+                          ("rankwatch_gpu_oom_ordinary_eta_seconds",
+                           p.predicted_oom_time_seconds if p.ordinary_oom_time_seconds is None
+                           else p.ordinary_oom_time_seconds)):
+            if eta is not None:
+                g.set(name, labels, eta)
+            else:
+                g.remove(name, labels)
         g.set("rankwatch_gpu_oom_risk_level", labels, p.risk_level.rank)
         if det.frag.ratio is not None:
             g.set("rankwatch_gpu_memory_fragmentation_ratio", labels, det.frag.ratio)

@@ -43,6 +43,10 @@ class LeadResult:
     eta_errors: list[float] = field(default_factory=list)  # at that first anomaly
     standing_errors: list[float] = field(default_factory=list)  # of the last one issued >= 60 s before the OOM
     leak_found: int = 0
+    # critical forecasts ("out of memory within 2 min") issued more than 10 min before the OOM: a false page
+    early_critical: int = 0
+    early_critical_runs: int = 0
+    after_oom: int = 0  # forecasts raised after the OOM (the process is gone)
 
     def add(self, run: GpuRun, found: list[Anomaly]) -> None:
         self.runs += 1
@@ -64,6 +68,11 @@ class LeadResult:
             err = abs(float(standing[-1].context["predicted_oom_time_seconds"]) - lead) / lead
         self.standing_errors.append(err)
         self.leak_found += any(a.detector == "leak" for a in found)
+        early = [a for a in ooms if a.context.get("risk_level") == "critical" and run.oom_ts - a.event_time > 600]
+        self.early_critical += len(early)
+        self.early_critical_runs += bool(early)
+        self.after_oom += sum(a.detector == "oom" and a.event_time > run.oom_ts
+                              and a.context.get("update") != "allocator_oom" for a in found)
 
     @property
     def early(self) -> float:
@@ -109,6 +118,9 @@ class MemoryQuality:
             total.eta_errors += r.eta_errors
             total.standing_errors += r.standing_errors
             total.leak_found += r.leak_found
+            total.early_critical += r.early_critical
+            total.early_critical_runs += r.early_critical_runs
+            total.after_oom += r.after_oom
         return total
 
     def bar(self) -> dict[str, bool]:
@@ -180,14 +192,16 @@ def _median(xs: list[float]) -> float:
 
 def report_lines(q: MemoryQuality) -> list[str]:
     lines = ["| scenario | runs | first forecast >= 60 s before OOM | its ETA within 25% | both | median lead | "
-             "median / max ETA error | forecast standing at -60 s within 25% | leak anomaly |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "median / max ETA error | forecast standing at -60 s within 25% | leak anomaly | "
+             "critical > 10 min early (runs) | after the OOM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name: str, r: LeadResult) -> str:
         leads = [x for x in r.leads if x >= 0]
         return (f"| {name} | {r.runs} | {_pct(r.early)} | {_pct(r.accurate)} | {_pct(r.both)} | "
                 f"{_median(leads):.0f} s | {_pct(_median(r.eta_errors))} / {_pct(max(r.eta_errors, default=0))} | "
-                f"{_pct(r.standing)} | {_pct(r.leak_found / max(1, r.runs))} |")
+                f"{_pct(r.standing)} | {_pct(r.leak_found / max(1, r.runs))} | "
+                f"{r.early_critical} ({r.early_critical_runs}) | {r.after_oom} |")
 
     for tier, r in q.tiers.items():
         lines.append(row(f"leak {tier}", r))

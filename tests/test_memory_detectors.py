@@ -173,6 +173,7 @@ def test_pipeline_stage_exports_bounded_per_gpu_gauges_and_anomalies_name_the_gp
     assert g.get("rankwatch_gpu_oom_risk_level", labels) >= 2  # high or critical
     assert g.get("rankwatch_gpu_memory_growth_bytes_per_second", labels) == pytest.approx(leak, rel=0.25)
     assert g.get("rankwatch_gpu_oom_eta_seconds", labels) is not None
+    assert g.get("rankwatch_gpu_oom_ordinary_eta_seconds", labels) >= g.get("rankwatch_gpu_oom_eta_seconds", labels)
     # bounded: a worker exports at most mem_gauge_max_gpus GPUs; the anomalies still name every GPU
     small = Pipeline(DetectionConfig(mem_gauge_max_gpus=1))
     other = [Record("gpu", "j", None, r.ts, r.file, r.offset, {**r.data, "gpu": 4}) for r in recs[:300]]
@@ -285,3 +286,80 @@ def test_the_hooks_interval_peaks_put_a_slow_leaks_first_forecast_on_time():
     # earlier, and every first forecast within 10% (samples alone: up to 30% off)
     assert np.median([lead for lead, _ in with_peaks]) > np.median([lead for lead, _ in without])
     assert max(err for _, err in with_peaks) <= 0.1
+
+
+def test_a_transient_peak_near_total_memory_is_a_high_risk_and_only_ordinary_peaks_make_it_critical():
+    # 68 GiB persistent + a 6 GiB sawtooth, leaking 2 MiB/s: the ordinary peaks reach 80 GiB at t = 3072 s.
+    # A checkpoint's buffers (+2 GiB for 20 s at t = 2000 s) come within ~0.1 GiB of total memory and do not
+    # fail; the next checkpoint may be half an hour away, so "out of memory within 2 min" would be a false page.
+    leak, total = 2 * MIB, 80 * GIB
+    samples = sawtooth_samples(3040, 68 * GIB, 6 * GIB, leak, total=total, seed=5)
+    for i in range(2000, 2020):
+        ts, d = samples[i]
+        d["mem_used_bytes"] = min(total - 64 * MIB, d["mem_used_bytes"] + 2 * GIB)
+    ordinary_at = 1e9 + (total - 74 * GIB) / leak
+    det = GpuMemoryDetector()
+    found = [f for f in run(det, samples) if f.detector == "oom"]
+    after = [f for f in found if f.context["ts"] >= 1e9 + 2000]
+    assert after, "the checkpoint's near miss was not reported"
+    near = after[0]  # the transient sets the earliest ETA, the ordinary steps the level
+    assert near.context["risk_level"] == "high" and near.severity == "warning"
+    left = ordinary_at - near.context["ts"]
+    assert near.context["ordinary_oom_time_seconds"] == pytest.approx(left, rel=0.25)
+    assert near.context["predicted_oom_time_seconds"] < 0.9 * near.context["ordinary_oom_time_seconds"]
+    # carried along the slope, the transient's peak says "now" minutes before the ordinary steps reach it
+    (soon, *_) = [f for f in after if f.context["predicted_oom_time_seconds"] < 120
+                  and f.context["ordinary_oom_time_seconds"] > 240]
+    assert soon.context["risk_level"] == "high" and "ordinary steps" in soon.message
+    # updates follow the ordinary ETA: the buffers' 20 s climb is not an anomaly per halving of the transient's
+    assert len([f for f in after if f.context["ts"] <= 1e9 + 2100]) == 1
+    critical = [f for f in found if f.context["risk_level"] == "critical"]
+    assert critical, "the ordinary peaks' approach was not raised as critical"
+    assert all(ordinary_at - f.context["ts"] <= 240 for f in critical)
+
+
+def test_no_forecast_is_raised_from_the_samples_of_a_process_that_just_died():
+    # a fast leak sampled every 10 s; the process dies at a step's peak between two samples, and the next
+    # samples show only the driver's footprint. Carried along the slope to that sample's time, the forecast
+    # would say "now" (its ETA halved): it must not be raised from a process that is gone.
+    leak, total = 50 * MIB, 80 * GIB
+    samples = sawtooth_samples(1400, 40 * GIB, 6 * GIB, total=total, seed=2)[::10]
+    ramp = sawtooth_samples(1000, 40 * GIB, 6 * GIB, leak, total=total, seed=3)[::10]
+    det = GpuMemoryDetector()
+    found = run(det, samples)
+    for ts, d in ramp:
+        found += run(det, [(ts + 1400, d)])
+        p = det.prediction
+        if found and p.predicted_oom_time_seconds is not None and p.predicted_oom_time_seconds < 30:
+            break
+    assert found and found[-1].context["risk_level"] == "critical"
+    dead = ts + 1400
+    after = run(det, [(dead + 15 + 10 * i, {**d, "mem_used_bytes": 0.3 * GIB}) for i in range(4)])
+    assert [f.context for f in after if f.detector == "oom"] == []
+    assert det.restarts == 1
+
+
+def test_a_caching_allocator_holding_the_whole_gpu_is_not_an_oom_within_minutes():
+    # NVML sees the caching allocator's reserved plateau: it climbs in 256 MiB segments as the leak needs them
+    # (2 MiB/s) until it holds the whole GPU, then stays there while the process runs on its cache; when the
+    # process will need more than that cache, NVML cannot show
+    total, seg = 80 * GIB, 256 * MIB
+    rng = random.Random(7)
+    samples = []
+    for i in range(0, 6600, 5):
+        need = 70 * GIB + 2 * MIB * i
+        reserved = min(total - 200 * MIB, math.ceil(need / seg) * seg)
+        samples.append((1e9 + i, {"host": "h", "gpu": 0, "mem_used_bytes": reserved + rng.uniform(0, 8 * MIB),
+                                  "mem_total_bytes": total}))
+    pinned_at = 1e9 + (total - 200 * MIB - 70 * GIB) / (2 * MIB)
+    det = GpuMemoryDetector()
+    found = [f for f in run(det, samples) if f.detector == "oom"]
+    assert found, "the plateau's climb was not forecast"
+    assert [f.context["risk_level"] for f in found if f.context["risk_level"] == "critical"] == []
+    # the line reaches total memory: minutes by the ETA, but the GPU is full and the real headroom out of sight
+    near = [f for f in found if f.context["predicted_oom_time_seconds"] <= 120]
+    assert near and all(f.context["risk_level"] == "high" and f.context["memory_full"]
+                        and "NVML does not show" in f.message for f in near)
+    assert all(f.context["ts"] < pinned_at for f in near)
+    # flat at the top at last: no growth left to forecast, the usage alone keeps the risk at medium
+    assert det.prediction.memory_full and det.prediction.risk_level.value == "medium"
