@@ -53,9 +53,9 @@ class MemoryDetectorConfig:
     oom_medium_min_z: float = 10.0  # ... and a medium one (hours ahead: no hurry, so be sure)
     oom_agree_z: float = 2.0  # a longer window is used while its slope agrees with the shorter one's
     oom_max_extrapolation: float = 4.0  # an ETA is alarm-grade up to this many times the fitted window
-    # peaks further than this from the highest one are the ordinary steps' (a checkpoint lasts 10-30 s): only
-    # they raise the risk to critical (models/oom_prediction.py, forecast_level)
-    oom_transient_s: float = 60.0
+    # the ordinary steps' peak: the median of the maxima of blocks this long (a checkpoint's buffers top one
+    # block); only it raises the risk to critical (models/oom_prediction.py, forecast_level)
+    oom_recur_s: float = 300.0
     # NVML's used memory this close to total (% of it) at the troughs too, over the last minute: the GPU is
     # full, its real headroom inside the allocator's cache (no critical risk from NVML alone)
     oom_full_margin_pct: float = 2.0

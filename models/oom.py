@@ -227,16 +227,28 @@ class PeakTrend:
         # upper envelope: the highest peak of the window's newest third, carried along the slope to now.
         # Older peaks would carry the slope's error further, and where growth began inside the window its
         # flat start would be carried up the slope.
-        recent = now - max(2 * series.fine_s, fit.window_s / 3)
-        tf, hf, _ = series.arrays(False, recent)
-        tc, hc, _ = series.arrays(True, recent)
+        span = max(2 * series.fine_s, fit.window_s / 3)
+        tf, hf, _ = series.arrays(False, now - span)
+        tc, hc, _ = series.arrays(True, now - span)
         t = np.concatenate([tc, tf, [now]])
         carried = np.concatenate([hc - fit.slope * (tc - now), hf - fit.slope * (tf - now), [used]])
-        top = int(np.argmax(carried))
-        # what recurs: the highest peak away from the highest one's moment (a checkpoint lasts 10-30 s)
-        away = np.abs(t - t[top]) > self.config.oom_transient_s
-        ordinary = float(np.max(carried[away])) if away.any() else None
-        return Trend(now, fit.slope, fit.z, fit.window_s, float(carried[top]), ordinary)
+        return Trend(now, fit.slope, fit.z, fit.window_s, float(np.max(carried)),
+                     self._recurring(t, carried, now, span))
+
+    def _recurring(self, t: np.ndarray, carried: np.ndarray, now: float, span: float) -> float | None:
+        """The level the peaks reach again and again: the median of the maxima of the span's equal blocks of at
+        most `oom_recur_s` (at least 5). A checkpoint's buffers or an evaluation phase top one block, or two
+        where they straddle a boundary; the longest batch, back every few minutes, tops most. None (the highest peak) where blocks would be under
+        a minute: they would miss a sparsely sampled sawtooth's tops."""
+        n = max(5, int(span // self.config.oom_recur_s))
+        block = span / n
+        if block < 60.0:
+            return None
+        k = np.clip(((now - t) // block).astype(int), 0, n - 1)
+        tops = np.full(n, -np.inf)
+        np.maximum.at(tops, k, carried)
+        tops = tops[np.isfinite(tops)]
+        return float(np.median(tops)) if len(tops) >= 5 else None
 
     def fit(self, series: PeakSeries, now: float, used: float, total: float, start: float = -math.inf) -> Trend:
         """Two candidates: the local one (the chain from the newest data, so growth that just began counts at

@@ -47,6 +47,7 @@ class LeadResult:
     early_critical: int = 0
     early_critical_runs: int = 0
     after_oom: int = 0  # forecasts raised after the OOM (the process is gone)
+    critical_runs: int = 0  # runs with a critical forecast before the OOM (the page came)
 
     def add(self, run: GpuRun, found: list[Anomaly]) -> None:
         self.runs += 1
@@ -71,6 +72,7 @@ class LeadResult:
         early = [a for a in ooms if a.context.get("risk_level") == "critical" and run.oom_ts - a.event_time > 600]
         self.early_critical += len(early)
         self.early_critical_runs += bool(early)
+        self.critical_runs += any(a.context.get("risk_level") == "critical" for a in ooms)
         self.after_oom += sum(a.detector == "oom" and a.event_time > run.oom_ts
                               and a.context.get("update") != "allocator_oom" for a in found)
 
@@ -121,6 +123,7 @@ class MemoryQuality:
             total.early_critical += r.early_critical
             total.early_critical_runs += r.early_critical_runs
             total.after_oom += r.after_oom
+            total.critical_runs += r.critical_runs
         return total
 
     def bar(self) -> dict[str, bool]:
@@ -193,15 +196,16 @@ def _median(xs: list[float]) -> float:
 def report_lines(q: MemoryQuality) -> list[str]:
     lines = ["| scenario | runs | first forecast >= 60 s before OOM | its ETA within 25% | both | median lead | "
              "median / max ETA error | forecast standing at -60 s within 25% | leak anomaly | "
-             "critical > 10 min early (runs) | after the OOM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "critical before the OOM | critical > 10 min early (runs) | after the OOM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name: str, r: LeadResult) -> str:
         leads = [x for x in r.leads if x >= 0]
         return (f"| {name} | {r.runs} | {_pct(r.early)} | {_pct(r.accurate)} | {_pct(r.both)} | "
                 f"{_median(leads):.0f} s | {_pct(_median(r.eta_errors))} / {_pct(max(r.eta_errors, default=0))} | "
                 f"{_pct(r.standing)} | {_pct(r.leak_found / max(1, r.runs))} | "
-                f"{r.early_critical} ({r.early_critical_runs}) | {r.after_oom} |")
+                f"{_pct(r.critical_runs / max(1, r.runs))} | {r.early_critical} ({r.early_critical_runs}) | "
+                f"{r.after_oom} |")
 
     for tier, r in q.tiers.items():
         lines.append(row(f"leak {tier}", r))
