@@ -4,10 +4,11 @@ A robust slope of the per-cycle peaks (models/memory_series.py) over the longest
 agrees with the shorter ones (growth that began two minutes ago is fitted on those two minutes, a steady leak on
 the last hour), the upper envelope of the peaks, and from both the seconds until the peak reaches total memory.
 Risk: critical (ETA <= 2 min), high (<= 15 min), medium (<= 2 h, or usage above `oom_usage_threshold_pct`),
-low; critical needs the ordinary steps' peaks that close, not only a transient one (`forecast_level`). Each series a GPU reports is fitted on its own: NVML's used memory, and with the hook's allocator stats what
+low; critical needs the ordinary steps' peaks that close, not only a transient one (`forecast_level`). Each
+series a GPU reports is fitted on its own: NVML's used memory, and with the hook's allocator stats what
 the process needs. Each is fitted twice (`PeakTrend`), on its per-bucket peaks and on its troughs (what persists
 between steps, better sampled by a sparse sampler and barely moved by an evaluation phase's smaller activations);
-where both see growth they are averaged (`_combined`).
+where both see growth they are averaged (`combined_trend`).
 
 An `oom` anomaly is raised when the forecast risk is at least `oom_alert_level` (medium: info, high: warning,
 critical: critical) for `oom_confirm` evaluations in a row, with a slope sure enough for that level and a window
@@ -238,8 +239,8 @@ class PeakTrend:
     def _recurring(self, t: np.ndarray, carried: np.ndarray, now: float, span: float) -> float | None:
         """The level the peaks reach again and again: the median of the maxima of the span's equal blocks of at
         most `oom_recur_s` (at least 5). A checkpoint's buffers or an evaluation phase top one block, or two
-        where they straddle a boundary; the longest batch, back every few minutes, tops most. None (the highest peak) where blocks would be under
-        a minute: they would miss a sparsely sampled sawtooth's tops."""
+        where they straddle a boundary; the longest batch, back every few minutes, tops most. None (the highest
+        peak) where blocks would be under a minute: they would miss a sparsely sampled sawtooth's tops."""
         n = max(5, int(span // self.config.oom_recur_s))
         block = span / n
         if block < 60.0:
@@ -383,24 +384,23 @@ class OomForecaster:
         eta = float(p.predicted_oom_time_seconds)  # type: ignore[arg-type]
         # updates follow the ordinary steps' ETA: a checkpoint's buffers climbing for 20 s would halve the
         # transient's ETA again and again, an anomaly each time, with no news for the user
-        track = eta if p.ordinary_oom_time_seconds is None else float(p.ordinary_oom_time_seconds)
+        ordinary = float(p.ordinary_oom_time_seconds)  # type: ignore[arg-type]  # set wherever eta is
         if self.raised is None:
             why = "raised"
         elif lvl.rank > self.raised.rank:
             why = "risk_rose"
-        elif self.raised_eta is not None and track < self.raised_eta / 2 and self.raised_eta - track >= 10.0:
+        elif self.raised_eta is not None and ordinary < self.raised_eta / 2 and self.raised_eta - ordinary >= 10.0:
             why = "eta_halved"
         else:
             return None, ""
-        self.raised, self.raised_eta = lvl, track
+        self.raised, self.raised_eta = lvl, ordinary
         sev = {RiskLevel.CRITICAL: "critical", RiskLevel.HIGH: "warning"}.get(lvl, "info")
         when = f"out of memory in ~{duration_text(eta)}"
-        ordinary = p.ordinary_oom_time_seconds
         if p.memory_full and soonest.rank > lvl.rank:
             when = ("the GPU's memory is full between steps too: the allocator's cache holds all of it, and when "
                     "the process needs more than that cache it runs out of memory; how much of the cache is free "
                     "NVML does not show (TrainingMonitor's allocator stats do)")
-        elif ordinary is not None and (soonest.rank > lvl.rank or ordinary >= 1.25 * eta + 10.0):
+        elif soonest.rank > lvl.rank or ordinary >= 1.25 * eta + 10.0:
             when = (f"the next peak as high as the last transient one (a checkpoint, the longest batch) runs out "
                     f"of memory in ~{duration_text(eta)}, ordinary steps in ~{duration_text(ordinary)}")
         msg = (f"{when}: peak {p.peak_bytes / GIB:.1f} of {p.total_bytes / GIB:.1f} "

@@ -42,7 +42,7 @@ class OomPrediction:
     window_s: float | None  # the window the slope was fitted on (None: no significant growth)
     z: float
     # when the peaks that recur reach total memory; predicted_oom_time_seconds is the highest peak's, which
-    # may be a transient seen once (a checkpoint's buffers): None, the same
+    # may be a transient seen once (a checkpoint's buffers). None exactly when that is (no growth)
     ordinary_oom_time_seconds: float | None = None
     # NVML shows the GPU full between steps too: a caching allocator holds all of it, and how much of its cache
     # is free (the real headroom) is out of NVML's sight
@@ -124,18 +124,20 @@ class Trend:
     z: float
     window_s: float | None
     peak: float
-    # the envelope of the peaks that recur: the highest outside the moments around the highest (a checkpoint's
-    # buffers, the longest batch, seen once); None: the same as `peak`
+    # the level the peaks reach again and again (PeakTrend._recurring; a checkpoint's buffers, seen once, are
+    # above it); None: the same as `peak`
     ordinary: float | None = None
 
+    def _eta_of(self, peak: float, total: float) -> float | None:
+        return max(0.0, (total - peak) / self.slope) if self.slope > 0 and total > 0 else None
+
     def eta(self, total: float) -> float | None:
-        return max(0.0, (total - self.peak) / self.slope) if self.slope > 0 and total > 0 else None
+        return self._eta_of(self.peak, total)
 
     def eta_ordinary(self, total: float) -> float | None:
         """When the ordinary steps' peaks reach total memory (the highest one is a transient: it fails first
-        only if it comes again by then)."""
-        peak = self.peak if self.ordinary is None else min(self.peak, self.ordinary)
-        return max(0.0, (total - peak) / self.slope) if self.slope > 0 and total > 0 else None
+        only if it comes again by then). None exactly when `eta` is."""
+        return self._eta_of(self.peak if self.ordinary is None else min(self.peak, self.ordinary), total)
 
 
 def combined_trend(lasts: list[Trend | None]) -> Trend | None:

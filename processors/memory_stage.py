@@ -130,9 +130,7 @@ class GpuMemoryHandler:
         g.set("rankwatch_gpu_memory_peak_bytes", labels, p.peak_bytes)
         g.set("rankwatch_gpu_memory_growth_bytes_per_second", labels, p.growth_bytes_per_s)
         for name, eta in (("rankwatch_gpu_oom_eta_seconds", p.predicted_oom_time_seconds),
-                          ("rankwatch_gpu_oom_ordinary_eta_seconds",
-                           p.predicted_oom_time_seconds if p.ordinary_oom_time_seconds is None
-                           else p.ordinary_oom_time_seconds)):
+                          ("rankwatch_gpu_oom_ordinary_eta_seconds", p.ordinary_oom_time_seconds)):
             if eta is not None:
                 g.set(name, labels, eta)
             else:
