@@ -90,6 +90,7 @@ class HangEvent:
     threshold_s: float
     evidence: list[dict] = field(default_factory=list)
     from_watchdog: bool = False  # found from PyTorch's watchdog lines alone (no collective op view of the job)
+    end_of_logs: bool = False  # offline: the logs end with this comm stuck (silent_s: from its last progress to their end)
 
 
 class _Comm:
@@ -357,9 +358,13 @@ class CollectiveTracker:
         usual = float(np.quantile(np.fromiter(c.gaps, float), 0.9)) if len(c.gaps) >= 8 else 0.0
         return max(self.config.hang_min_s, self.config.hang_factor * usual)
 
-    def check_hang(self, now: float, quiet: Callable[[int], bool] = lambda rank: True) -> HangEvent | None:
+    def check_hang(self, now: float, quiet: Callable[[int], bool] = lambda rank: True,
+                   logs_end: float | None = None) -> HangEvent | None:
         """`quiet(rank)`: has that rank's input really stopped? (The stream checks that its ops stopped arriving,
-        not just that other partitions ran ahead of it in event time.)"""
+        not just that other partitions ran ahead of it in event time.) `logs_end` (offline): the logs end there
+        and nothing followed until `now`. A job stopped mid-collective looks much the same, so only a comm most
+        of whose ranks reached the op counts, and only if the others were already late for it, as a straggler
+        is late, when the logs end: a job cut at random leaves ranks within the usual spread of the op."""
         if self.hang is not None:
             return self._check_resolved()
         worst: HangEvent | None = None
@@ -371,13 +376,30 @@ class CollectiveTracker:
             if silent < thr or not behind or not all(quiet(r) for r in behind):
                 continue
             stuck = min(behind.values()) + 1
+            if logs_end is not None and (2 * len(behind) > len(c.last) or not self._overdue(c, stuck, logs_end)):
+                continue
             op = next((o for (n, _, o) in c.last.values() if n >= stuck), "")
-            ev = HangEvent("hang", c.advanced_at + thr, behind, name, stuck, op, silent, thr)
+            ev = HangEvent("hang", c.advanced_at + thr, behind, name, stuck, op,
+                           silent if logs_end is None else logs_end - c.advanced_at, thr,
+                           end_of_logs=logs_end is not None)
             if worst is None or len(ev.stalled) < len(worst.stalled) or ev.ts < worst.ts:
                 worst = ev
         if worst is not None:
             self.hang = worst
         return worst
+
+    def _overdue(self, c: _Comm, n: int, at: float) -> bool:
+        """Were the ranks missing from op `n` already late for it at `at` (beyond the comm's usual spread)?"""
+        if n in c.medians:
+            med, limit = c.medians[n]
+        else:
+            arrivals = np.fromiter(c.pending.get(n, {}).values(), float)
+            if not len(arrivals):
+                return False
+            med = float(np.median(arrivals)) if len(arrivals) > 2 else float(arrivals.min())
+            phase = n % c.period if c.period > 1 else None
+            limit = max(self.config.straggler_spread_k * c.spread(phase), self.config.straggler_min_lag_s)
+        return at - med > limit
 
     def hang_from_evidence(self, evs: list[dict], now: float) -> HangEvent | None:
         """Watchdog timeouts (the lines of one moment, together): evidence for the current hang, or proof of one.

@@ -352,10 +352,16 @@ class CollectiveJob:
             out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
         return out
 
-    def finish(self) -> list[Anomaly]:
-        out = self.tick(max(self.clock, self.judged_at, *(float(e["ts"]) + self.config.victim_hold_s
-                                                          for e in self.evidence)))
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
+        end = max(self.clock, self.judged_at, *(float(e["ts"]) + self.config.victim_hold_s for e in self.evidence))
+        out = self.tick(end)
         out.extend(self._release(float("inf")))
+        # A hang whose logs just end (no watchdog line, no later line) is silent past their end till now, if the
+        # logs are all there is: judged as the stream would have judged it, `hang_min_s` and more after the end.
+        if wall is not None and wall > end and self.tracker.hang is None:
+            h = self.tracker.check_hang(wall, logs_end=end)
+            if h is not None:
+                out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
         return out
 
     def _judge(self, now: float) -> list[Anomaly]:
@@ -453,6 +459,11 @@ class CollectiveJob:
             msg = (f"hang: PyTorch watchdog timeouts on {len(waiting)} rank(s) waiting in {h.op or 'collective'} "
                    f"#{h.op_count} of {h.comm}; rank(s) {stalled} never enqueued it")
             severity = "critical"
+        elif stalled and h.end_of_logs:
+            msg = (f"hang at the end of the logs: rank(s) {stalled} never reached {h.op or 'op'} opCount "
+                   f"{h.op_count} of comm {h.comm}, which the others enqueued and waited in; the logs end "
+                   f"{h.silent_s:.1f}s later with no line after (or the job was stopped mid-collective)")
+            severity = "critical"
         elif stalled:
             msg = (f"hang: comm {h.comm} has not advanced for {h.silent_s:.0f}s (threshold {h.threshold_s:.0f}s); "
                    f"rank(s) {stalled} never reached {h.op or 'op'} opCount {h.op_count} that the others are "
@@ -463,7 +474,7 @@ class CollectiveJob:
             severity = "critical"
         ctx = {"stalled_ranks": stalled, "last_op_count": {str(r): n for r, n in h.stalled.items()},
                "op": h.op, "op_count": h.op_count, "comm": h.comm, "silent_s": h.silent_s,
-               "threshold_s": h.threshold_s, "evidence": h.evidence[-8:]}
+               "threshold_s": h.threshold_s, "evidence": h.evidence[-8:], "end_of_logs": h.end_of_logs}
         return Anomaly("hang", "collective_progress", self.job, stalled[0] if len(stalled) == 1 else None, h.ts,
                        h.silent_s, None, None, h.threshold_s, severity, msg, ctx, source_file=ref[0],
                        source_offset=ref[1])

@@ -240,7 +240,7 @@ class LogKeyJob:
             self._check_model_file(wall)
         return self._advance(self.reorder.release(wall))
 
-    def finish(self) -> list[Anomaly]:
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
         out = self._advance(self.reorder.release(time.monotonic(), flush=True))
         if self.phase == TRAINING and self.training is not None:
             self.training.wait()

@@ -212,7 +212,7 @@ class GpuImbalanceJob:
     def tick(self, now: float) -> list[Anomaly]:
         return []  # judged on completeness or staleness of buckets, never on the clock: order-independent
 
-    def finish(self) -> list[Anomaly]:
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
         return [self._anomaly(f) for f in self.detector.finish()]
 
     def save_state(self) -> dict[str, Any]:

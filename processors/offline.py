@@ -63,12 +63,13 @@ def read_records(paths: list[str], job: str | None = None, rank: int | None = No
     return heapq.merge(*streams, key=lambda r: r.ts)
 
 
-def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 2000, span_s: float = 1.0
-                 ) -> list[Anomaly]:
+def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 2000, span_s: float = 1.0,
+                 wall: float | None = None) -> list[Anomaly]:
     """Micro-batches in event-time order through both stages, as the worker would see them: at most `batch`
     records and `span_s` seconds of event time each, so the job clocks that judge silence (hangs) advance as
     they would live, even where records are sparse. Then the end of input is the moment of judgement for
-    whatever is still open (a hang at the end of the logs)."""
+    whatever is still open. `wall`: when the analysis runs, if the records are all the job logged until then
+    (files at rest): a job stuck mid-collective when its logs end has then been silent that long."""
     out: list[Anomaly] = []
     chunk: list[Record] = []
     start = 0.0
@@ -80,11 +81,11 @@ def run_pipeline(pipeline: Pipeline, records: Iterable[Record], batch: int = 200
             start = rec.ts
         chunk.append(rec)
     out.extend(pipeline.process(chunk))
-    out.extend(pipeline.finish())
+    out.extend(pipeline.finish(wall))
     return out
 
 
 def analyze(paths: list[str], job: str | None = None, rank: int | None = None,
             detection: DetectionConfig | None = None, stats: AnalyzeStats | None = None,
             formats: tuple[UserFormat, ...] = ()) -> list[Anomaly]:
-    return run_pipeline(Pipeline(detection), read_records(paths, job, rank, stats, formats))
+    return run_pipeline(Pipeline(detection), read_records(paths, job, rank, stats, formats), wall=time.time())

@@ -203,11 +203,12 @@ class Pipeline:
                 out.extend(self.jobs[job].tick(wall))
         return out
 
-    def finish(self) -> list[Anomaly]:
-        """End of input (offline): the moment of judgement for whatever is still open."""
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
+        """End of input (offline): the moment of judgement for whatever is still open. `wall`: the time of the
+        analysis, if the logs are all there is (nothing came after their end until then), else None."""
         out: list[Anomaly] = []
         for stage in self.jobs.values():
-            out.extend(stage.finish())
+            out.extend(stage.finish(wall))
         return out
 
     def drop_jobs(self, jobs: Iterable[str]) -> None:

@@ -60,7 +60,8 @@ class JobDetector(Protocol):
 
     def tick(self, now: float) -> list[Anomaly]: ...
 
-    def finish(self) -> list[Anomaly]: ...
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
+        """End of input (offline). `wall`: when the logs are judged; their silence since they end lasts till then."""
 
     def save_state(self) -> dict[str, Any]: ...
 
@@ -180,10 +181,10 @@ class JobStage:
             out.extend(det.tick(now))
         return out
 
-    def finish(self) -> list[Anomaly]:
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []
         for det in self.detectors:
-            out.extend(det.finish())
+            out.extend(det.finish(wall))
         return out
 
     def save_state(self) -> dict[str, Any]:

@@ -127,7 +127,7 @@ class StepStragglerJob:
     def tick(self, now: float) -> list[Anomaly]:
         return []
 
-    def finish(self) -> list[Anomaly]:
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
         return []
 
     def save_state(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -294,6 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rankwatch.report import write_report
 
+    wall = None  # a topic's records may go on: only files are at rest, and judged as such (a hang at their end)
     if args.from_topic:
         from rankwatch.consume import read_records_from_topics
 
@@ -304,11 +306,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.paths:
         from rankwatch.processors.offline import read_records
 
-        records = read_records(args.paths, args.job, formats=_formats(args))
+        records, wall = read_records(args.paths, args.job, formats=_formats(args)), time.time()
     else:
         print("rankwatch report: give log paths or --from-topic", file=sys.stderr)
         return 2
-    res = write_report(records, args.out, args.per_rank, _detection(args))
+    res = write_report(records, args.out, args.per_rank, _detection(args), wall)
     for m in res["missing"]:
         print(f"note: no {m} in the input; not plotted", file=sys.stderr)
     print(f"{len(res['images'])} plots and {res['anomalies']} anomalies -> {os.path.join(args.out, 'index.html')}")

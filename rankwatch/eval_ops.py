@@ -3,7 +3,9 @@
 `rankwatch eval --suite ops`. Per seed three jobs of the simulator's synchronous DP x TP timeline
 (rankwatch/sim_collectives.py): one with a straggler (0.1-0.4 s late on every op for 30-60 steps) and a slow
 stream (x1.5-3 intervals for ~50 ops) on other ranks and times, one that hangs, and one long normal run with
-drift and evaluation pauses. Faults are matched by rank and time, not step: collectives carry no step number.
+drift and evaluation pauses. Half the hangs go on to the watchdog's lines; in the other half the logs just end
+(offline, `rankwatch analyze` then judges the silence since their end). Faults are matched by rank and time, not
+step: collectives carry no step number.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1
     faulty = Scenario(steps=steps, faults=[
         Fault("straggler", straggler_rank, s1, int(rng.integers(30, 61)), lag),
         Fault("slow_stream", slow_rank, s2, max(50 // ops_per_step, 1), factor, stream=stream)], **common)
+    # odd seeds: the logs end at the hang (the scheduler killed the job; no watchdog line, nothing after it)
     hang = Scenario(steps=steps, faults=[Fault("hang", int(rng.integers(0, ranks)), int(rng.integers(150, 350)))],
-                    pauses={int(rng.integers(60, 140)): float(rng.uniform(5, 20))}, **common)
+                    pauses={int(rng.integers(60, 140)): float(rng.uniform(5, 20))}, hang_tail=seed % 2 == 0,
+                    **common)
     normal = Scenario(steps=normal_steps, faults=[], **{**common, "seed": seed + 50_000},
                       pauses={int(s): float(rng.uniform(5, 30)) for s in rng.integers(100, normal_steps - 50, 3)})
     out = []

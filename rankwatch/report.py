@@ -16,10 +16,11 @@ from rankwatch.records import Anomaly, Record
 PANELS = (("loss", "loss"), ("throughput", "throughput"), ("step_time_s", "step time (s)"))
 
 
-def collect(records: Iterable[Record], detection: DetectionConfig | None = None
+def collect(records: Iterable[Record], detection: DetectionConfig | None = None, wall: float | None = None
             ) -> tuple[dict[str, dict[int, list[tuple[int, float]]]], dict[str, list[tuple[float, float]]],
                        list[Anomaly]]:
-    """Run the pipeline while gathering series: metric -> rank -> [(step, value)], gpu -> [(ts, util)]."""
+    """Run the pipeline while gathering series: metric -> rank -> [(step, value)], gpu -> [(ts, util)]. `wall`:
+    as in run_pipeline (files at rest: when they are read)."""
     series: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     gpu: dict[str, list[tuple[float, float]]] = defaultdict(list)
 
@@ -35,7 +36,7 @@ def collect(records: Iterable[Record], detection: DetectionConfig | None = None
                 gpu[label].append((rec.ts, rec.data["util_pct"]))
             yield rec
 
-    anomalies = run_pipeline(Pipeline(detection), gather(records))
+    anomalies = run_pipeline(Pipeline(detection), gather(records), wall=wall)
     return series, gpu, anomalies
 
 
@@ -108,10 +109,10 @@ def _plot_gpu(gpu: dict[str, list[tuple[float, float]]], path: Path) -> None:
 
 
 def write_report(records: Iterable[Record], out: str | Path, per_rank: bool = False,
-                 detection: DetectionConfig | None = None) -> dict[str, Any]:
+                 detection: DetectionConfig | None = None, wall: float | None = None) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    series, gpu, anomalies = collect(records, detection)
+    series, gpu, anomalies = collect(records, detection, wall)
     images, missing = [], []
     lr = series.get("lr")
     for name, label in PANELS:

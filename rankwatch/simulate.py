@@ -74,6 +74,7 @@ class Scenario:
     pauses: dict[int, float] = field(default_factory=dict)  # step -> seconds every rank pauses after it (eval)
     hiccups: list[Fault] = field(default_factory=list)  # one-off data-loader delays (must not alarm)
     watchdog_s: float = 600.0  # PyTorch's NCCL timeout: the watchdog lines come this long after a hang
+    hang_tail: bool = True  # after a hang, GPU samples then the watchdog; False: the logs end at the hang
     gpu_interval_s: float = 1.0  # GPU sampler period while the job hangs
 
     def labels(self) -> list[Fault]:
@@ -158,7 +159,7 @@ def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
             lines.append((ts, f"rank{r}/gpu.jsonl", _gpu_line(ts, ident, r, step)))
     for e in tl.ops:
         lines.append((e.ts, f"rank{e.rank}/nccl.log", f"{_iso(e.ts, 6)} {coll_line(ids[e.rank], e)}"))
-    if tl.hang_at is not None:
+    if tl.hang_at is not None and sc.hang_tail:
         lines.extend(_hang_lines(sc, tl, ids))
     lines.sort(key=lambda x: x[0])
     return lines

@@ -135,6 +135,54 @@ def test_a_pause_of_every_rank_is_not_a_hang():
     assert tr.check_hang(max(t for _, _, t in events) + 600) is None  # evaluation, checkpoint, end of job
 
 
+def test_logs_that_end_in_a_hang_name_the_rank_that_never_reached_the_op():
+    """Offline, a hang whose logs just end (no watchdog line, nothing after): the peers enqueued op 40 and the
+    ops after it that their CPUs could, rank 4 stopped at 39. Judged at rest, the silence since counts."""
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    events = [e for e in enqueue_times(8, 43) if not (e[0] == 4 and e[1] >= 40)]
+    feed(tr, events)
+    end = max(t for _, _, t in events)
+    assert tr.check_hang(end) is None  # the logs' own clock: not silent long enough
+    assert tr.check_hang(end + 20, logs_end=end) is None  # analysed before the threshold passed: maybe live
+    h = tr.check_hang(end + 3600, logs_end=end)
+    assert h is not None and h.end_of_logs and h.stalled == {4: 39} and h.op_count == 40
+    assert math.isclose(h.silent_s, end - tr.comms["c1"].advanced_at)
+
+
+def test_a_job_stopped_mid_collective_is_not_a_hang_at_the_end_of_its_logs():
+    """Every rank's log cut at one instant (a cancelled or preempted job) mid-op: the ranks that had not enqueued
+    it yet were within the usual spread, or were most of the comm. No hang, at any cut."""
+    events = enqueue_times(8, 120, seed=4)
+    cuts = sorted({t for _, n, t in events if n >= 60})
+    stopped_mid_op = 0
+    for cut in cuts[::3]:
+        tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+        kept = [e for e in events if e[2] <= cut]
+        feed(tr, kept)
+        c = tr.comms["c1"]
+        stopped_mid_op += any(n < c.max_count for n, _, _ in c.last.values())
+        assert tr.check_hang(cut + 3600, logs_end=cut) is None, cut
+    assert stopped_mid_op > 40  # the cuts did leave ranks either side of an op
+
+
+def test_analyze_reports_a_hang_whose_logs_just_end(tmp_path):
+    """The simulator's hang without what follows it (GPU samples, watchdog): analysed at rest, the stalled rank
+    is named with `end_of_logs`; replayed as if live (no wall time past the end), nothing is claimed."""
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.simulate import Fault, Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=200, seed=22, faults=[Fault("hang", 3, 150)])
+    write_job(sc, tmp_path / "job")
+    recs = list(read_records([str(tmp_path / "job")]))
+    last_op = max(r.ts for r in recs if r.kind == "op")
+    cut = [r for r in recs if r.ts <= last_op]
+    hangs = [a for a in run_pipeline(Pipeline(DetectionConfig()), cut, wall=last_op + 7200) if a.detector == "hang"]
+    assert len(hangs) == 1 and hangs[0].rank == 3 and hangs[0].context["end_of_logs"] is True
+    assert "end of the logs" in hangs[0].message
+    assert not [a for a in run_pipeline(Pipeline(DetectionConfig()), cut) if a.detector == "hang"]
+
+
 def op_summary(job, rank, comm, n, ts, **kw):
     return {"type": "op", "job": job, "rank": rank, "ts": ts, "comm": comm, "ptr": "", "n": n, "op": "AllReduce",
             "nranks": 4, "count": 1, "file": f"r{rank}", "offset": n, **kw}
