@@ -59,8 +59,22 @@ _INT_FIELDS = {"rank": "comm_rank", "nranks": "nranks", "nRanks": "nranks", "cud
 _TEXT_FIELDS = {"busId": "bus_id", "parent": "parent", "commId": "comm_id"}
 
 
-def _host(body: str, data: dict[str, Any], with_pid: bool) -> None:
-    hm = _HOST.search(body)
+def _prefix(body: str, at: int) -> re.Match[str] | None:
+    """The `host:pid:tid [dev]` prefix of the message that starts at `at`: the last one before it. Processes that
+    share one stdout interleave their writes: in `h:1:1 [2] NCCL INFO h:9:9 [7] NCCL INFO Broadcast: ...` the
+    collective is device 7's (NCCL issue 147)."""
+    end = at + 4  # the prefix's own "NCCL" when the message starts at "NCCL INFO"
+    hm = _HOST.match(body, 0, end) or _HOST.search(body, 0, end)
+    while hm is not None and hm.end() < at:
+        nxt = _HOST.search(body, hm.end(), end)
+        if nxt is None:
+            break
+        hm = nxt
+    return hm
+
+
+def _host(body: str, data: dict[str, Any], with_pid: bool, at: int) -> None:
+    hm = _prefix(body, at)
     if hm:
         data["host"] = hm.group("host")
         if with_pid:
@@ -88,7 +102,7 @@ def _coll_std(body: str, ctx: SourceContext) -> Parsed | None:
         data["recvbuff"] = recv
     data.update(count=int(n), datatype=int(dtype), redop=int(redop), root=int(root), comm=comm, stream=stream,
                 nranks=int(nranks))
-    hm = _HOST.match(body) or _HOST.search(body, 0, m.start() + 10)
+    hm = _prefix(body, m.start())
     if hm:
         data["host"] = hm.group("host")
         data["device"] = int(hm.group("dev"))
@@ -125,7 +139,7 @@ def parse_coll(body: str, ctx: SourceContext) -> Parsed | None:
     if nr:
         data["nranks"] = int(nr.group(1))
     data.setdefault("stream", "default")
-    _host(body, data, with_pid=False)
+    _host(body, data, False, m.start())
     comm = data.get("comm")
     if comm is not None and ctx.comms:
         known = ctx.comms.get(comm)
@@ -156,7 +170,7 @@ def parse_init(body: str, ctx: SourceContext) -> Parsed | None:
     sm = _INIT_STATE.search(body, m.end())
     if sm:
         fields["state"] = sm.group(1)
-    _host(body, fields, with_pid=True)
+    _host(body, fields, True, m.start())
     known = ctx.comms.setdefault(fields["comm"], {})
     known["comm_rank"], known["nranks"] = fields["comm_rank"], fields["nranks"]
     if "comm_id" in fields:
@@ -171,7 +185,7 @@ def parse_timings(body: str, ctx: SourceContext) -> Parsed | None:
     fields: dict[str, Any] = {"comm_rank": int(m.group(2)), "nranks": int(m.group(3)), "total_s": float(m.group(4))}
     if m.group(1):
         fields["api"] = m.group(1)
-    _host(body, fields, with_pid=True)
+    _host(body, fields, True, m.start())
     return Parsed("log", {"event": "nccl_init_timings", "fields": fields})
 
 
@@ -181,7 +195,7 @@ def parse_warn(body: str, ctx: SourceContext) -> Parsed | None:
         return None
     msg = m.group("msg").strip()
     fields: dict[str, Any] = {"message": msg}
-    _host(body, fields, with_pid=True)
+    _host(body, fields, True, m.start())
     for name, rx, conv in _WARN_DETAILS:
         d = rx.search(msg)
         if d:
