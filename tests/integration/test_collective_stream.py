@@ -41,10 +41,11 @@ def test_two_workers_give_the_collective_verdicts_of_analyze(broker, tmp_path):
     assert {(d, r) for d, r, _, _ in expected} >= {("straggler", 5), ("op_timing", 2), ("hang", 3)}
 
     # the second worker judges its batches in slices of 64 records (`max_batch_records`) and gives every batch's
-    # op verdicts with the next one (`defer_op_records`), or on its idle flush: the same verdicts, and its job
-    # clock must not pass records it has read but not judged yet
+    # op verdicts with the next one (`defer_op_records`, `defer_min_messages`), or on its idle flush: the same
+    # verdicts, and its job clock must not pass records it has read but not judged yet
     workers = [WorkerProcess(settings), WorkerProcess(settings, env_extra={"RANKWATCH_MAX_BATCH_RECORDS": "64",
-                                                                         "RANKWATCH_DEFER_OP_RECORDS": "1"})]
+                                                                         "RANKWATCH_DEFER_OP_RECORDS": "1",
+                                                                         "RANKWATCH_DEFER_MIN_MESSAGES": "1"})]
     try:
         warmup = [r for r in records if r.kind == "metrics"][:200]
         for r in warmup:
