@@ -248,8 +248,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json_out != "-":
         render_table(dicts, live=False)
     errs = sum(stats.parse_errors.values())
-    print(f"{stats.lines} lines, records {dict(stats.records)}, {errs} malformed "
-          f"{dict(stats.parse_errors) if errs else ''}, {len(dicts)} anomalies", file=sys.stderr)
+    malformed = f"{errs} malformed {dict(stats.parse_errors)}" if errs else "0 malformed"
+    print(f"{stats.lines} lines, records {dict(stats.records)}, {malformed}, {len(dicts)} anomalies", file=sys.stderr)
     return 0
 
 

@@ -121,14 +121,28 @@ def _cell(rec: dict[str, Any], col: str) -> str:
     return "" if v is None else str(v)
 
 
-def anomaly_table(records: Iterable[dict[str, Any]], title: str = "anomalies"):
+def anomaly_table(records: Iterable[dict[str, Any]], title: str = "anomalies", width: int = 80):
+    """A table that reads at `width` columns: below 120, two columns (who and what, then the message with room to
+    wrap: nine narrow columns would fold a message into a word per line); wider, one column per field."""
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
-    for col in COLUMNS:
-        table.add_column(col, overflow="fold", max_width=70 if col == "message" else None)
-    for rec in records:
-        table.add_row(*(_cell(rec, c) for c in COLUMNS), style=_STYLE.get(rec.get("severity"), ""))
+    table = Table(title=title, show_lines=width < 120)
+    rows = list(records)
+    if width >= 120:
+        for col in COLUMNS:
+            table.add_column(col, overflow="fold", max_width=70 if col == "message" else None)
+        for rec in rows:
+            table.add_row(*(_cell(rec, c) for c in COLUMNS), style=_STYLE.get(rec.get("severity"), ""))
+        return table
+    table.add_column("when / where / what", no_wrap=True)
+    table.add_column("message", overflow="fold", ratio=1)
+    for rec in rows:
+        where = rec.get("job") or ""
+        if rec.get("rank") is not None:
+            where = f"{where} rank {rec['rank']}".strip()
+        what = f"{rec.get('detector', '')} {rec.get('severity', '')}".strip()
+        table.add_row("\n".join((_cell(rec, "event_time"), where[:26], what)), _cell(rec, "message"),
+                      style=_STYLE.get(rec.get("severity"), ""))
     return table
 
 
@@ -137,7 +151,7 @@ def render_table(records: Iterable[dict[str, Any]], live: bool = False) -> None:
 
     console = Console()
     if not live:
-        console.print(anomaly_table(list(records)))
+        console.print(anomaly_table(list(records), width=console.width))
         return
     for rec in records:  # streaming: one line per anomaly as it arrives
         console.print(" | ".join(_cell(rec, c) for c in COLUMNS), style=_STYLE.get(rec.get("severity"), ""))
