@@ -359,34 +359,42 @@ class CollectiveTracker:
         return max(self.config.hang_min_s, self.config.hang_factor * usual)
 
     def check_hang(self, now: float, quiet: Callable[[int], bool] = lambda rank: True,
-                   logs_end: float | None = None) -> HangEvent | None:
+                   logs_end: tuple[float, float] | None = None) -> HangEvent | None:
         """`quiet(rank)`: has that rank's input really stopped? (The stream checks that its ops stopped arriving,
-        not just that other partitions ran ahead of it in event time.) `logs_end` (offline): the logs end there
-        and nothing followed until `now`. A job stopped mid-collective looks much the same, so only a comm most
-        of whose ranks reached the op counts, and only if the others were already late for it, as a straggler
-        is late, when the logs end: a job cut at random leaves ranks within the usual spread of the op."""
+        not just that other partitions ran ahead of it in event time.) `logs_end` (offline): (the job's last
+        line, its last op): the logs end there and nothing followed until `now`. A job stopped mid-collective
+        looks much the same, so only a comm at least half of whose ranks reached the op counts, and only if the
+        others were already late for it, as a straggler is late, by the job's last op: a job cut at random
+        leaves ranks within the usual spread of the op (what it logs after its ops stopped is no evidence)."""
         if self.hang is not None:
             return self._check_resolved()
         worst: HangEvent | None = None
         for name, c in self.comms.items():
-            if c.max_count < 0:
-                continue
             silent, thr = now - c.advanced_at, self.threshold(c)
-            behind = {r: n for r, (n, _, _) in c.last.items() if n < c.max_count}
+            behind = self._stalled(c)
             if silent < thr or not behind or not all(quiet(r) for r in behind):
                 continue
             stuck = min(behind.values()) + 1
-            if logs_end is not None and (2 * len(behind) > len(c.last) or not self._overdue(c, stuck, logs_end)):
+            if logs_end is not None and (now - logs_end[0] < thr or 2 * len(behind) > max(len(c.last), c.expected)
+                                         or not self._overdue(c, stuck, logs_end[1])):
                 continue
             op = next((o for (n, _, o) in c.last.values() if n >= stuck), "")
-            ev = HangEvent("hang", c.advanced_at + thr, behind, name, stuck, op,
-                           silent if logs_end is None else logs_end - c.advanced_at, thr,
+            ev = HangEvent("hang", c.advanced_at + thr, behind, name, stuck, op, silent, thr,
                            end_of_logs=logs_end is not None)
             if worst is None or len(ev.stalled) < len(worst.stalled) or ev.ts < worst.ts:
                 worst = ev
         if worst is not None:
             self.hang = worst
         return worst
+
+    @staticmethod
+    def _stalled(c: _Comm) -> dict[int, int]:
+        """The ranks that never reached the earliest op the others are in: those at the lowest last opCount, if
+        any rank is past it. (Peers that enqueued fewer of the ops after it before blocking did reach it.)"""
+        if c.max_count < 0 or not c.last:
+            return {}
+        low = min(n for n, _, _ in c.last.values())
+        return {r: n for r, (n, _, _) in c.last.items() if n == low} if low < c.max_count else {}
 
     def _overdue(self, c: _Comm, n: int, at: float) -> bool:
         """Were the ranks missing from op `n` already late for it at `at` (beyond the comm's usual spread)?"""
@@ -416,7 +424,7 @@ class CollectiveTracker:
             stalled: dict[int, int] = {}
             comm, stuck = "", -1
             for name, c in self.comms.items():
-                behind = {r: n for r, (n, _, _) in c.last.items() if n < c.max_count}
+                behind = self._stalled(c)
                 if behind:
                     stalled.update(behind)
                     comm, stuck = name, min(behind.values()) + 1
@@ -456,7 +464,9 @@ class CollectiveTracker:
                                                                                     None)]
                                         for r, v in c.verdicts.items()}}
         return {"comms": comms, "episodes": {str(r): ep for r, ep in self.episodes.items()},
-                "hang": self.hang.__dict__ if self.hang else None}
+                # (end_of_logs only where set: the stream never sets it, and older workers can load the state)
+                "hang": {k: v for k, v in self.hang.__dict__.items() if k != "end_of_logs" or v} if self.hang
+                else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for name, d in state.get("comms", {}).items():

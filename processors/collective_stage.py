@@ -359,7 +359,8 @@ class CollectiveJob:
         # A hang whose logs just end (no watchdog line, no later line) is silent past their end till now, if the
         # logs are all there is: judged as the stream would have judged it, `hang_min_s` and more after the end.
         if wall is not None and wall > end and self.tracker.hang is None:
-            h = self.tracker.check_hang(wall, logs_end=end)
+            last_op = max((t for c in self.tracker.comms.values() for _, t, _ in c.last.values()), default=end)
+            h = self.tracker.check_hang(wall, logs_end=(end, last_op))
             if h is not None:
                 out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
         return out
@@ -461,8 +462,8 @@ class CollectiveJob:
             severity = "critical"
         elif stalled and h.end_of_logs:
             msg = (f"hang at the end of the logs: rank(s) {stalled} never reached {h.op or 'op'} opCount "
-                   f"{h.op_count} of comm {h.comm}, which the others enqueued and waited in; the logs end "
-                   f"{h.silent_s:.1f}s later with no line after (or the job was stopped mid-collective)")
+                   f"{h.op_count} of comm {h.comm}, which the others enqueued and waited in; no progress in "
+                   f"the {h.silent_s:.0f}s since, as far as the logs tell (or the job was stopped mid-collective)")
             severity = "critical"
         elif stalled:
             msg = (f"hang: comm {h.comm} has not advanced for {h.silent_s:.0f}s (threshold {h.threshold_s:.0f}s); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -143,10 +144,23 @@ def test_logs_that_end_in_a_hang_name_the_rank_that_never_reached_the_op():
     feed(tr, events)
     end = max(t for _, _, t in events)
     assert tr.check_hang(end) is None  # the logs' own clock: not silent long enough
-    assert tr.check_hang(end + 20, logs_end=end) is None  # analysed before the threshold passed: maybe live
-    h = tr.check_hang(end + 3600, logs_end=end)
+    assert tr.check_hang(end + 20, logs_end=(end, end)) is None  # analysed before the threshold passed: maybe live
+    assert tr.check_hang(end + 40, logs_end=(end + 15, end)) is None  # a line 25 s ago: the job may still run
+    h = tr.check_hang(end + 3600, logs_end=(end, end))
     assert h is not None and h.end_of_logs and h.stalled == {4: 39} and h.op_count == 40
-    assert math.isclose(h.silent_s, end - tr.comms["c1"].advanced_at)
+    assert math.isclose(h.silent_s, end + 3600 - tr.comms["c1"].advanced_at)  # the silence judged: till now
+
+
+def test_a_hang_names_only_the_ranks_that_never_reached_the_op():
+    """Peers block at different points after the op they wait in (one enqueued two more ops, another one):
+    only the rank that never reached that op is stalled, on both the stream's rule and at the end of the logs."""
+    events = [e for e in enqueue_times(8, 44) if not (e[0] == 4 and e[1] >= 40) and not (e[0] == 6 and e[1] >= 42)]
+    end = max(t for _, _, t in events)
+    for logs_end in (None, (end, end)):
+        tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+        feed(tr, events)
+        h = tr.check_hang(end + 3600, logs_end=logs_end)
+        assert h is not None and h.stalled == {4: 39} and h.op_count == 40
 
 
 def test_a_job_stopped_mid_collective_is_not_a_hang_at_the_end_of_its_logs():
@@ -161,7 +175,7 @@ def test_a_job_stopped_mid_collective_is_not_a_hang_at_the_end_of_its_logs():
         feed(tr, kept)
         c = tr.comms["c1"]
         stopped_mid_op += any(n < c.max_count for n, _, _ in c.last.values())
-        assert tr.check_hang(cut + 3600, logs_end=cut) is None, cut
+        assert tr.check_hang(cut + 3600, logs_end=(cut + 2.0, cut)) is None, cut  # and a line 2 s later
     assert stopped_mid_op > 40  # the cuts did leave ranks either side of an op
 
 
@@ -181,6 +195,33 @@ def test_analyze_reports_a_hang_whose_logs_just_end(tmp_path):
     assert len(hangs) == 1 and hangs[0].rank == 3 and hangs[0].context["end_of_logs"] is True
     assert "end of the logs" in hangs[0].message
     assert not [a for a in run_pipeline(Pipeline(DetectionConfig()), cut) if a.detector == "hang"]
+
+
+def test_a_job_stopped_mid_step_with_lines_after_its_last_op_is_no_hang(tmp_path):
+    """Cancelled mid-step, the job still logs a GPU sample and a launcher line a few seconds after its ops stop:
+    those move the job's clock, not the ranks' lateness for the op they had not reached."""
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.simulate import Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=160, seed=7)
+    write_job(sc, tmp_path / "job")
+    recs = list(read_records([str(tmp_path / "job")]))
+    ops = [r for r in recs if r.kind == "op"]
+    trailer = next(r for r in recs if r.kind != "op")
+    rng = random.Random(3)
+    mid_op = 0
+    for cut in sorted(ops[rng.randrange(len(ops) // 3, len(ops))].ts for _ in range(12)):  # just after an enqueue
+        kept = [r for r in recs if r.ts <= cut]
+        last = {}
+        for r in kept:
+            if r.kind == "op":
+                last[(r.data["comm_id"], r.rank)] = r.data["op_count"]  # (pointers differ per process)
+        mid_op += len({(c, n) for (c, _), n in last.items()}) > len({c for c, _ in last})
+        late = dataclasses.replace(trailer, ts=cut + 2.5)
+        found = run_pipeline(Pipeline(DetectionConfig()), kept + [late], wall=cut + 7200)
+        assert not [a for a in found if a.detector == "hang"], cut
+    assert mid_op >= 8  # most cuts left a comm with ranks either side of an op
 
 
 def op_summary(job, rank, comm, n, ts, **kw):

@@ -27,7 +27,10 @@ from rankwatch.formats.base import Parsed, SourceContext
 
 NAME = "nccl"
 _COLL = re.compile(r"NCCL INFO (?:\[\d+\] )?(?P<op>[A-Za-z]+): opCount (?P<count>[0-9a-fA-F]+)\b(?P<rest>.*)$")
-_HOST = re.compile(r"(?P<host>[^\s:()]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<dev>\d+)\](?: (?P<src>[\w./-]+:\d+))? NCCL")
+# (the look-behind starts a host only at a token's start: a long token without ':' is then one failed try, not one
+# per character, each scanning the rest of it)
+_HOST = re.compile(r"(?<![^\s:()])(?P<host>[^\s:()]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<dev>\d+)\]"
+                   r"(?: (?P<src>[\w./-]+:\d+))? NCCL")
 _COLL_FIELD = re.compile(r"\b(sendbuff|recvbuff|count|datatype|op|root|comm|stream|task|globalrank)[ =]"
                          r"(0x[0-9a-fA-F]+|-?\d+)")
 _NRANKS = re.compile(r"\[nranks=(\d+)")
