@@ -90,7 +90,7 @@ class HangEvent:
     threshold_s: float
     evidence: list[dict] = field(default_factory=list)
     from_watchdog: bool = False  # found from PyTorch's watchdog lines alone (no collective op view of the job)
-    end_of_logs: bool = False  # offline: the logs end with this comm stuck (silent_s: from its last progress to their end)
+    end_of_logs: bool = False  # offline: the logs end with this comm stuck (silent_s: till the analysis)
 
 
 class _Comm:
@@ -247,12 +247,8 @@ class CollectiveTracker:
         return events, ended
 
     def _judge_op(self, name: str, c: _Comm, n: int, arrivals: dict[int, float]) -> list[StragglerEvent]:
-        cfg = self.config
-        ts = np.fromiter(arrivals.values(), float)
-        # the median rank; of two (a tensor-parallel pair), the earlier: a midpoint would halve the lag
-        med = float(np.median(ts)) if len(ts) > 2 else float(ts.min())
+        med, limit = self._yardstick(c, n, np.fromiter(arrivals.values(), float))
         phase = n % c.period if c.period > 1 else None
-        limit = max(cfg.straggler_spread_k * c.spread(phase), cfg.straggler_min_lag_s)
         c.medians[n] = (med, limit)
         while len(c.medians) > 4096:  # judged ops kept for late reporters and held findings
             c.medians.popitem(last=False)
@@ -271,6 +267,13 @@ class CollectiveTracker:
         for rank, t in arrivals.items():
             out.extend(self._verdict(name, c, rank, n, t, med, limit))
         return out
+
+    def _yardstick(self, c: _Comm, n: int, ts: np.ndarray) -> tuple[float, float]:
+        """(the median rank's enqueue of op `n`, how far past it a rank is late). Of two ranks (a tensor-parallel
+        pair), the earlier is the median: a midpoint would halve the lag."""
+        med = float(np.median(ts)) if len(ts) > 2 else float(ts.min())
+        phase = n % c.period if c.period > 1 else None
+        return med, max(self.config.straggler_spread_k * c.spread(phase), self.config.straggler_min_lag_s)
 
     def _verdict(self, name: str, c: _Comm, rank: int, n: int, t: float, med: float, limit: float
                  ) -> list[StragglerEvent]:
@@ -404,9 +407,7 @@ class CollectiveTracker:
             arrivals = np.fromiter(c.pending.get(n, {}).values(), float)
             if not len(arrivals):
                 return False
-            med = float(np.median(arrivals)) if len(arrivals) > 2 else float(arrivals.min())
-            phase = n % c.period if c.period > 1 else None
-            limit = max(self.config.straggler_spread_k * c.spread(phase), self.config.straggler_min_lag_s)
+            med, limit = self._yardstick(c, n, arrivals)
         return at - med > limit
 
     def hang_from_evidence(self, evs: list[dict], now: float) -> HangEvent | None:
