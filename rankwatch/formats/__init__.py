@@ -13,6 +13,7 @@
     lightning   PyTorch Lightning CSVLogger metrics.csv
     nccl        NCCL collectives, communicator init, warnings
     torch_dist  ProcessGroupNCCL watchdog, NCCL errors, CUDA errors and OOM
+    launcher    the job stopped: Slurm cancellations, torchrun and DeepSpeed tearing workers down
     user        user-defined regex formats from the config file
     registry    the order they are tried in, and parse_line
 """

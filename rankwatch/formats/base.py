@@ -31,6 +31,7 @@ class Parsed(NamedTuple):
     kind: str  # log | metrics | op | gpu
     data: dict[str, Any]
     line_rank: int | None = None  # a rank printed in the line itself ([Rank 3], RCCL globalrank): low precedence
+    ts: float | None = None  # a time printed in the line itself (Slurm's "CANCELLED AT ..."): used without a prefix's
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SourceContext:
     comms: dict[str, dict[str, Any]] = field(default_factory=dict)  # NCCL comm pointer -> comm_id, comm_rank, nranks
     csv_header: list[str] | None = None  # Lightning metrics.csv columns
     is_csv: bool = False
+    line_dated: bool = False  # did the current line's prefix give its time? (set per line by parse_line)
 
     def __post_init__(self) -> None:
         self.is_csv = self.path.endswith(".csv")

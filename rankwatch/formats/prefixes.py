@@ -2,6 +2,7 @@
 
 Recognised, in this order (each optional):
 - ANSI colour/style codes anywhere (torchtitan, rich, colorlog) are removed first;
+- the terminal's echo of Ctrl-C, `^C`, glued to the start of the line the launcher prints next;
 - a Ray worker's `(RayTrainWorker pid=615, ip=10.72.7.6) ` / `(MegatronPolicyWorker[rank=31] pid=3264030, ip=..) `,
   removed (the torchrun prefix usually follows it);
 - Open MPI's `mpirun --tag-output` `[1,0]<stdout>:` (job, rank), optionally after `--timestamp-output`'s ctime
@@ -87,6 +88,8 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     ts: float | None = None
     if line[:1] in " \t":  # Megatron's " [2024-04-06 03:02:12] iteration ...", indented pastes
         line = line.lstrip()
+    if line[:2] == "^C":  # the terminal's echo of Ctrl-C, glued to the launcher's next line
+        line = line[2:]
     if line[:1] == "(":
         m = RAY.match(line)
         if m:

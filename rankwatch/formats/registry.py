@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from rankwatch.formats import deepspeed, hf, lightning, megatron, nanogpt, nccl, torch_dist, torchtitan
+from rankwatch.formats import (
+    deepspeed,
+    hf,
+    launcher,
+    lightning,
+    megatron,
+    nanogpt,
+    nccl,
+    torch_dist,
+    torchtitan,
+)
 from rankwatch.formats.base import CHECKPOINT_HINT, Parsed, ParseError, SourceContext, checkpoint_path
 from rankwatch.formats.jsonl import NOT_JSON, json_record, load_json
 from rankwatch.formats.prefixes import split_prefix, strip_ansi
@@ -49,6 +59,7 @@ BUILTINS: tuple[tuple[str, str, Parser], ...] = (
     ("dump signal", torch_dist.NAME, torch_dist.parse_watchdog),  # "Last enqueued": capitalised, so not the key above
     ("Heartbeat monitor timed out", torch_dist.NAME, torch_dist.parse_watchdog),
     ("watchdog got stuck", torch_dist.NAME, torch_dist.parse_watchdog),
+    *((key, launcher.NAME, launcher.parse) for key in launcher.KEYS),
     ("rror", torch_dist.NAME, _nccl_error),
     ("CUDA", torch_dist.NAME, torch_dist.parse_cuda),
     ("iteration", megatron.NAME, _megatron),
@@ -89,6 +100,7 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
     if "\x1b" in line:
         line = strip_ansi(line)
     body, rank, ts = split_prefix(line, ctx, arrival)
+    ctx.line_dated = ts is not None
     stripped = body.strip()
     is_object = stripped[:1] == "{" and stripped[-1:] == "}"
     if is_object and not ctx.user_formats:
@@ -115,6 +127,8 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
     else:
         parsed, ctx.last_format = found
         kind, line_rank = parsed.kind, parsed.line_rank
+        if ts is None:
+            ts = parsed.ts
         data = {"msg": stripped, "raw": raw, **parsed.data} if kind == "log" else parsed.data
     # rank: torchrun prefix > the path > a rank printed in the line ([Rank 3], RCCL globalrank) > --rank
     if rank is None:
