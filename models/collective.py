@@ -18,7 +18,9 @@ same collective on every rank of it, so the enqueue times of (comm, opCount) are
   between advances) while some ranks never reached the op the others are stuck in: those are the stalled
   ranks. A pause in which every rank stopped at the same op (evaluation, checkpointing, the end of the job) is
   not a hang. PyTorch's watchdog lines, when they come, are further evidence (and raise a hang on their own if
-  the op view has none).
+  the op view has none). A job stopped by its scheduler or launcher (`stop`: Slurm's CANCELLED line, torchrun
+  tearing its workers down) leaves ranks short of an op too: a comm that had stalled for less than the threshold
+  when the job was stopped is not a hang, and a hang still open when it is stopped ends.
 No I/O; plain data; JSON state.
 """
 
@@ -37,6 +39,7 @@ from rankwatch.models.op_timing import step_period
 
 _OP, _LATE = 0, 1  # what `judge` decides at a moment: an op, or one late report of an op already judged
 _MAX_PERIOD = 64  # longest step pattern (ops per step of one comm) the straggler window follows
+_NEWER_HANG_FIELDS = ("end_of_logs", "stopped_at")  # saved only where set, so older workers load the state
 
 
 @dataclass
@@ -53,6 +56,7 @@ class CollectiveConfig:
     hang_factor: float = 10.0
     hang_min_s: float = 30.0
     hang_quiet_s: float = 30.0  # stream: the stalled ranks' ops must also have stopped arriving this long (wall)
+    stop_grace_s: float = 60.0  # ranks may run this long after the job was stopped (SIGTERM handlers, KillWait)
 
 
 @dataclass
@@ -91,6 +95,7 @@ class HangEvent:
     evidence: list[dict] = field(default_factory=list)
     from_watchdog: bool = False  # found from PyTorch's watchdog lines alone (no collective op view of the job)
     end_of_logs: bool = False  # offline: the logs end with this comm stuck (silent_s: till the analysis)
+    stopped_at: float | None = None  # kind "ended": when the job was stopped (its scheduler's or launcher's line)
 
 
 class _Comm:
@@ -112,6 +117,7 @@ class _Comm:
         self.expected = 0  # the comm's size as printed (0: unknown)
         self.complete: set[int] = set()  # recent ops judged with every rank in (bounded like medians)
         self.period = 0  # ops per step, from the median enqueue times (0: not known yet)
+        self.started = math.inf  # its earliest enqueue seen (a stop before it belongs to an earlier attempt)
 
     # While catching up a backlog, one rank's partition can be read thousands of ops ahead of its peers' (a
     # tensor-parallel pair's other rank on another worker): its ops wait for them. The wait is bounded by the
@@ -164,6 +170,8 @@ class CollectiveTracker:
         self.hang: HangEvent | None = None
         self.evidence: list[dict] = []
         self.late_reports: list[tuple[float, str, int, int]] = []  # (enqueue, comm, rank, op) of judged ops
+        self.stops: list[float] = []  # when the job was stopped (latest few), in no particular order of arrival
+        self.stopped: dict[str, float] = {}  # comm -> its advance before a stop that cut it short (not a hang)
 
     # ---- ops --------------------------------------------------------------------------------------------
     def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "", nranks: int = 0) -> None:
@@ -173,6 +181,7 @@ class CollectiveTracker:
         if c is None:
             c = self.comms[comm] = _Comm()
         c.expected = max(c.expected, nranks)
+        c.started = min(c.started, ts)
         c.last[rank] = (op_count, ts, op)
         if op_count > c.max_count:
             if c.max_count >= 0 and math.isfinite(c.advanced_at):
@@ -375,7 +384,7 @@ class CollectiveTracker:
         for name, c in self.comms.items():
             silent, thr = now - c.advanced_at, self.threshold(c)
             behind = self._stalled(c)
-            if silent < thr or not behind or not all(quiet(r) for r in behind):
+            if silent < thr or not behind or not all(quiet(r) for r in behind) or self._cut_short(name, c, thr):
                 continue
             stuck = min(behind.values()) + 1
             if logs_end is not None and (now - logs_end[0] < thr or 2 * len(behind) > max(len(c.last), c.expected)
@@ -398,6 +407,29 @@ class CollectiveTracker:
             return {}
         low = min(n for n, _, _ in c.last.values())
         return {r: n for r, (n, _, _) in c.last.items() if n == low} if low < c.max_count else {}
+
+    def stop(self, ts: float) -> None:
+        """The job was stopped at `ts` (its scheduler cancelled it, its launcher tore the workers down). The
+        stop may reach stage 2 before or after the ops that preceded it, so it is applied when hangs are judged."""
+        self.stops = sorted({*self.stops, ts})[-8:]
+
+    def _cut_short(self, name: str, c: _Comm, thr: float) -> bool:
+        """Was this comm's stall cut short by a stop, before it had lasted the threshold? Then the ranks short of
+        the op were stopped, not stuck. Ranks die at different moments after the stop (signal delivery, their
+        SIGTERM handlers, the scheduler's kill wait), so the comm may have advanced up to `stop_grace_s` after
+        it. Remembered per comm until it advances (a restarted job's new stops cannot make an old stall a hang)."""
+        if self.stopped.get(name) == c.advanced_at:
+            return True
+        self.stopped.pop(name, None)
+        if any(self._stops_stall(t, c, thr) for t in self.stops):
+            self.stopped[name] = c.advanced_at
+            return True
+        return False
+
+    def _stops_stall(self, t: float, c: _Comm, thr: float) -> bool:
+        """Did a stop at `t` end this comm's current stall (however long it had lasted)? (Not a stop from before
+        the comm's first op: an earlier attempt's.)"""
+        return c.started <= t and c.advanced_at - self.config.stop_grace_s <= t < c.advanced_at + thr
 
     def _overdue(self, c: _Comm, n: int, at: float) -> bool:
         """Were the ranks missing from op `n` already late for it at `at` (beyond the comm's usual spread)?"""
@@ -440,6 +472,15 @@ class CollectiveTracker:
     def _check_resolved(self) -> HangEvent | None:
         h = self.hang
         assert h is not None
+        grace = self.config.stop_grace_s
+        stop = min((t for t in self.stops if t >= h.ts - h.threshold_s - grace), default=None)
+        if stop is not None:  # the job was stopped with the hang open (or before it was one: cut short)
+            self.hang = None
+            self.evidence = []
+            self.stopped.update((name, c.advanced_at) for name, c in self.comms.items()
+                                if c.started <= stop and -math.inf < c.advanced_at <= stop + grace)
+            return HangEvent("ended", stop, h.stalled, h.comm, h.op_count, h.op, stop - (h.ts - h.threshold_s),
+                             h.threshold_s, stopped_at=stop)
         c = self.comms.get(h.comm)
         if c is None or c.max_count <= h.op_count:
             return None
@@ -458,6 +499,7 @@ class CollectiveTracker:
                            "gaps": list(c.gaps), "max_count": c.max_count,
                            "advanced_at": c.advanced_at if math.isfinite(c.advanced_at) else None,
                            "judged_upto": c.judged_upto, "period": c.period,
+                           "started": c.started if math.isfinite(c.started) else None,
                            # the last ops' medians: the period's input, and late reporters' yardstick
                            "medians": [[n, m, lim] for n, (m, lim) in
                                        itertools.islice(reversed(c.medians.items()), 4 * _MAX_PERIOD + 1)][::-1],
@@ -465,9 +507,9 @@ class CollectiveTracker:
                                                                                     None)]
                                         for r, v in c.verdicts.items()}}
         return {"comms": comms, "episodes": {str(r): ep for r, ep in self.episodes.items()},
-                # (end_of_logs only where set: the stream never sets it, and older workers can load the state)
-                "hang": {k: v for k, v in self.hang.__dict__.items() if k != "end_of_logs" or v} if self.hang
-                else None}
+                "hang": {k: v for k, v in self.hang.__dict__.items() if k not in _NEWER_HANG_FIELDS or v}
+                if self.hang else None,
+                "stops": self.stops, "stopped": self.stopped}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for name, d in state.get("comms", {}).items():
@@ -480,10 +522,13 @@ class CollectiveTracker:
             c.advanced_at = -math.inf if d.get("advanced_at") is None else float(d["advanced_at"])
             c.judged_upto = int(d.get("judged_upto", -1))
             c.period = int(d.get("period", 0))
+            c.started = -math.inf if d.get("started") is None else float(d["started"])  # older state: any stop counts
             c.medians.update((int(n), (float(m), float(lim))) for n, m, lim in d.get("medians", []))
             for r, bits in d.get("verdicts", {}).items():
                 c.verdicts[int(r)] = self._verdict_history(bool(b) for b in bits)
         self.episodes = {int(r): ep for r, ep in state.get("episodes", {}).items()}
+        self.stops = [float(t) for t in state.get("stops", [])]
+        self.stopped = {str(k): float(v) for k, v in state.get("stopped", {}).items()}
         h = state.get("hang")
         if h:
             h = dict(h)

@@ -214,7 +214,16 @@ class NcclEventHandler:
         for rec in records:
             event = rec.data.get("event")
             fields = rec.data.get("fields")
-            if not isinstance(fields, dict) or rec.rank is None:
+            if not isinstance(fields, dict):
+                continue
+            if event == "job_stop" and self.ctx.wants("job_stop"):
+                # the scheduler's or launcher's line, often from no rank; only if it says when (an undated line
+                # would take the file's last time, which for a job killed hours into a hang is the hang's start)
+                if not fields.get("undated"):
+                    summaries.append({"type": "job_stop", "job": rec.job, "ts": rec.ts, "file": rec.file,
+                                      "offset": rec.offset, "by": fields.get("by"), "reason": fields.get("reason")})
+                continue
+            if rec.rank is None:
                 continue
             if event == "nccl_comm_init" and self.ctx.wants("nccl_init") and fields.get("comm"):
                 summaries.append({"type": "nccl_init", "job": rec.job, "rank": rec.rank, "ts": rec.ts,
@@ -245,7 +254,7 @@ class NcclEventHandler:
 class CollectiveJob:
     """Stage 2 for one job: lateness, stragglers, hangs, and the victim test for op-timing candidates."""
 
-    summary_types = ("ops", "op", "op_flag", "nccl_init", "nccl_timeout")
+    summary_types = ("ops", "op", "op_flag", "nccl_init", "nccl_timeout", "job_stop")
 
     def __init__(self, job: str, ctx: StageContext) -> None:
         self.job = job
@@ -264,6 +273,7 @@ class CollectiveJob:
         self.victims = 0
         self.gauge_rank: int | None = None  # the straggler the job's gauge series names
         self.paused = 0  # op-timing candidates explained by a pause of every rank
+        self.stop_line: dict[str, Any] = {}  # the latest line that said the job was stopped
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
     # ---- input ------------------------------------------------------------------------------------------
@@ -295,6 +305,10 @@ class CollectiveJob:
                 self.comm_ids[(int(s["rank"]), str(s["ptr"]))] = f"id:{s['comm_id']}"
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
                 self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
+            elif t == "job_stop":
+                self.tracker.stop(finite(s["ts"]))
+                self.stop_line = {"by": s.get("by"), "reason": s.get("reason"), "file": str(s.get("file", "")),
+                                  "offset": int(s.get("offset", -1))}
         if when is not None:
             self.clock = max(self.clock, when)
 
@@ -349,7 +363,9 @@ class CollectiveJob:
         h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
                                     self.config.hang_quiet_s)
         if h is not None:
-            out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
+            ref = ((self.stop_line.get("file", ""), self.stop_line.get("offset", -1)) if h.kind == "ended"
+                   else self.last_ref.get(min(h.stalled, default=-1), ("", -1)))
+            out.append(self._hang_anomaly(h, ref))
         return out
 
     def finish(self, wall: float | None = None) -> list[Anomaly]:
@@ -455,6 +471,11 @@ class CollectiveJob:
         if h.kind == "resolved":
             msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
             severity = "info"
+        elif h.kind == "ended":
+            by = " by ".join(str(x) for x in (self.stop_line.get("reason"), self.stop_line.get("by")) if x)
+            msg = (f"hang on comm {h.comm} ended: the job was stopped ({by or 'its launcher said so'}) "
+                   f"{h.silent_s:.0f}s after rank(s) {stalled} fell short of opCount {h.op_count}")
+            severity = "info"
         elif stalled and h.from_watchdog:
             waiting = sorted({e["rank"] for e in h.evidence if isinstance(e.get("rank"), int)} - set(stalled))
             msg = (f"hang: PyTorch watchdog timeouts on {len(waiting)} rank(s) waiting in {h.op or 'collective'} "
@@ -476,6 +497,8 @@ class CollectiveJob:
         ctx = {"stalled_ranks": stalled, "last_op_count": {str(r): n for r, n in h.stalled.items()},
                "op": h.op, "op_count": h.op_count, "comm": h.comm, "silent_s": h.silent_s,
                "threshold_s": h.threshold_s, "evidence": h.evidence[-8:], "end_of_logs": h.end_of_logs}
+        if h.kind == "ended":
+            ctx["stopped_by"] = {k: v for k, v in self.stop_line.items() if k in ("by", "reason")}
         return Anomaly("hang", "collective_progress", self.job, stalled[0] if len(stalled) == 1 else None, h.ts,
                        h.silent_s, None, None, h.threshold_s, severity, msg, ctx, source_file=ref[0],
                        source_offset=ref[1])
@@ -489,7 +512,7 @@ class CollectiveJob:
                 "refs": self.refs.rows(4096),
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
-                "paused": self.paused}
+                "paused": self.paused, "stop_line": self.stop_line}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.tracker.load_state(state.get("tracker", {}))
@@ -503,6 +526,7 @@ class CollectiveJob:
             self.clock = float(state["clock"])
         self.victims = int(state.get("victims", 0))
         self.paused = int(state.get("paused", 0))
+        self.stop_line = dict(state.get("stop_line", {}))
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if self.tracker.hang else 0)
 
 

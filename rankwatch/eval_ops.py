@@ -4,12 +4,14 @@
 (rankwatch/sim_collectives.py): one with a straggler (0.1-0.4 s late on every op for 30-60 steps) and a slow
 stream (x1.5-3 intervals for ~50 ops) on other ranks and times, one that hangs, and one long normal run with
 drift and evaluation pauses. Half the hangs go on to the watchdog's lines; in the other half the logs just end
-(offline, `rankwatch analyze` then judges the silence since their end). Faults are matched by rank and time, not
-step: collectives carry no step number.
+(offline, `rankwatch analyze` then judges the silence since their end). Half the normal runs are cancelled by
+Slurm mid-run (its banner in the job's Slurm output; each rank dies within 2 s of the cancel): no hang. Faults
+are matched by rank and time, not step: collectives carry no step number.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -64,6 +66,9 @@ def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1
                     **common)
     normal = Scenario(steps=normal_steps, faults=[], **{**common, "seed": seed + 50_000},
                       pauses={int(s): float(rng.uniform(5, 30)) for s in rng.integers(100, normal_steps - 50, 3)})
+    cancel_at = float(rng.uniform(0.4, 0.9))
+    if seed % 2:  # odd seeds: Slurm cancels the normal run mid-step; its ranks die within 2 s of each other
+        normal.cancel_s = cancel_at * normal_steps * normal.step_s
     out = []
     for name, sc, is_normal in (("faulty", faulty, False), ("hang", hang, False), ("normal", normal, True)):
         out.append(LabelledJob(f"ops-seed{seed}-{name}", sc, build_timeline(sc).windows, is_normal))
@@ -86,7 +91,8 @@ def score(jobs: list[LabelledJob], found: dict[str, list[dict]], hang_threshold_
         anomalies = found.get(job.name, [])
         if job.normal:
             sc = job.scenario
-            normal["op_records"] += sc.ranks * sc.steps * (sc.tp_ops * sc.grad_accum + sc.dp_buckets)
+            end = sc.start_ts + sc.cancel_s if sc.cancel_s is not None else math.inf
+            normal["op_records"] += sum(1 for e in build_timeline(sc).ops if e.ts <= end)
             for a in anomalies:
                 if a["detector"] in ("op_timing", "straggler", "hang"):
                     normal["alarms"][a["detector"]] += 1

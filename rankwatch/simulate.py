@@ -76,6 +76,8 @@ class Scenario:
     watchdog_s: float = 600.0  # PyTorch's NCCL timeout: the watchdog lines come this long after a hang
     hang_tail: bool = True  # after a hang, GPU samples then the watchdog; False: the logs end at the hang
     gpu_interval_s: float = 1.0  # GPU sampler period while the job hangs
+    cancel_s: float | None = None  # the scheduler cancels the job this long after its start (mid-step, as a rule)
+    cancel_jitter_s: float = 2.0  # ... and each rank's processes die within this after the cancel
 
     def labels(self) -> list[Fault]:
         return [f for f in self.faults if FAULT_KINDS[f.kind][1] is not None]
@@ -162,7 +164,27 @@ def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
     if tl.hang_at is not None and sc.hang_tail:
         lines.extend(_hang_lines(sc, tl, ids))
     lines.sort(key=lambda x: x[0])
-    return lines
+    return _cancelled(sc, lines) if sc.cancel_s is not None else lines
+
+
+def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[float, str, str]]:
+    """The job cancelled by Slurm at `start_ts + cancel_s`: its banner (whole seconds, as Slurm prints it) and
+    srun's lines in the job's Slurm output, and each rank's lines end when its processes die, within
+    `cancel_jitter_s` after (SIGTERM reaches nodes and processes at different moments), so ranks stop either
+    side of an op as a real cancellation leaves them."""
+    assert sc.cancel_s is not None
+    at = sc.start_ts + sc.cancel_s
+    rng = np.random.default_rng(sc.seed + 7)
+    dies = {f"rank{r}/": at + float(rng.uniform(0.0, sc.cancel_jitter_s)) for r in range(sc.ranks)}
+    kept = [ln for ln in lines if ln[0] <= dies[ln[1][:ln[1].index("/") + 1]]]
+    job_id = 40_000 + sc.seed
+    banner = datetime.fromtimestamp(math.floor(at), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    out = f"slurm-{job_id}.out"
+    kept += [(at, out, f"slurmstepd: error: *** STEP {job_id}.0 ON node001 CANCELLED AT {banner} ***"),
+             (at, out, "srun: Job step aborted: Waiting up to 32 seconds for job step to finish."),
+             (at, out, "srun: forcing job termination")]
+    kept.sort(key=lambda x: x[0])
+    return kept
 
 
 def _gpu_line(ts: float, ident: RankIdentity, r: int, step: float) -> str:

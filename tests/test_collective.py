@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 
@@ -179,6 +180,58 @@ def test_a_job_stopped_mid_collective_is_not_a_hang_at_the_end_of_its_logs():
     assert stopped_mid_op > 40  # the cuts did leave ranks either side of an op
 
 
+def test_a_job_stopped_before_its_stall_lasted_the_threshold_is_not_a_hang():
+    """Cancelled (or torn down by its launcher) while rank 4 had not reached op 40 yet: no hang, however long
+    after; the stop may reach stage 2 before the ops that preceded it. A stall that had lasted the threshold when
+    the job was stopped was a hang, reported, then ended by the stop, once."""
+    events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]
+    last = max(t for _, _, t in events)
+    # the banner may come before the last ranks die (signal delivery, SIGTERM handlers): within stop_grace_s
+    for stop_first, stop_at in ((True, last + 3), (False, last + 3), (False, last - 1.5)):
+        tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+        if stop_first:
+            tr.stop(stop_at)
+        feed(tr, events)
+        if not stop_first:
+            tr.stop(stop_at)
+        assert tr.check_hang(last + 31) is None and tr.check_hang(last + 3600) is None
+        assert tr.check_hang(last + 3600, logs_end=(last + 3, last)) is None  # offline, at rest
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    feed(tr, events)
+    h = tr.check_hang(last + 31)
+    assert h is not None and h.kind == "hang" and h.stalled == {4: 39}
+    tr.stop(last + 600)  # the scheduler kills the hung job ten minutes in
+    ended = tr.check_hang(last + 601)
+    assert ended is not None and ended.kind == "ended" and ended.stopped_at == last + 600
+    assert ended.stalled == {4: 39} and math.isclose(ended.silent_s, 600, abs_tol=0.1)
+    assert tr.check_hang(last + 700) is None and tr.check_hang(last + 7200) is None  # ended once, not again
+    tr.stop(last + 9000)  # a later stop (after a restart) does not make the old stall a hang either
+    assert tr.check_hang(last + 9600) is None
+
+
+def test_a_stop_does_not_excuse_a_later_stall_after_progress_resumed():
+    """The stop of an earlier attempt (before a restart) says nothing about a hang after the job moved on."""
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    tr.stop(90.0)  # before any op of this attempt
+    events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]
+    feed(tr, events)
+    last = max(t for _, _, t in events)
+    h = tr.check_hang(last + 31)
+    assert h is not None and h.kind == "hang" and h.stalled == {4: 39}
+
+
+def test_stops_and_stopped_comms_survive_a_restart_of_the_worker():
+    events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]
+    last = max(t for _, _, t in events)
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    feed(tr, events)
+    tr.stop(last + 3)
+    assert tr.check_hang(last + 31) is None
+    again = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    again.load_state(json.loads(json.dumps(tr.save_state())))
+    assert again.stops == [last + 3] and again.check_hang(last + 3600) is None
+
+
 def test_analyze_reports_a_hang_whose_logs_just_end(tmp_path):
     """The simulator's hang without what follows it (GPU samples, watchdog): analysed at rest, the stalled rank
     is named with `end_of_logs`; replayed as if live (no wall time past the end), nothing is claimed."""
@@ -222,6 +275,51 @@ def test_a_job_stopped_mid_step_with_lines_after_its_last_op_is_no_hang(tmp_path
         found = run_pipeline(Pipeline(DetectionConfig()), kept + [late], wall=cut + 7200)
         assert not [a for a in found if a.detector == "hang"], cut
     assert mid_op >= 8  # most cuts left a comm with ranks either side of an op
+
+
+def test_a_cancelled_job_is_no_hang_when_its_slurm_banner_is_read(tmp_path):
+    """Slurm cancels a healthy job mid-step and each rank dies within 2 s: ranks end either side of an op, and
+    those killed first look late. With the job's Slurm output read (its banner dates the cancel), no hang; without
+    it, the logs alone look like one (why the Slurm output belongs with the logs: docs/OPS.md)."""
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.simulate import Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=300, seed=3, cancel_s=81.7)
+    write_job(sc, tmp_path / "job")
+    (banner,) = list((tmp_path / "job").glob("slurm-*.out"))
+    recs = list(read_records([str(tmp_path / "job")]))
+    stops = [r for r in recs if r.data.get("event") == "job_stop" and not r.data["fields"].get("undated")]
+    assert len(stops) == 1 and stops[0].ts == math.floor(sc.start_ts + 81.7) and stops[0].rank is None
+    last = max(r.ts for r in recs)
+    assert not [a for a in run_pipeline(Pipeline(DetectionConfig()), recs, wall=last + 3600) if a.detector == "hang"]
+    banner.unlink()
+    recs = list(read_records([str(tmp_path / "job")]))
+    assert [a.detector for a in run_pipeline(Pipeline(DetectionConfig()), recs, wall=last + 3600)
+            if a.detector == "hang"] == ["hang"]
+
+
+def test_a_hang_killed_at_the_time_limit_is_reported_then_ended(tmp_path):
+    """The job hangs, and Slurm kills it at its time limit ten minutes later: the hang is reported when it became
+    one, and ended (info, the gauge back to 0) by the banner, dated by the banner's own time."""
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.sim_collectives import build_timeline
+    from rankwatch.simulate import Fault, Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=200, seed=22, faults=[Fault("hang", 3, 150)], hang_tail=False)
+    hang_at = build_timeline(sc).hang_at
+    sc.cancel_s = hang_at - sc.start_ts + 600.0
+    write_job(sc, tmp_path / "job")
+    p = Pipeline(DetectionConfig())
+    found = [a for a in run_pipeline(p, list(read_records([str(tmp_path / "job")]))) if a.detector == "hang"]
+    assert [(a.severity, a.rank) for a in found] == [("critical", 3), ("info", 3)]
+    hang, ended = found
+    assert hang.event_time < hang_at + 60 and not hang.context["end_of_logs"]
+    assert ended.event_time == math.floor(hang_at + 600.0) and "ended: the job was stopped" in ended.message
+    assert ended.context["stopped_by"] == {"by": "slurm", "reason": "cancelled"}
+    assert ended.source_file.endswith(".out")
+    assert p.gauges.get("rankwatch_hang_active", ("job",)) == 0
 
 
 def op_summary(job, rank, comm, n, ts, **kw):
