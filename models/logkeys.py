@@ -80,11 +80,17 @@ _WARN_WORDS = re.compile(
     r"(?i)\b(?:warn(?:ing|ings)?|retry(?:ing)?|retries|retried|deprecated|deprecation|slow(?:er)?|"
     r"stall(?:ed|ing)?|degraded|mismatch|lost|overflow|skipping|not found|unable|cannot|could not)\b"
     r"|[A-Za-z]+Warning\b")
+# Slurm's cancellation banner ("slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT ... ***"): a scancel, a time
+# limit or a preemption is the scheduler doing its job, noted, not an error (stage 2 ends an open hang with it);
+# a node or task failure stays an error.
+_SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)")
 LEVELS = (None, "warn", "error")
 
 
 def log_level(text: str) -> str | None:
     """'error', 'warn' or None for a template or message."""
+    if _SCHEDULER_STOP.search(text):
+        return "warn"
     if _EXPLICIT_ERROR.search(text):
         return "error"
     if _EXPLICIT_WARN.search(text):

@@ -42,6 +42,11 @@ def one_torch_thread():
     ("INFO trainer: step <*> | samples/s <*> | loss <*>", None),
     ("NCCL INFO comm <*> rank <*> nranks <*> - Init COMPLETE", None),
     ("Setting TORCH_NCCL_ASYNC_ERROR_HANDLING=<*>", None),
+    # the scheduler doing its job (scancel, time limit, preemption) is noted; a node failure stays an error
+    ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO TIME LIMIT ***", "warn"),
+    ("slurmstepd: *** JOB <*> CANCELLED AT <*> *** on <*>", "warn"),
+    ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***",
+     "error"),
 ])
 def test_log_level(text, level):
     assert log_level(text) == level
