@@ -263,6 +263,8 @@ class CollectiveJob:
         self.tracker = CollectiveTracker(ctx.config)
         self.comm_ids: dict[tuple[int, str], str] = {}  # (rank, comm pointer) -> shared identity
         self.signatures: dict[tuple[int, str], str] = {}  # fallback identity when no init line was seen
+        self.incarnations: dict[tuple[int, str], int] = {}  # (rank, signature) -> its latest incarnation
+        self.sig_last: dict[tuple[int, str], int] = {}  # (rank, comm pointer) -> its latest opCount (signatures)
         self.last_ref: dict[int, tuple[str, int]] = {}  # rank -> (file, offset) of its latest op
         self.heard: dict[int, float] = {}  # stream: rank -> wall time its latest op summary arrived
         self.refs = RecentRefs()  # (comm, op, rank) -> line
@@ -317,7 +319,7 @@ class CollectiveJob:
         ranks, ts, comms, ptrs, ns, ops, nranks, counts, files, offsets = (s[k] for k in OP_COLUMNS)
         for i, comm in enumerate(comms):
             if not comm:  # a per-process pointer: resolved here, where every rank's init lines arrive
-                comms[i] = self._shared(ranks[i], str(ptrs[i]), nranks[i], ops[i], counts[i])
+                comms[i] = self._shared(ranks[i], str(ptrs[i]), nranks[i], ops[i], counts[i], ns[i])
         add = self.tracker.add
         for rank, t, comm, n, op, size in zip(ranks, ts, comms, ns, ops, nranks, strict=True):
             add(comm, rank, n, t, op, int(size) if isinstance(size, (int, float)) else 0)
@@ -332,14 +334,24 @@ class CollectiveJob:
             return str(s["comm"])
         return self._shared(rank, str(s.get("ptr", "")), s.get("nranks"), s.get("op"), s.get("count"))
 
-    def _shared(self, rank: int, ptr: str, nranks: Any, op: Any, count: Any) -> str:
-        """The identity every rank shares of this rank's comm pointer: from its init line, else a signature."""
-        known = self.comm_ids.get((rank, ptr))
+    def _shared(self, rank: int, ptr: str, nranks: Any, op: Any, count: Any, n: int | None = None) -> str:
+        """The identity every rank shares of this rank's comm pointer: from its init line, else a signature:
+        ranks create communicators in the same program order, so the k-th comm of a rank with a given size and
+        first op is the k-th of every rank. A restarted process (an elastic restart, a requeued job) creates
+        them again, with opCounts from 0: a new pointer, or the same one if the allocator repeats itself (then
+        `n`, the op's count, going back tells), so the k-th such comm is a new incarnation, not the old comm
+        going back thousands of ops."""
+        key = (rank, ptr)
+        known = self.comm_ids.get(key)
         if known:
             return known
-        sig = self.signatures.get((rank, ptr))
-        if sig is None:  # ranks create communicators in the same program order: same size, same first op
-            sig = self.signatures[(rank, ptr)] = f"sig:n{nranks}:{op}:{count}"
+        sig = self.signatures.get(key)
+        if sig is None or (n is not None and n < self.sig_last.get(key, -1)):
+            base = f"sig:n{nranks}:{op}:{count}"
+            k = self.incarnations[(rank, base)] = self.incarnations.get((rank, base), -1) + 1
+            sig = self.signatures[key] = f"{base}#{k}" if k else base
+        if n is not None:
+            self.sig_last[key] = n
         return sig
 
     # ---- judgement -------------------------------------------------------------------------------------
@@ -508,6 +520,8 @@ class CollectiveJob:
         return {"tracker": self.tracker.save_state(),
                 "comm_ids": [[r, p, c] for (r, p), c in self.comm_ids.items()],
                 "signatures": [[r, p, c] for (r, p), c in self.signatures.items()],
+                "incarnations": [[r, b, k] for (r, b), k in self.incarnations.items()],
+                "sig_last": [[r, p, n] for (r, p), n in self.sig_last.items()],
                 "last_ref": {str(r): list(v) for r, v in self.last_ref.items()}, "held": self.held,
                 "refs": self.refs.rows(4096),
                 "evidence": self.evidence,
@@ -518,6 +532,8 @@ class CollectiveJob:
         self.tracker.load_state(state.get("tracker", {}))
         self.comm_ids = {(int(r), str(p)): c for r, p, c in state.get("comm_ids", [])}
         self.signatures = {(int(r), str(p)): c for r, p, c in state.get("signatures", [])}
+        self.incarnations = {(int(r), str(b)): int(k) for r, b, k in state.get("incarnations", [])}
+        self.sig_last = {(int(r), str(p)): int(n) for r, p, n in state.get("sig_last", [])}
         self.last_ref = {int(r): (str(v[0]), int(v[1])) for r, v in state.get("last_ref", {}).items()}
         self.held = list(state.get("held", []))
         self.refs = RecentRefs.from_rows(state.get("refs", []))

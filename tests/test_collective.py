@@ -7,6 +7,7 @@ import json
 import math
 import random
 
+import pytest
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker
 from rankwatch.processors.collective_stage import CollectiveJob
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
@@ -375,6 +376,29 @@ def test_pause_of_every_rank_and_waiting_victims_are_not_reported_the_culprit_is
     kept, everything = run_job(60, straggler=2, flags=[victim, culprit])
     assert [(a.rank, a.context.get("late_by_s", 0) > 0.25) for a in kept] == [(2, True)]
     assert any(a.detector == "straggler" and a.rank == 2 for a in everything)
+
+
+@pytest.mark.parametrize("same_pointers", [False, True])
+def test_a_restarted_job_without_init_lines_is_a_new_comm_not_its_old_one_going_back(same_pointers):
+    """Without NCCL init lines a comm is known by its signature (size, first op). An elastic restart creates it
+    again, opCounts from 0, in new processes (new pointers, or the same ones if the allocator repeats itself):
+    a new incarnation. Taken for the old comm, every op of the new attempt looked 80 s late and its stall a
+    hang, hundreds of times over."""
+    p = Pipeline(DetectionConfig())
+    out = []
+    for attempt, start in ((0, 0.0), (1, 200.0)):
+        t = start
+        for n0 in range(0, 300, 3):
+            t += 0.5
+            batch = [op_summary("j", r, "", n, t + 0.05 * (n - n0) + 0.001 * r,
+                                ptr=f"0x{r}{'' if same_pointers else attempt}aa")
+                     for n in range(n0, n0 + 3) for r in range(4)]
+            batch.append({"type": "clock", "job": "j", "family": "op", "ts": t + 1})
+            out += p.second_stage(batch)
+    out += p.finish()
+    assert [a for a in out if a.detector in ("hang", "straggler")] == []
+    comms = next(d for d in p.jobs["j"].detectors if isinstance(d, CollectiveJob)).tracker.comms
+    assert sorted(comms) == ["sig:n4:AllReduce:1", "sig:n4:AllReduce:1#1"]
 
 
 def test_offline_clock_is_the_latest_event_and_ticks_as_it_advances():
