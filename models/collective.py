@@ -39,7 +39,7 @@ from rankwatch.models.op_timing import step_period
 
 _OP, _LATE = 0, 1  # what `judge` decides at a moment: an op, or one late report of an op already judged
 _MAX_PERIOD = 64  # longest step pattern (ops per step of one comm) the straggler window follows
-_NEWER_HANG_FIELDS = ("end_of_logs", "stopped_at")  # saved only where set, so older workers load the state
+_NEWER_HANG_FIELDS = ("end_of_logs", "stopped_at", "moved_on")  # saved only where set, so older workers load the state
 
 
 @dataclass
@@ -96,6 +96,7 @@ class HangEvent:
     from_watchdog: bool = False  # found from PyTorch's watchdog lines alone (no collective op view of the job)
     end_of_logs: bool = False  # offline: the logs end with this comm stuck (silent_s: till the analysis)
     stopped_at: float | None = None  # kind "ended": when the job was stopped (its scheduler's or launcher's line)
+    moved_on: bool = False  # kind "resolved": the stalled ranks went on with other comms (the job restarted)
 
 
 class _Comm:
@@ -171,7 +172,7 @@ class CollectiveTracker:
         self.evidence: list[dict] = []
         self.late_reports: list[tuple[float, str, int, int]] = []  # (enqueue, comm, rank, op) of judged ops
         self.stops: list[float] = []  # when the job was stopped (latest few), in no particular order of arrival
-        self.stopped: dict[str, float] = {}  # comm -> its advance before a stop that cut it short (not a hang)
+        self.excused: dict[str, float] = {}  # comm -> the advance whose stall is no hang (stopped, or moved on)
 
     # ---- ops --------------------------------------------------------------------------------------------
     def add(self, comm: str, rank: int, op_count: int, ts: float, op: str = "", nranks: int = 0) -> None:
@@ -384,7 +385,7 @@ class CollectiveTracker:
         for name, c in self.comms.items():
             silent, thr = now - c.advanced_at, self.threshold(c)
             behind = self._stalled(c)
-            if silent < thr or not behind or not all(quiet(r) for r in behind) or self._cut_short(name, c, thr):
+            if silent < thr or not behind or not all(quiet(r) for r in behind) or self._excused(name, c, thr, behind):
                 continue
             stuck = min(behind.values()) + 1
             if logs_end is not None and (now - logs_end[0] < thr or 2 * len(behind) > max(len(c.last), c.expected)
@@ -413,18 +414,29 @@ class CollectiveTracker:
         stop may reach stage 2 before or after the ops that preceded it, so it is applied when hangs are judged."""
         self.stops = sorted({*self.stops, ts})[-8:]
 
-    def _cut_short(self, name: str, c: _Comm, thr: float) -> bool:
-        """Was this comm's stall cut short by a stop, before it had lasted the threshold? Then the ranks short of
-        the op were stopped, not stuck. Ranks die at different moments after the stop (signal delivery, their
-        SIGTERM handlers, the scheduler's kill wait), so the comm may have advanced up to `stop_grace_s` after
-        it. Remembered per comm until it advances (a restarted job's new stops cannot make an old stall a hang)."""
-        if self.stopped.get(name) == c.advanced_at:
+    def _excused(self, name: str, c: _Comm, thr: float, behind: dict[int, int]) -> bool:
+        """Is this comm's stall no hang? Remembered per comm until it advances (a restarted job's later stops
+        cannot make an old stall a hang). Two reasons:
+        - a stop cut it short, before it had lasted the threshold: the ranks short of the op were stopped, not
+          stuck. Ranks die at different moments after the stop (signal delivery, their SIGTERM handlers, the
+          scheduler's kill wait), so the comm may have advanced up to `stop_grace_s` after it;
+        - the ranks that never reached the op went on with other comms' ops half a threshold and more after the
+          stall began: they are alive and not blocked, and a job whose ranks left a comm for good restarted
+          (new processes create new communicators; without a launcher line that says so). A rank that skipped
+          a collective and runs ahead blocks within a step, long before that."""
+        if self.excused.get(name) == c.advanced_at:
             return True
-        self.stopped.pop(name, None)
-        if any(self._stops_stall(t, c, thr) for t in self.stops):
-            self.stopped[name] = c.advanced_at
+        self.excused.pop(name, None)
+        if any(self._stops_stall(t, c, thr) for t in self.stops) or self._moved_on(name, behind,
+                                                                                    c.advanced_at + thr / 2):
+            self.excused[name] = c.advanced_at
             return True
         return False
+
+    def _moved_on(self, name: str, ranks: Iterable[int], after: float) -> bool:
+        """Has each of these ranks enqueued an op of another comm after `after`?"""
+        others = [d for other, d in self.comms.items() if other != name]
+        return all(any(d.last.get(r, (0, -math.inf))[1] > after for d in others) for r in ranks)
 
     def _stops_stall(self, t: float, c: _Comm, thr: float) -> bool:
         """Did a stop at `t` end this comm's current stall (however long it had lasted)? (Not a stop from before
@@ -477,14 +489,21 @@ class CollectiveTracker:
         if stop is not None:  # the job was stopped with the hang open (or before it was one: cut short)
             self.hang = None
             self.evidence = []
-            self.stopped.update((name, c.advanced_at) for name, c in self.comms.items()
+            self.excused.update((name, c.advanced_at) for name, c in self.comms.items()
                                 if c.started <= stop and -math.inf < c.advanced_at <= stop + grace)
             return HangEvent("ended", stop, h.stalled, h.comm, h.op_count, h.op, stop - (h.ts - h.threshold_s),
                              h.threshold_s, stopped_at=stop)
         c = self.comms.get(h.comm)
-        if c is None or c.max_count <= h.op_count:
+        if c is None:
             return None
-        if any(c.last.get(r, (-1,))[0] < h.op_count for r in h.stalled):
+        if h.stalled and self._moved_on(h.comm, h.stalled, h.ts):  # the job restarted: see `_excused`
+            self.hang = None
+            self.evidence = []
+            self.excused[h.comm] = c.advanced_at
+            back = max(d.last[r][1] for d in self.comms.values() for r in h.stalled if r in d.last)
+            return HangEvent("resolved", back, h.stalled, h.comm, h.op_count, h.op, 0.0, h.threshold_s,
+                             moved_on=True)
+        if c.max_count <= h.op_count or any(c.last.get(r, (-1,))[0] < h.op_count for r in h.stalled):
             return None
         self.hang = None
         self.evidence = []
@@ -509,7 +528,7 @@ class CollectiveTracker:
         return {"comms": comms, "episodes": {str(r): ep for r, ep in self.episodes.items()},
                 "hang": {k: v for k, v in self.hang.__dict__.items() if k not in _NEWER_HANG_FIELDS or v}
                 if self.hang else None,
-                "stops": self.stops, "stopped": self.stopped}
+                "stops": self.stops, "excused": self.excused}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for name, d in state.get("comms", {}).items():
@@ -528,7 +547,7 @@ class CollectiveTracker:
                 c.verdicts[int(r)] = self._verdict_history(bool(b) for b in bits)
         self.episodes = {int(r): ep for r, ep in state.get("episodes", {}).items()}
         self.stops = [float(t) for t in state.get("stops", [])]
-        self.stopped = {str(k): float(v) for k, v in state.get("stopped", {}).items()}
+        self.excused = {str(k): float(v) for k, v in state.get("excused", {}).items()}
         h = state.get("hang")
         if h:
             h = dict(h)

@@ -480,7 +480,11 @@ class CollectiveJob:
     def _hang_anomaly(self, h: HangEvent, ref: tuple[str, int]) -> Anomaly:
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if h.kind == "hang" else 0)
         stalled = sorted(h.stalled)
-        if h.kind == "resolved":
+        if h.kind == "resolved" and h.moved_on:
+            msg = (f"hang on comm {h.comm} resolved: rank(s) {stalled} went on with other communicators' ops (the "
+                   f"job restarted, or re-created its communicators)")
+            severity = "info"
+        elif h.kind == "resolved":
             msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
             severity = "info"
         elif h.kind == "ended":

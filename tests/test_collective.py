@@ -221,6 +221,33 @@ def test_a_stop_does_not_excuse_a_later_stall_after_progress_resumed():
     assert h is not None and h.kind == "hang" and h.stalled == {4: 39}
 
 
+def test_ranks_that_went_on_with_new_comms_restarted_and_a_rank_running_ahead_briefly_still_hangs():
+    """A job restarted without a launcher line that says so: its processes were killed at different moments
+    (rank 4 short of op 40 of the old comm) and the new ones create new comms. Back within half the threshold:
+    no hang; back later: the hang is reported and resolved when they go on. A rank that skipped the op and ran
+    ahead on another comm for a second before blocking is still a hang."""
+    events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]
+    last = max(t for _, _, t in events)
+    for back_after, hang_first in ((10.0, False), (90.0, True)):
+        tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+        feed(tr, events)
+        h = tr.check_hang(last + back_after - 1)
+        assert (h is not None and h.kind == "hang") == hang_first
+        for n in range(300):  # the new attempt's comm, every rank
+            for r in range(8):
+                tr.add("c2", r, n, last + back_after + 0.1 * n, "AllReduce", 8)
+        h = tr.check_hang(last + back_after + 30)
+        assert (h is not None and h.kind == "resolved" and h.moved_on) == hang_first
+        assert tr.check_hang(last + 3600) is None and tr.hang is None
+    tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
+    feed(tr, events)
+    for n in range(5):  # rank 4 enqueues a few ops of its TP comm, then blocks
+        tr.add("tp", 4, n, last + 0.2 * n, "AllReduce", 2)
+    h = tr.check_hang(last + 31)
+    assert h is not None and h.kind == "hang" and h.stalled == {4: 39}
+    assert tr.check_hang(last + 600) is None and tr.hang is h
+
+
 def test_stops_and_stopped_comms_survive_a_restart_of_the_worker():
     events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]
     last = max(t for _, _, t in events)
