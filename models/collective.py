@@ -231,7 +231,9 @@ class CollectiveTracker:
             at, kind, name, n, rank = heapq.heappop(due)
             c = self.comms[name]
             if kind == _LATE:
-                events.extend(self._verdict(name, c, rank, n, at, *c.medians[n]))
+                yardstick = c.medians.get(n)  # none when fewer than 2 ranks were on time for the op
+                if yardstick is not None:
+                    events.extend(self._verdict(name, c, rank, n, at, *yardstick))
                 continue
             arrivals = c.pending.pop(n)
             c.waiting -= len(arrivals)

@@ -113,6 +113,20 @@ def test_a_rank_on_two_comms_gets_the_same_first_finding_whatever_the_order_and_
     assert streamed == in_order
 
 
+def test_an_op_with_one_rank_on_time_and_the_rest_after_it_went_stale_is_judged_without_crashing():
+    """A final barrier the ranks reach over 20 s (checkpoints of different lengths): the op goes stale with one
+    rank on time, so it has no median rank, and the others' enqueues, late reports, have no yardstick. They
+    are dropped (`rankwatch analyze` raised KeyError here, found by a blind test)."""
+    tr = CollectiveTracker(CollectiveConfig())
+    feed(tr, enqueue_times(8, 30))
+    t = 200.0
+    tr.add("c1", 0, 30, t, "AllReduce", 8)
+    for r in range(1, 8):
+        tr.add("c1", r, 30, t + 6.0 + r * 2.0, "AllReduce", 8)
+    found, _ = tr.judge(t + 30.0)
+    assert found == [] and 30 not in tr.comms["c1"].medians and tr.comms["c1"].judged_upto == 30
+
+
 def test_hang_names_the_rank_that_never_reached_the_op_and_resolves():
     tr = CollectiveTracker(CollectiveConfig(hang_min_s=30))
     events = [e for e in enqueue_times(8, 50) if not (e[0] == 4 and e[1] >= 40)]  # rank 4 stops before op 40
