@@ -30,23 +30,45 @@ class AnalyzeStats:
     truncated: int = 0
 
 
+_UNDATED_HOLD = 10_000  # leading lines without a time held until the file's first time
+
+
 def _file_records(path: str, resolver: ContextResolver, stats: AnalyzeStats, now: float) -> Iterator[Record]:
+    """A file's records in order. A line without a time takes its file's previous one. The lines before the
+    file's first time (a Slurm output's `+ srun ...` and srun's messages) take that first time, and a file with
+    no full time at all its modification time, which also gives the year of glog-style times (`W0420 07:28:49`):
+    not the time of the analysis, which would move the job's clock to now, so that a job that ended long ago
+    looked silent since (a hang), and put April's torchrun lines in this year's April."""
+    try:
+        arrival = min(os.path.getmtime(path), now)
+    except OSError:
+        arrival = now
     tailer = Tailer([path], close_inactive=0.0)
+    held: list[Record] = []  # records read before any line of the file had a time
     try:
         while True:
             lines = tailer.poll(20_000)
             if not lines:
-                return
+                break
             for line in lines:
                 stats.lines += 1
                 stats.truncated += line.truncated
+                ctx = resolver.context(line.fid, line.path)
                 try:
-                    rec = parse_line(line.text, resolver.context(line.fid, line.path), line.offset, now)
+                    rec = parse_line(line.text, ctx, line.offset, arrival)
                 except ParseError as exc:
                     stats.parse_errors[exc.reason.split(":")[0]] += 1
                     continue
                 stats.records[rec.kind] += 1
+                if rec.ts == arrival and len(held) < _UNDATED_HOLD:
+                    held.append(rec)  # no time of its own, nor any earlier in the file (parse_line's fallback)
+                    continue
+                for r in held:  # printed before the file's first time
+                    r.ts = rec.ts
+                yield from held
+                held = []
                 yield rec
+        yield from held  # a file with no time at all: its modification time
     finally:
         tailer.close()
 

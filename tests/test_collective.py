@@ -341,6 +341,39 @@ def test_a_cancelled_job_is_no_hang_when_its_slurm_banner_is_read(tmp_path):
             if a.detector == "hang"] == ["hang"]
 
 
+def test_undated_lines_offline_take_their_files_time_not_the_time_of_the_analysis(tmp_path):
+    """A Slurm output that begins `+ srun ...` (no time) and torchrun's glog-style lines (no year): read at rest,
+    they took the time of the analysis (and its year), which moved the job's clock to now: a cancelled job
+    looked silent since it ended, a hang (a blind test). Leading undated lines now take their file's first
+    time, a file with none its modification time, which also gives glog times their year."""
+    import os
+
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.simulate import Scenario, write_job
+
+    sc = Scenario(ranks=8, steps=300, seed=3, cancel_s=81.7)
+    write_job(sc, tmp_path / "job")
+    (out,) = list((tmp_path / "job").glob("slurm-*.out"))
+    out.unlink()  # without the banner: the kill jitter looks like lateness, but the logs end long ago
+    launcher = tmp_path / "job" / "launcher.log"
+    launcher.write_text("+ srun --ntasks-per-node=1 torchrun --nproc_per_node 8 train.py\n"
+                        "W0101 00:01:22.500000 1359 torch/distributed/elastic/agent/server/api.py:719] Received 15 "
+                        "death signal, shutting down workers\n")
+    start = sc.start_ts
+    os.utime(launcher, (start + 90, start + 90))  # written until the job's end
+    recs = list(read_records([str(tmp_path / "job")]))
+    mine = [r for r in recs if r.file.endswith("launcher.log")]
+    assert [r.ts for r in mine] == [start + 82.5, start + 82.5]  # 2026-01-01T00:01:22.5: the mtime's year
+    assert mine[1].data["event"] == "job_stop"
+    assert max(r.ts for r in recs) < start + 100
+    assert not [a for a in run_pipeline(Pipeline(DetectionConfig()), recs, wall=start + 3600) if a.detector == "hang"]
+    launcher.write_text("+ srun --ntasks-per-node=1 torchrun --nproc_per_node 8 train.py\n")
+    os.utime(launcher, (start - 10, start - 10))  # a file with no time at all: its modification time
+    recs = list(read_records([str(tmp_path / "job")]))
+    assert [r.ts for r in recs if r.file.endswith("launcher.log")] == [start - 10]
+
+
 def test_a_hang_killed_at_the_time_limit_is_reported_then_ended(tmp_path):
     """The job hangs, and Slurm kills it at its time limit ten minutes later: the hang is reported when it became
     one, and ended (info, the gauge back to 0) by the banner, dated by the banner's own time."""
