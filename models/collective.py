@@ -56,7 +56,7 @@ class CollectiveConfig:
     hang_factor: float = 10.0
     hang_min_s: float = 30.0
     hang_quiet_s: float = 30.0  # stream: the stalled ranks' ops must also have stopped arriving this long (wall)
-    stop_grace_s: float = 60.0  # ranks may run this long after the job was stopped (SIGTERM handlers, KillWait)
+    stop_grace_s: float = 300.0  # ranks may run this long after a stop (SIGTERM handlers, preemption grace)
 
 
 @dataclass

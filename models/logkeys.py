@@ -83,7 +83,7 @@ _WARN_WORDS = re.compile(
 # Slurm's cancellation banner ("slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT ... ***"): a scancel, a time
 # limit or a preemption is the scheduler doing its job, noted, not an error (stage 2 ends an open hang with it);
 # a node or task failure stays an error.
-_SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)")
+_SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP|<\*>) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)")
 LEVELS = (None, "warn", "error")
 
 

@@ -275,7 +275,7 @@ class CollectiveJob:
         self.victims = 0
         self.gauge_rank: int | None = None  # the straggler the job's gauge series names
         self.paused = 0  # op-timing candidates explained by a pause of every rank
-        self.stop_line: dict[str, Any] = {}  # the latest line that said the job was stopped
+        self.stop_lines: dict[float, dict[str, Any]] = {}  # the lines that said the job was stopped, by time
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
     # ---- input ------------------------------------------------------------------------------------------
@@ -308,9 +308,12 @@ class CollectiveJob:
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
                 self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
             elif t == "job_stop":
-                self.tracker.stop(finite(s["ts"]))
-                self.stop_line = {"by": s.get("by"), "reason": s.get("reason"), "file": str(s.get("file", "")),
-                                  "offset": int(s.get("offset", -1))}
+                at = finite(s["ts"])
+                line = {"by": s.get("by"), "reason": s.get("reason"), "file": str(s.get("file", "")),
+                        "offset": int(s.get("offset", -1))}
+                self.stop_lines.setdefault(at, line)  # (the first line of a moment: Slurm's banner, then srun's)
+                self.tracker.stop(at)
+                self.stop_lines = {k: v for k, v in self.stop_lines.items() if k in self.tracker.stops}
         if when is not None:
             self.clock = max(self.clock, when)
 
@@ -375,7 +378,8 @@ class CollectiveJob:
         h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
                                     self.config.hang_quiet_s)
         if h is not None:
-            ref = ((self.stop_line.get("file", ""), self.stop_line.get("offset", -1)) if h.kind == "ended"
+            line = self.stop_lines.get(h.stopped_at or 0.0, {})
+            ref = ((line.get("file", ""), line.get("offset", -1)) if h.kind == "ended"
                    else self.last_ref.get(min(h.stalled, default=-1), ("", -1)))
             out.append(self._hang_anomaly(h, ref))
         return out
@@ -488,7 +492,8 @@ class CollectiveJob:
             msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
             severity = "info"
         elif h.kind == "ended":
-            by = " by ".join(str(x) for x in (self.stop_line.get("reason"), self.stop_line.get("by")) if x)
+            line = self.stop_lines.get(h.stopped_at or 0.0, {})
+            by = " by ".join(str(x) for x in (line.get("reason"), line.get("by")) if x)
             msg = (f"hang on comm {h.comm} ended: the job was stopped ({by or 'its launcher said so'}) "
                    f"{h.silent_s:.0f}s after rank(s) {stalled} fell short of opCount {h.op_count}")
             severity = "info"
@@ -514,7 +519,8 @@ class CollectiveJob:
                "op": h.op, "op_count": h.op_count, "comm": h.comm, "silent_s": h.silent_s,
                "threshold_s": h.threshold_s, "evidence": h.evidence[-8:], "end_of_logs": h.end_of_logs}
         if h.kind == "ended":
-            ctx["stopped_by"] = {k: v for k, v in self.stop_line.items() if k in ("by", "reason")}
+            ctx["stopped_by"] = {k: v for k, v in self.stop_lines.get(h.stopped_at or 0.0, {}).items()
+                                 if k in ("by", "reason")}
         return Anomaly("hang", "collective_progress", self.job, stalled[0] if len(stalled) == 1 else None, h.ts,
                        h.silent_s, None, None, h.threshold_s, severity, msg, ctx, source_file=ref[0],
                        source_offset=ref[1])
@@ -530,7 +536,7 @@ class CollectiveJob:
                 "refs": self.refs.rows(4096),
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
-                "paused": self.paused, "stop_line": self.stop_line}
+                "paused": self.paused, "stop_lines": [[t, line] for t, line in self.stop_lines.items()]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.tracker.load_state(state.get("tracker", {}))
@@ -546,7 +552,7 @@ class CollectiveJob:
             self.clock = float(state["clock"])
         self.victims = int(state.get("victims", 0))
         self.paused = int(state.get("paused", 0))
-        self.stop_line = dict(state.get("stop_line", {}))
+        self.stop_lines = {float(t): dict(line) for t, line in state.get("stop_lines", [])}
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if self.tracker.hang else 0)
 
 

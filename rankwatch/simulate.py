@@ -168,10 +168,10 @@ def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
 
 
 def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[float, str, str]]:
-    """The job cancelled by Slurm at `start_ts + cancel_s`: its banner (whole seconds, as Slurm prints it) and
-    srun's lines in the job's Slurm output, and each rank's lines end when its processes die, within
-    `cancel_jitter_s` after (SIGTERM reaches nodes and processes at different moments), so ranks stop either
-    side of an op as a real cancellation leaves them."""
+    """The job cancelled by Slurm at `start_ts + cancel_s`: its banner (whole seconds, as Slurm prints it),
+    srun's lines and torchrun's agent taking the SIGTERM in the job's Slurm output, and each rank's lines end
+    when its processes die, within `cancel_jitter_s` after (SIGTERM reaches nodes and processes at different
+    moments), so ranks stop either side of an op as a real cancellation leaves them."""
     assert sc.cancel_s is not None
     at = sc.start_ts + sc.cancel_s
     rng = np.random.default_rng(sc.seed + 7)
@@ -180,9 +180,12 @@ def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[
     job_id = 40_000 + sc.seed
     banner = datetime.fromtimestamp(math.floor(at), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     out = f"slurm-{job_id}.out"
+    agent = datetime.fromtimestamp(at + 0.05, tz=timezone.utc).strftime("W%m%d %H:%M:%S.%f")
     kept += [(at, out, f"slurmstepd: error: *** STEP {job_id}.0 ON node001 CANCELLED AT {banner} ***"),
              (at, out, "srun: Job step aborted: Waiting up to 32 seconds for job step to finish."),
-             (at, out, "srun: forcing job termination")]
+             (at + 0.05, out, f"{agent} 4242 torch/distributed/elastic/agent/server/api.py:719] Received 15 death "
+                              "signal, shutting down workers"),
+             (at + 0.05, out, "srun: forcing job termination")]
     kept.sort(key=lambda x: x[0])
     return kept
 

@@ -45,6 +45,7 @@ def one_torch_thread():
     # the scheduler doing its job (scancel, time limit, preemption) is noted; a node failure stays an error
     ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO TIME LIMIT ***", "warn"),
     ("slurmstepd: *** JOB <*> CANCELLED AT <*> *** on <*>", "warn"),
+    ("slurmstepd: error: *** <*> <*> ON <*> CANCELLED AT <*>-<*>-20T09:<*>:<*> ***", "warn"),  # JOB and STEP mined as one
     ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***",
      "error"),
 ])
