@@ -80,10 +80,11 @@ _WARN_WORDS = re.compile(
     r"(?i)\b(?:warn(?:ing|ings)?|retry(?:ing)?|retries|retried|deprecated|deprecation|slow(?:er)?|"
     r"stall(?:ed|ing)?|degraded|mismatch|lost|overflow|skipping|not found|unable|cannot|could not)\b"
     r"|[A-Za-z]+Warning\b")
-# Slurm's cancellation banner ("slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT ... ***"): a scancel, a time
-# limit or a preemption is the scheduler doing its job, noted, not an error (stage 2 ends an open hang with it);
-# a node or task failure stays an error.
-_SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP|<\*>) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)")
+# Slurm's cancellation banner ("slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT ... ***") and srun's lines
+# around it: a scancel, a time limit or a preemption is the scheduler doing its job, noted, not an error (stage 2
+# ends an open hang with it); a node or task failure stays an error (its banner says so).
+_SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP|<\*>) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)|"
+                             r"^srun: (?:Job step aborted: Waiting up to|forcing job termination)")
 LEVELS = (None, "warn", "error")
 
 

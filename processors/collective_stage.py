@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from rankwatch.processors.pipeline import StageContext
 
 HANG_GAUGE = "rankwatch_hang_active"
+_PAUSE_X = 10.0  # the comm's gap at an op this many times a rank's predicted interval: every rank paused there
+_PAUSE_SPREAD = 3.0  # ... and within such a pause, a rank's interval up to this times the comm's gap is the pause
 STRAGGLER_GAUGE = "rankwatch_straggler_lag_seconds"
 
 
@@ -433,7 +435,11 @@ class CollectiveJob:
                 continue
             actual, predicted = float(a["value"] or 0.0), float(a["expected"] or 0.0)
             common = self.tracker.common_gap(h["comm"], h["n"])
-            if common is not None and actual <= self.config.op_min_ratio * common:
+            # a pause of every rank (a checkpoint, an evaluation): ranks come out of it spread in proportion to
+            # its length (their own I/O: checkpoint shards), so within one a rank is slow only past 3x the comm's gap
+            paused = common is not None and (actual <= self.config.op_min_ratio * common or (
+                common >= _PAUSE_X * predicted and actual <= _PAUSE_SPREAD * common))
+            if paused:
                 self.paused += 1
                 continue
             late = self.tracker.late_near(t - actual - 0.5, t + 0.5)

@@ -476,6 +476,16 @@ def test_a_restarted_job_without_init_lines_is_a_new_comm_not_its_old_one_going_
     assert sorted(comms) == ["sig:n4:AllReduce:1", "sig:n4:AllReduce:1#1"]
 
 
+def test_ranks_coming_out_of_a_pause_spread_by_its_length_are_not_slow_streams():
+    """Every rank paused 20 s before op 90 (a checkpoint: each rank writes its shard), and rank 1 came out of it
+    2.3x later than the median rank (slow I/O, a blind test's healthy runs): part of the pause, not a slow
+    stream. Past 3x the comm's gap, it is reported."""
+    within = flag("j", 1, "id:c", 90, 0.5 * 31 + 20 + 0.001, 0.5 + 2.3 * 20.5, 0.4)
+    beyond = flag("j", 2, "id:c", 90, 0.5 * 31 + 20 + 0.002, 0.5 + 3.2 * 20.5, 0.4)
+    kept, _ = run_job(40, pause_at=30, flags=[within, beyond])
+    assert [a.rank for a in kept] == [2]
+
+
 def test_offline_clock_is_the_latest_event_and_ticks_as_it_advances():
     seen = []
 

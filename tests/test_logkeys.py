@@ -46,6 +46,7 @@ def one_torch_thread():
     ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO TIME LIMIT ***", "warn"),
     ("slurmstepd: *** JOB <*> CANCELLED AT <*> *** on <*>", "warn"),
     ("slurmstepd: error: *** <*> <*> ON <*> CANCELLED AT <*>-<*>-20T09:<*>:<*> ***", "warn"),  # JOB and STEP mined as one
+    ("srun: Job step aborted: Waiting up to <*> seconds for job step to finish.", "warn"),
     ("slurmstepd: error: *** STEP <*> ON <*> CANCELLED AT <*> DUE TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***",
      "error"),
 ])
