@@ -382,7 +382,7 @@ class CollectiveTracker:
         others were already late for it, as a straggler is late, by the job's last op: a job cut at random
         leaves ranks within the usual spread of the op (what it logs after its ops stopped is no evidence)."""
         if self.hang is not None:
-            return self._check_resolved()
+            return self._check_resolved(now)
         worst: HangEvent | None = None
         for name, c in self.comms.items():
             silent, thr = now - c.advanced_at, self.threshold(c)
@@ -483,11 +483,11 @@ class CollectiveTracker:
         h.evidence = list(self.evidence)
         return h
 
-    def _check_resolved(self) -> HangEvent | None:
+    def _check_resolved(self, now: float) -> HangEvent | None:
         h = self.hang
         assert h is not None
         grace = self.config.stop_grace_s
-        stop = min((t for t in self.stops if t >= h.ts - h.threshold_s - grace), default=None)
+        stop = min((t for t in self.stops if h.ts - h.threshold_s - grace <= t <= now), default=None)
         if stop is not None:  # the job was stopped with the hang open (or before it was one: cut short)
             self.hang = None
             self.evidence = []

@@ -219,10 +219,12 @@ class NcclEventHandler:
             if not isinstance(fields, dict):
                 continue
             if event == "job_stop" and self.ctx.wants("job_stop"):
-                # the scheduler's or launcher's line, often from no rank; only if it says when (an undated line
-                # would take the file's last time, which for a job killed hours into a hang is the hang's start)
-                if not fields.get("undated"):
-                    summaries.append({"type": "job_stop", "job": rec.job, "ts": rec.ts, "file": rec.file,
+                # the scheduler's or launcher's line, often from no rank. An undated one took its file's previous
+                # time, which for a job killed hours into a hang is the hang's start: it is dated when it was
+                # read or its file last written instead, later than it was printed, never earlier
+                at = fields.get("written_by") if fields.get("undated") else rec.ts
+                if isinstance(at, (int, float)) and at > 0:
+                    summaries.append({"type": "job_stop", "job": rec.job, "ts": float(at), "file": rec.file,
                                       "offset": rec.offset, "by": fields.get("by"), "reason": fields.get("reason")})
                 continue
             if rec.rank is None:
@@ -300,6 +302,8 @@ class CollectiveJob:
             self._ops(cols)
         else:
             when = None if s.get("ts") is None else finite(s["ts"])  # read before anything changes
+            if t == "job_stop":  # its time may be an upper bound (`written_by`): no evidence of the clock
+                when = None
             if t == "op_flag":
                 held = {"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])), "n": int(s["n"])}
                 if self.ctx.wall is not None:

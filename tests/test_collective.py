@@ -375,6 +375,39 @@ def test_undated_lines_offline_take_their_files_time_not_the_time_of_the_analysi
     assert [r.ts for r in recs if r.file.endswith("launcher.log")] == [start - 10]
 
 
+def test_an_undated_stop_line_counts_as_of_when_its_file_was_last_written(tmp_path):
+    """torch <= 2.0's `WARNING:torch.distributed.elastic...:Received 15 death signal` has no time: it would take
+    its file's previous time, which can be long before the stop. It counts as of when its file was last written
+    (at rest; the shipper: when it read it), never earlier: a cancelled job is excused, a hang killed ten
+    minutes in is still reported, then ended."""
+    import os
+
+    from rankwatch.processors.offline import read_records, run_pipeline
+
+    from rankwatch.sim_collectives import build_timeline
+    from rankwatch.simulate import Fault, Scenario, write_job
+
+    line = "WARNING:torch.distributed.elastic.agent.server.api:Received 15 death signal, shutting down workers\n"
+    cancelled = Scenario(ranks=8, steps=300, seed=3, cancel_s=81.7)
+    hung = Scenario(ranks=8, steps=200, seed=22, faults=[Fault("hang", 3, 150)], hang_tail=False)
+    hung.cancel_s = build_timeline(hung).hang_at - hung.start_ts + 600.0
+    found = {}
+    for name, sc in (("cancelled", cancelled), ("hung", hung)):
+        write_job(sc, tmp_path / name)
+        for out in (tmp_path / name).glob("slurm-*.out"):
+            out.unlink()
+        launcher = tmp_path / name / "torchrun.log"
+        launcher.write_text(line)
+        stop = sc.start_ts + sc.cancel_s + 3.0
+        os.utime(launcher, (stop, stop))
+        recs = list(read_records([str(tmp_path / name)]))
+        found[name] = [(a.severity, a.rank, a.event_time) for a in
+                       run_pipeline(Pipeline(DetectionConfig()), recs, wall=stop + 3600) if a.detector == "hang"]
+    assert found["cancelled"] == []
+    (hang, ended) = found["hung"]
+    assert hang[:2] == ("critical", 3) and ended == ("info", 3, hung.start_ts + hung.cancel_s + 3.0)
+
+
 def test_a_hang_killed_at_the_time_limit_is_reported_then_ended(tmp_path):
     """The job hangs, and Slurm kills it at its time limit ten minutes later: the hang is reported when it became
     one, and ended (info, the gauge back to 0) by the banner, dated by the banner's own time."""

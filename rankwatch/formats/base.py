@@ -52,6 +52,7 @@ class SourceContext:
     csv_header: list[str] | None = None  # Lightning metrics.csv columns
     is_csv: bool = False
     line_dated: bool = False  # did the current line's prefix give its time? (set per line by parse_line)
+    arrival: float = 0.0  # when the current line was read (the shipper), or its file last written (at rest)
 
     def __post_init__(self) -> None:
         self.is_csv = self.path.endswith(".csv")

@@ -27,8 +27,10 @@ stopped (models/collective.py). Two events, by what stopped:
 
 Fields: `by` (slurm, torchrun, deepspeed, mpirun), `reason`, and what the line names (`job_id`, `node`,
 `signal`, `pid`, `local_rank`, `rank`, `exitcode`). A line without a time of its own (the `WARNING:torch.
-distributed.elastic...:` logging of torch <= 2.0, srun's lines) would take the file's previous event time, which
-may be long before the stop: it is marked `undated`, and stage 2 does not act on it.
+distributed.elastic...:` logging of torch <= 2.0, srun's lines) takes the file's previous event time, which may
+be long before the stop (a job killed hours into a hang): it is marked `undated`, with `written_by`, when it
+was read (the shipper) or its file last written (at rest): a time it cannot be later than. Stage 2 dates such
+a stop then, never too early, so it cannot excuse a hang that lasted.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def parse(body: str, ctx: SourceContext) -> Parsed | None:
         p = Parsed("log", {"event": event, "fields": fields})
     if p.ts is None and not ctx.line_dated:
         p.data["fields"]["undated"] = True
+        p.data["fields"]["written_by"] = ctx.arrival
     return p
 
 

@@ -100,7 +100,7 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
     if "\x1b" in line:
         line = strip_ansi(line)
     body, rank, ts = split_prefix(line, ctx, arrival)
-    ctx.line_dated = ts is not None
+    ctx.line_dated, ctx.arrival = ts is not None, arrival
     stripped = body.strip()
     is_object = stripped[:1] == "{" and stripped[-1:] == "}"
     if is_object and not ctx.user_formats:
