@@ -3,10 +3,10 @@
 Stage 1, per rank/stream (`OpHandler`): the op-timing model (models/op_timing.py) judges each op's interval; a
 finding goes on to stage 2 as a candidate, with every op's compact summary (rank, comm, opCount, enqueue time).
 `NcclEventHandler` forwards NCCL communicator-init lines (which tie a process's comm pointer to the commId all
-its ranks share) and PyTorch watchdog timeouts.
+its ranks share), PyTorch watchdog timeouts, and the scheduler's or launcher's job-stop lines.
 
-Stage 2, per job (`CollectiveJob`): lateness per (comm, opCount), stragglers, hangs (models/collective.py), and
-the victim test: an op-timing candidate on a rank that was not late itself while another rank was late by a
+Stage 2, per job (`CollectiveJob`): lateness per (comm, opCount), stragglers (models/collective.py), hangs
+(models/hangs.py), and the victim test: an op-timing candidate on a rank that was not late itself while another rank was late by a
 comparable amount, just before, is a victim waiting at the collective; it is counted, not reported.
 """
 
@@ -16,7 +16,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, HangEvent, StragglerEvent
+from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, StragglerEvent
+from rankwatch.models.hangs import HangEvent
 from rankwatch.models.op_timing import OpTimingConfig, OpTimingDetector, OpVerdict, PendingOps
 from rankwatch.processors.op_refs import RecentRefs
 from rankwatch.processors.stages import Summary, finite, take_each

@@ -4,7 +4,7 @@ tests/data/real_lines/launcher.txt).
 Why they matter: a job cancelled, preempted or torn down mid-step leaves some ranks short of the collective the
 others had enqueued, which is what a hang looks like from the ops alone. Stage 2 does not call that a hang when
 the job was stopped before the stall had lasted the hang threshold, and ends an open hang when the job is
-stopped (models/collective.py). Two events, by what stopped:
+stopped (models/hangs.py). Two events, by what stopped:
 
 - `job_stop`, the whole job (or the whole attempt) stopped:
   - Slurm's banner, anywhere in the line (after a progress bar, with or without `slurmstepd: error: `): `*** JOB
