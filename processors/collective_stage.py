@@ -6,8 +6,9 @@ finding goes on to stage 2 as a candidate, with every op's compact summary (rank
 its ranks share), PyTorch watchdog timeouts, and the scheduler's or launcher's job-stop lines.
 
 Stage 2, per job (`CollectiveJob`): lateness per (comm, opCount), stragglers (models/collective.py), hangs
-(models/hangs.py), and the victim test: an op-timing candidate on a rank that was not late itself while another rank was late by a
-comparable amount, just before, is a victim waiting at the collective; it is counted, not reported.
+(models/hangs.py), and the victim test: an op-timing candidate on a rank that was not late itself while another
+rank was late by a comparable amount, just before, is a victim waiting at the collective; it is counted, not
+reported.
 """
 
 from __future__ import annotations
