@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 from rankwatch.models.op_timing import OpInput, OpTimingConfig, OpTimingDetector
-from rankwatch.processors.collective_stage import OpHandler
+from rankwatch.processors.op_stage import OpHandler
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 
 from rankwatch.records import Record

@@ -19,9 +19,10 @@ from rankwatch.models.logkeys import LogKeyConfig
 from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.op_timing import OpTimingConfig
 from rankwatch.models.training import TrainingDetectorConfig
-from rankwatch.processors.collective_stage import CollectiveJob, NcclEventHandler, OpHandler
+from rankwatch.processors.collective_stage import CollectiveJob
 from rankwatch.processors.logkey_stage import LogHandler, LogKeyJob
 from rankwatch.processors.memory_stage import GpuImbalanceJob, GpuMemoryHandler
+from rankwatch.processors.op_stage import NcclEventHandler, OpHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
 from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
 

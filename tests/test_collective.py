@@ -439,14 +439,14 @@ def op_summary(job, rank, comm, n, ts, **kw):
 def flag(job, rank, comm, n, ts, actual, predicted):
     a = Anomaly("op_timing", "op_interval", job, rank, ts, actual, predicted, 9.0, predicted * 1.3, "warning",
                 "slow", {"stream": "s"}, stream="s")
-    from rankwatch.processors.collective_stage import anomaly_fields
+    from rankwatch.processors.op_stage import anomaly_fields
 
     return {**op_summary(job, rank, comm, n, ts), "type": "op_flag", "anomaly": anomaly_fields(a)}
 
 
 def as_columns(batch):
     """A batch's per-op summaries as the worker now sends them: one `ops` summary of columns, the rest after."""
-    from rankwatch.processors.collective_stage import OP_COLUMNS
+    from rankwatch.processors.op_stage import OP_COLUMNS
 
     ops = [s for s in batch if s["type"] == "op"]
     cols = {"type": "ops", "job": ops[0]["job"], **{k: [s[k] for s in ops] for k in OP_COLUMNS}}
@@ -725,7 +725,7 @@ def test_a_different_rank_late_for_one_whole_step_is_not_a_straggler_but_one_lat
 
 
 def test_ops_as_columns_give_the_verdicts_of_one_summary_per_op():
-    """Stage 2 reads a batch's ops as columns (processors/collective_stage.py op_columns); the per-op form is
+    """Stage 2 reads a batch's ops as columns (processors/op_stage.py op_columns); the per-op form is
     still accepted. Both must give the same findings: straggler, victims and pauses alike."""
     pause_flags = [flag("j", r, "id:c", 90, 0.5 * 31 + 20 + 0.001 * r, 20.5, 0.4) for r in range(4)]
     for kw in ({"straggler": 2}, {"pause_at": 30, "flags": pause_flags}):
@@ -737,7 +737,7 @@ def test_ops_as_columns_give_the_verdicts_of_one_summary_per_op():
 
 
 def test_stage_one_sends_each_batchs_ops_as_columns_per_job():
-    from rankwatch.processors.collective_stage import OP_COLUMNS
+    from rankwatch.processors.op_stage import OP_COLUMNS
 
     recs = [Record("op", job, r, 100.0 + 0.1 * n + 0.001 * r, f"r{r}.log", n,
                    {"op": "AllReduce", "op_count": n, "stream": "0xs", "comm": f"0xp{r}", "comm_id": "0xid"})
