@@ -73,9 +73,8 @@ class CollectiveJob:
             when = max(cols["ts"], default=None)
             self._ops(cols)
         else:
-            when = None if s.get("ts") is None else finite(s["ts"])  # read before anything changes
-            if t == "job_stop":  # its time may be an upper bound (`written_by`): no evidence of the clock
-                when = None
+            # (read before anything changes; a stop's time may be an upper bound, `written_by`: not the clock's)
+            when = None if s.get("ts") is None or t == "job_stop" else finite(s["ts"])
             if t == "op_flag":
                 held = {"anomaly": s["anomaly"], "comm": self._comm(s, int(s["rank"])), "n": int(s["n"])}
                 if self.ctx.wall is not None:
@@ -156,10 +155,7 @@ class CollectiveJob:
         h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
                                     self.config.hang_quiet_s)
         if h is not None:
-            line = self.stop_lines.get(h.stopped_at or 0.0, {})
-            ref = ((line.get("file", ""), line.get("offset", -1)) if h.kind == "ended"
-                   else self.last_ref.get(min(h.stalled, default=-1), ("", -1)))
-            out.append(self._hang_anomaly(h, ref))
+            out.append(self._hang_anomaly(h))
         return out
 
     def finish(self, wall: float | None = None) -> list[Anomaly]:
@@ -172,7 +168,7 @@ class CollectiveJob:
             last_op = max((t for c in self.tracker.comms.values() for _, t, _ in c.last.values()), default=end)
             h = self.tracker.check_hang(wall, logs_end=(end, last_op))
             if h is not None:
-                out.append(self._hang_anomaly(h, self.last_ref.get(min(h.stalled, default=-1), ("", -1))))
+                out.append(self._hang_anomaly(h))
         return out
 
     def _judge(self, now: float) -> list[Anomaly]:
@@ -263,9 +259,15 @@ class CollectiveJob:
                        self.config.straggler_min_lag_s, "critical" if ev.lag >= 1.0 else "warning", msg, ctx,
                        source_file=file, source_offset=offset)
 
-    def _hang_anomaly(self, h: HangEvent, ref: tuple[str, int]) -> Anomaly:
+    def _hang_anomaly(self, h: HangEvent, ref: tuple[str, int] | None = None) -> Anomaly:
+        """`ref`: the line it points at; by default the stop's line for an ended hang, else the latest op of
+        the lowest stalled rank."""
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if h.kind == "hang" else 0)
         stalled = sorted(h.stalled)
+        stop = self.stop_lines.get(h.stopped_at or 0.0, {}) if h.kind == "ended" else {}
+        if ref is None:
+            ref = ((stop.get("file", ""), stop.get("offset", -1)) if h.kind == "ended"
+                   else self.last_ref.get(min(h.stalled, default=-1), ("", -1)))
         if h.kind == "resolved" and h.moved_on:
             msg = (f"hang on comm {h.comm} resolved: rank(s) {stalled} went on with other communicators' ops (the "
                    f"job restarted, or re-created its communicators)")
@@ -274,8 +276,7 @@ class CollectiveJob:
             msg = f"hang on comm {h.comm} resolved: progress resumed past opCount {h.op_count}"
             severity = "info"
         elif h.kind == "ended":
-            line = self.stop_lines.get(h.stopped_at or 0.0, {})
-            by = " by ".join(str(x) for x in (line.get("reason"), line.get("by")) if x)
+            by = " by ".join(str(x) for x in (stop.get("reason"), stop.get("by")) if x)
             msg = (f"hang on comm {h.comm} ended: the job was stopped ({by or 'its launcher said so'}) "
                    f"{h.silent_s:.0f}s after rank(s) {stalled} fell short of opCount {h.op_count}")
             severity = "info"
@@ -301,8 +302,7 @@ class CollectiveJob:
                "op": h.op, "op_count": h.op_count, "comm": h.comm, "silent_s": h.silent_s,
                "threshold_s": h.threshold_s, "evidence": h.evidence[-8:], "end_of_logs": h.end_of_logs}
         if h.kind == "ended":
-            ctx["stopped_by"] = {k: v for k, v in self.stop_lines.get(h.stopped_at or 0.0, {}).items()
-                                 if k in ("by", "reason")}
+            ctx["stopped_by"] = {k: v for k, v in stop.items() if k in ("by", "reason")}
         return Anomaly("hang", "collective_progress", self.job, stalled[0] if len(stalled) == 1 else None, h.ts,
                        h.silent_s, None, None, h.threshold_s, severity, msg, ctx, source_file=ref[0],
                        source_offset=ref[1])

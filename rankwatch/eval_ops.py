@@ -43,6 +43,7 @@ class LabelledJob:
     scenario: Scenario
     windows: dict[int, tuple[float, float]]  # fault index -> (start, end) event time
     normal: bool = False
+    op_records: int = 0  # ops the job logged (up to its cancellation, if any)
 
 
 def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1200) -> list[LabelledJob]:
@@ -71,7 +72,10 @@ def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1
         normal.cancel_s = cancel_at * normal_steps * normal.step_s
     out = []
     for name, sc, is_normal in (("faulty", faulty, False), ("hang", hang, False), ("normal", normal, True)):
-        out.append(LabelledJob(f"ops-seed{seed}-{name}", sc, build_timeline(sc).windows, is_normal))
+        tl = build_timeline(sc)
+        end = sc.start_ts + sc.cancel_s if sc.cancel_s is not None else math.inf
+        out.append(LabelledJob(f"ops-seed{seed}-{name}", sc, tl.windows, is_normal,
+                               sum(1 for e in tl.ops if e.ts <= end)))
     return out
 
 
@@ -90,9 +94,7 @@ def score(jobs: list[LabelledJob], found: dict[str, list[dict]], hang_threshold_
     for job in jobs:
         anomalies = found.get(job.name, [])
         if job.normal:
-            sc = job.scenario
-            end = sc.start_ts + sc.cancel_s if sc.cancel_s is not None else math.inf
-            normal["op_records"] += sum(1 for e in build_timeline(sc).ops if e.ts <= end)
+            normal["op_records"] += job.op_records
             for a in anomalies:
                 if a["detector"] in ("op_timing", "straggler", "hang"):
                     normal["alarms"][a["detector"]] += 1

@@ -36,10 +36,10 @@ a stop then, never too early, so it cannot excuse a hang that lasted.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
 from typing import Any
 
 from rankwatch.formats.base import Parsed, SourceContext
+from rankwatch.formats.prefixes import parse_iso
 
 NAME = "launcher"
 _SLURM = re.compile(r"\*\*\* (?P<scope>JOB|STEP) (?P<id>[\w.+]+) (?:ON (?P<node>\S+) )?CANCELLED AT "
@@ -74,8 +74,7 @@ def _slurm(body: str) -> Parsed | None:
         fields["node"] = node
     if reason == "signal":
         fields["signal"] = why.split(" ", 1)[1].strip().lower() if " " in why else ""
-    at = datetime.fromisoformat(m.group("at")).replace(tzinfo=timezone.utc).timestamp()
-    return Parsed("log", {"event": "job_stop", "fields": fields}, None, at)
+    return Parsed("log", {"event": "job_stop", "fields": fields}, None, parse_iso(m.group("at")))
 
 
 def _signal(sig: str) -> int | str:
