@@ -39,6 +39,7 @@ class GpuMemoryDetector:
         self.usage_raised = False
         self.restarts = 0
         self.low_since: float | None = None
+        self.exited_at: float | None = None  # when the last exit (see _restarted) began: the memory fell
 
     @property
     def prediction(self) -> OomPrediction | None:
@@ -50,7 +51,9 @@ class GpuMemoryDetector:
             raise ValueError(f"non-finite memory figures: used {used}, total {total}")
         self.samples += 1
         if self._restarted(ts, used, total):
+            exited = self.low_since
             self._reset()
+            self.exited_at = exited
         if self.first_ts is None:
             self.first_ts = ts
         self.latest = {"ts": ts, **data}

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, StragglerEvent
+from rankwatch.models.gpu_release import GpuRelease
 from rankwatch.models.hangs import HangEvent
 from rankwatch.processors.op_refs import RecentRefs
 from rankwatch.processors.op_stage import _OP_DEFAULTS, OP_COLUMNS, _checked_columns
-from rankwatch.processors.stages import Summary, finite, take_each
+from rankwatch.processors.stages import MALFORMED, Summary, finite, take_each
 
 from rankwatch.records import Anomaly
 
@@ -30,7 +31,7 @@ STRAGGLER_GAUGE = "rankwatch_straggler_lag_seconds"
 class CollectiveJob:
     """Stage 2 for one job: lateness, stragglers, hangs, and the victim test for op-timing candidates."""
 
-    summary_types = ("ops", "op", "op_flag", "nccl_init", "nccl_timeout", "job_stop")
+    summary_types = ("ops", "op", "op_flag", "nccl_init", "nccl_timeout", "job_stop", "gpu_mem", "gpu_exit")
 
     def __init__(self, job: str, ctx: StageContext) -> None:
         self.job = job
@@ -52,12 +53,15 @@ class CollectiveJob:
         self.gauge_rank: int | None = None  # the straggler the job's gauge series names
         self.paused = 0  # op-timing candidates explained by a pause of every rank
         self.stop_lines: dict[float, dict[str, Any]] = {}  # the lines that said the job was stopped, by time
+        self.gpus = GpuRelease()  # the job's GPUs: all released together is a stop too
+        self.gpu_ref: tuple[str, int] = ("", -1)  # the sample that showed the latest release
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
     # ---- input ------------------------------------------------------------------------------------------
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
         out: list[Anomaly] = []
         take_each(summaries, self._take, self.ctx.skip_summary)
+        self._gpu_stop()
         # ops are judged at ticks, behind the job's clock (see CollectiveTracker.judge)
         out.extend(self._release(self.judged_at))
         return out
@@ -68,6 +72,17 @@ class CollectiveJob:
         if t == "op":  # one op per summary (a worker before columns): its one row
             s = {k: [s.get(k, self.clock if k == "ts" else _OP_DEFAULTS.get(k))] for k in OP_COLUMNS}
             t = "ops"
+        if t == "gpu_mem":  # (GPU samples are not the ops' clock)
+            try:
+                self.gpus.in_use(*_gpu_fields(s), share=finite(s["share"]))
+            except MALFORMED:
+                pass  # counted once, by GpuImbalanceJob, which reads the same summaries
+            return
+        if t == "gpu_exit":
+            ref = (str(s.get("file", "")), int(s.get("offset", -1)))
+            self.gpus.exited(*_gpu_fields(s))
+            self.gpu_ref = ref
+            return
         if t == "ops":
             cols = _checked_columns(s)
             when = max(cols["ts"], default=None)
@@ -85,14 +100,29 @@ class CollectiveJob:
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
                 self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
             elif t == "job_stop":
-                at = finite(s["ts"])
-                line = {"by": s.get("by"), "reason": s.get("reason"), "file": str(s.get("file", "")),
-                        "offset": int(s.get("offset", -1))}
-                self.stop_lines.setdefault(at, line)  # (the first line of a moment: Slurm's banner, then srun's)
-                self.tracker.stop(at)
-                self.stop_lines = {k: v for k, v in self.stop_lines.items() if k in self.tracker.stops}
+                self._stop(finite(s["ts"]), {"by": s.get("by"), "reason": s.get("reason"),
+                                             "file": str(s.get("file", "")), "offset": int(s.get("offset", -1))})
         if when is not None:
             self.clock = max(self.clock, when)
+
+    def _stop(self, at: float, line: dict[str, Any]) -> None:
+        self.stop_lines.setdefault(at, line)  # (the first line of a moment: Slurm's banner, then srun's)
+        self.tracker.stop(at)
+        self.stop_lines = {k: v for k, v in self.stop_lines.items() if k in self.tracker.stops}
+
+    def _gpu_stop(self) -> None:
+        """All of the job's GPUs released their memory (models/gpu_release.py): together, the job was stopped,
+        as a scheduler's line would say; one by one (a crash, then the others' watchdog), it ends an open hang
+        but excuses none."""
+        got = self.gpus.stop({r for c in self.tracker.comms.values() for r in c.last})
+        if got is None:
+            return
+        at, together = got
+        if together or self.tracker.hang is not None:
+            n = sum(t >= at - self.gpus.config.recent_s for t in self.gpus.busy.values())
+            file, offset = self.gpu_ref
+            self._stop(at, {"by": None, "reason": f"all {n} of its GPUs released their memory", "file": file,
+                            "offset": offset})
 
     def _ops(self, s: Summary) -> None:
         """A batch's ops, as checked columns (`_checked_columns`): nothing here raises."""
@@ -318,7 +348,8 @@ class CollectiveJob:
                 "refs": self.refs.rows(4096),
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
-                "paused": self.paused, "stop_lines": [[t, line] for t, line in self.stop_lines.items()]}
+                "paused": self.paused, "stop_lines": [[t, line] for t, line in self.stop_lines.items()],
+                "gpus": self.gpus.save_state(), "gpu_ref": list(self.gpu_ref)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.tracker.load_state(state.get("tracker", {}))
@@ -335,7 +366,16 @@ class CollectiveJob:
         self.victims = int(state.get("victims", 0))
         self.paused = int(state.get("paused", 0))
         self.stop_lines = {float(t): dict(line) for t, line in state.get("stop_lines", [])}
+        self.gpus.load_state(state.get("gpus") or {})
+        ref = state.get("gpu_ref") or ("", -1)
+        self.gpu_ref = (str(ref[0]), int(ref[1]))
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if self.tracker.hang else 0)
+
+
+def _gpu_fields(s: Summary) -> tuple[str, float, int | None]:
+    """("host/gpu", ts, rank or None) of a GPU summary; raises on a malformed one."""
+    rank = s.get("rank")
+    return f"{s['host']}/{int(s['gpu'])}", finite(s["ts"]), None if rank is None else int(rank)
 
 
 __all__ = ["CollectiveJob", "CollectiveConfig", "HANG_GAUGE", "STRAGGLER_GAUGE"]

@@ -2,7 +2,9 @@
 
 Stage 1 runs `GpuMemoryDetector` (OOM forecast, leak, fragmentation) for each GPU, exports its gauges and
 summarises each GPU's peak per `imbalance_bucket_s` as `{type: "gpu_mem", host, gpu, rank, bucket, share, ...}`
-for stage 2, where `MemoryImbalanceDetector` compares the GPUs of a job wherever their partitions are.
+for stage 2, where `MemoryImbalanceDetector` compares the GPUs of a job wherever their partitions are. A GPU
+whose process exited sends `{type: "gpu_exit", host, gpu, rank, ts}`: the collective stage tells a stopped
+job from a hung one by them (models/gpu_release.py).
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ class GpuMemoryHandler:
         rank = self.ranks.get(key)
         det = self.detector(key)
         evaluated_before = det.prediction.ts if det.prediction else None
+        restarts = det.restarts
         found = det.update(rec.ts, d)
+        if det.restarts > restarts and det.exited_at is not None and self.ctx.wants("gpu_exit"):
+            # the process on this GPU is gone: with all of a job's GPUs, the job was stopped (models/gpu_release.py)
+            summaries.append({"type": "gpu_exit", "job": key[0], "host": key[1], "gpu": key[2], "rank": rank,
+                              "ts": det.exited_at, "file": rec.file, "offset": rec.offset})
         self.last_seen[key] = rec.ts
         self.latest_ts = max(self.latest_ts, rec.ts)
         if det.prediction is not None and det.prediction.ts != evaluated_before:

@@ -5,7 +5,8 @@
 stream (x1.5-3 intervals for ~50 ops) on other ranks and times, one that hangs, and one long normal run with
 drift and evaluation pauses. Half the hangs go on to the watchdog's lines; in the other half the logs just end
 (offline, `rankwatch analyze` then judges the silence since their end). Half the normal runs are cancelled by
-Slurm mid-run (its banner in the job's Slurm output; each rank dies within 2 s of the cancel): no hang. Faults
+Slurm mid-run (each rank dies within 2 s of the cancel): no hang. Half of those have the banner in the job's
+Slurm output; the other half have no Slurm output, only the GPU sampler showing every GPU's memory freed. Faults
 are matched by rank and time, not step: collectives carry no step number.
 """
 
@@ -70,6 +71,8 @@ def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1
     cancel_at = float(rng.uniform(0.4, 0.9))
     if seed % 2:  # odd seeds: Slurm cancels the normal run mid-step; its ranks die within 2 s of each other
         normal.cancel_s = cancel_at * normal_steps * normal.step_s
+        if seed % 4 == 3:  # ... and half of those leave no Slurm output, only the GPUs' memory freed
+            normal.slurm_output, normal.gpu_after_exit_s = False, 60.0
     out = []
     for name, sc, is_normal in (("faulty", faulty, False), ("hang", hang, False), ("normal", normal, True)):
         tl = build_timeline(sc)

@@ -78,6 +78,9 @@ class Scenario:
     gpu_interval_s: float = 1.0  # GPU sampler period while the job hangs
     cancel_s: float | None = None  # the scheduler cancels the job this long after its start (mid-step, as a rule)
     cancel_jitter_s: float = 2.0  # ... and each rank's processes die within this after the cancel
+    slurm_output: bool = True  # a cancelled job's Slurm output (banner, srun's and torchrun's lines) is there
+    # a per-node GPU sampler outlives the job: it samples the bare driver this long after each rank dies
+    gpu_after_exit_s: float = 0.0
 
     def labels(self) -> list[Fault]:
         return [f for f in self.faults if FAULT_KINDS[f.kind][1] is not None]
@@ -177,6 +180,14 @@ def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[
     rng = np.random.default_rng(sc.seed + 7)
     dies = {f"rank{r}/": at + float(rng.uniform(0.0, sc.cancel_jitter_s)) for r in range(sc.ranks)}
     kept = [ln for ln in lines if ln[0] <= dies[ln[1][:ln[1].index("/") + 1]]]
+    ids = identities(sc)
+    for r, ident in ids.items():  # the driver frees a dead process's memory: NVML shows what it keeps itself
+        t = dies[f"rank{r}/"] + 0.5
+        while t <= dies[f"rank{r}/"] + sc.gpu_after_exit_s:
+            kept.append((t, f"rank{r}/gpu.jsonl", _gpu_line(t, ident, r, 0.0, bare=True)))
+            t += sc.gpu_interval_s
+    if not sc.slurm_output:
+        return sorted(kept, key=lambda x: x[0])
     job_id = 40_000 + sc.seed
     banner = datetime.fromtimestamp(math.floor(at), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     out = f"slurm-{job_id}.out"
@@ -190,10 +201,10 @@ def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[
     return kept
 
 
-def _gpu_line(ts: float, ident: RankIdentity, r: int, step: float) -> str:
-    used = 30e9 + 1e9 * math.sin(step / 25.0) + r * 1e8
+def _gpu_line(ts: float, ident: RankIdentity, r: int, step: float, bare: bool = False) -> str:
+    used = 0.5e9 if bare else 30e9 + 1e9 * math.sin(step / 25.0) + r * 1e8
     return json.dumps({"ts": round(ts, 6), "host": ident.host, "gpu": ident.gpu, "rank": r,
-                       "mem_used_bytes": int(used), "mem_total_bytes": 80 * 1024**3, "util_pct": 97.0,
+                       "mem_used_bytes": int(used), "mem_total_bytes": 80 * 1024**3, "util_pct": 0.0 if bare else 97.0,
                        "temp_c": 64.0, "power_w": 610.0})
 
 

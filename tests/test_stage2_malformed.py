@@ -15,11 +15,12 @@ from rankwatch.simulate import Fault, Scenario, write_job
 CORRUPT: dict[str, tuple[str, Any]] = {
     "step": ("value", "x"), "gpu_mem": ("share", None), "log": ("ts", "x"), "clock": ("ts", "later"),
     "ops": ("ts", ["x"]), "nccl_init": ("rank", "x"), "nccl_timeout": ("ts", None), "job_stop": ("ts", "x"),
+    "gpu_exit": ("gpu", "x"),
 }
 
 
 def _batches(tmp_path) -> list[list[dict]]:
-    sc = Scenario(ranks=4, steps=220, seed=3, watchdog_s=5.0, cancel_s=300.0, faults=[
+    sc = Scenario(ranks=4, steps=220, seed=3, watchdog_s=5.0, cancel_s=300.0, gpu_after_exit_s=30.0, faults=[
         Fault("straggler", rank=1, step=60, length=40, magnitude=0.3), Fault("hang", rank=2, step=200)])
     write_job(sc, tmp_path)
     records = list(read_records([str(tmp_path)]))

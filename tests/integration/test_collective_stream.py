@@ -81,3 +81,5 @@ def test_collective_bar_offline_and_streaming(broker):
         assert all(x.faults >= 4 for x in q.values()), path
         assert bar_met(q, normal), (path, lines)
         assert sum(normal["alarms"].values()) <= 2, (path, normal)  # false alarms on long normal runs
+        # seeds 1 and 3 are cancelled: by Slurm's banner, and with no Slurm output but the GPUs' memory freed
+        assert not normal["alarms"].get("hang"), (path, normal)

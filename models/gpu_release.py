@@ -1,0 +1,81 @@
+"""A job's processes gone, seen from its GPUs: every GPU it used released its memory at about the same moment.
+
+In the logs a hang and a stopped job look alike: the ranks stop printing. On the GPUs they differ. Hung
+processes are alive inside a collective and hold their memory; the processes of a cancelled, preempted or
+killed job exit, and the driver frees their memory within a second or two. So where GPUs are sampled
+(`producer --gpu` running per node, outside the job, so it outlives it), all of the job's GPUs released
+together is a stop, as Slurm's banner would be. One GPU (or one node's) released while the others hold
+their memory is a crashed rank whose peers now wait for it: a hang, not a stop.
+
+Input, from stage 1 (processors/memory_stage.py): each GPU's `gpu_mem` summaries (its peak share per bucket:
+at `busy_share` or more it was in use then) and `gpu_exit` (models/gpu_memory.py: its used memory stayed far
+under its recent peaks for 10 s, dated when it fell). Plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GpuReleaseConfig:
+    busy_share: float = 0.2  # a GPU holding this share of its memory is in use (the exit test needs a fifth)
+    together_s: float = 60.0  # a job's GPUs released within this of one another: stopped together
+    recent_s: float = 600.0  # GPUs in use within this before the release count as the job's
+
+
+class GpuRelease:
+    """Which of a job's GPUs are in use and which were released; `stop` says when all were, together."""
+
+    def __init__(self, config: GpuReleaseConfig | None = None) -> None:
+        self.config = config or GpuReleaseConfig()
+        self.busy: dict[str, float] = {}  # "host/gpu" -> the latest time it held memory
+        self.exits: dict[str, float] = {}  # "host/gpu" -> the latest time its process exited
+        self.ranks: dict[str, int] = {}  # "host/gpu" -> rank, where the sampler mapped it
+        self.declared: float | None = None  # the latest release already reported by `stop`
+
+    def in_use(self, gpu: str, ts: float, rank: int | None = None, *, share: float) -> None:
+        if rank is not None:
+            self.ranks[gpu] = rank
+        if share >= self.config.busy_share and ts > self.busy.get(gpu, -math.inf):
+            self.busy[gpu] = ts
+
+    def exited(self, gpu: str, ts: float, rank: int | None = None) -> None:
+        if rank is not None:
+            self.ranks[gpu] = rank
+        self.exits[gpu] = max(ts, self.exits.get(gpu, -math.inf))
+
+    def stop(self, ranks: set[int]) -> tuple[float, bool] | None:
+        """(when the last of the job's GPUs was released, whether all were released within `together_s`), once
+        per release, when every GPU in use in the `recent_s` before has been released since, and they are all
+        of `ranks` (the ranks the job's collectives know): mapped GPUs must cover them, unmapped ones be as
+        many. A sampler on some nodes only sees those nodes' ranks die, which may be a crash the others hang on."""
+        if not self.exits:
+            return None
+        last = max(self.exits.values())
+        mine = [g for g, t in self.busy.items() if t >= last - self.config.recent_s]
+        if not mine or any(self.exits.get(g, -math.inf) < self.busy[g] for g in mine):
+            return None
+        mapped = {self.ranks[g] for g in mine if g in self.ranks}
+        if len(mapped) == len(mine):
+            if not ranks <= mapped:
+                return None
+        elif len(mine) < len(ranks):
+            return None
+        at = max(self.exits[g] for g in mine)
+        if self.declared is not None and at <= self.declared:
+            return None
+        self.declared = at
+        return at, at - min(self.exits[g] for g in mine) <= self.config.together_s
+
+    def save_state(self) -> dict[str, Any]:
+        return {"busy": self.busy, "exits": self.exits, "ranks": self.ranks, "declared": self.declared}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.busy = {str(k): float(v) for k, v in (state.get("busy") or {}).items()}
+        self.exits = {str(k): float(v) for k, v in (state.get("exits") or {}).items()}
+        self.ranks = {str(k): int(v) for k, v in (state.get("ranks") or {}).items()}
+        d = state.get("declared")
+        self.declared = None if d is None else float(d)
