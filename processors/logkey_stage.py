@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.logkeys import Finding, Line, LogKeyDetector
 from rankwatch.models.templates import LogTemplateMiner
-from rankwatch.processors.stages import Summary, finite, take_each
+from rankwatch.processors.stages import MALFORMED, Summary, finite, take_each
 
 from rankwatch.deeplog.model import UNK, DeepLog, Vocabulary, fit_windows, load_checkpoint
 from rankwatch.records import Anomaly, Record
@@ -203,7 +203,7 @@ def load_model_file(path: str) -> tuple[DeepLog, Vocabulary, tuple[str, int, int
 class LogKeyJob:
     """Stage 2: one job's template vocabulary and DeepLog verdicts on every rank's key sequence."""
 
-    summary_types = ("log",)
+    summary_types = ("log", "job_stop")
 
     def __init__(self, job: str, ctx: StageContext) -> None:
         self.job = job
@@ -219,6 +219,7 @@ class LogKeyJob:
         self.last_check = -math.inf
         self.published_templates = -1
         self.bootstrap_failed = False
+        self.stops: list[float] = []  # when the job was stopped (its scheduler's or launcher's lines), latest 8
         if cfg.deeplog_model:
             self._check_model_file(time.monotonic(), first=True)
 
@@ -227,6 +228,12 @@ class LogKeyJob:
         wall = time.monotonic()
 
         def take(s: Summary) -> None:
+            if s.get("type") == "job_stop":
+                try:
+                    self.stops = sorted({*self.stops, finite(s["ts"])})[-8:]
+                except MALFORMED:
+                    pass  # counted once, by CollectiveJob, which reads the same summaries
+                return
             if not isinstance(s.get("msg"), str):
                 raise TypeError(f"log summary without a message: {s.get('msg')!r}")
             self.reorder.push(s, wall)  # reads every field before it changes anything
@@ -370,17 +377,30 @@ class LogKeyJob:
         else:
             msg = (f"{who} logged key {tid} outside the top-{g} predictions (p={f.prob:.2g}, ranked "
                    f"{f.key_rank}): {template[:200]}")
+        severity = f.severity
+        stop = self._stopped_before(f.line.ts)
+        if stop is not None:  # a job being torn down prints what it never printed (the launcher's Traceback)
+            severity, ctx["job_stopped_at"] = "info", stop
+            msg += " (while the job was being stopped)"
         return Anomaly("deeplog", "log_key", self.job, f.line.rank, f.line.ts, value=f.prob,
                        expected=f.top[0][1] if f.top else None,
                        score=None if f.key_rank is None else float(f.key_rank),
-                       threshold=None if f.reason == "new_key" else float(g), severity=f.severity,
+                       threshold=None if f.reason == "new_key" else float(g), severity=severity,
                        message=" ".join(msg.split()), context=ctx, source_file=str(s.get("file", "")),
                        source_offset=int(s.get("offset", -1)))
+
+    def _stopped_before(self, ts: float) -> float | None:
+        """The stop whose teardown a line at `ts` belongs to: from the stop's time (Slurm's banner has whole
+        seconds, so the same second counts) to `stop_grace_s` after it (SIGTERM handlers, the scheduler's kill
+        wait), as for hangs (models/hangs.py). Not before it: a rank's crash makes srun cancel the step a
+        second or two later, and that crash is the finding."""
+        grace = self.cfg.stop_grace_s
+        return next((t for t in reversed(self.stops) if t <= ts <= t + grace), None)
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
         pending = [item[-1] for item in sorted(self.reorder.heap)]
-        return {"detector": self.det.save_state(), "phase": self.phase,
+        return {"detector": self.det.save_state(), "phase": self.phase, "stops": self.stops,
                 "held": [[ln.ref, ln.tid] for ln in self.held], "pending": pending,
                 "model_key": list(self.model_key) if self.model_key else None}
 
@@ -391,6 +411,7 @@ class LogKeyJob:
         for s in state.get("pending", []):
             self.reorder.push(s, wall)
         self.model_key = tuple(state["model_key"]) if state.get("model_key") else None  # type: ignore[assignment]
+        self.stops = [float(t) for t in state.get("stops", [])]
         phase = state.get("phase", COLLECTING)
         if phase == TRAINING:  # the fit did not survive the restart: run it again on the same pairs
             self._start_training()

@@ -233,3 +233,37 @@ def test_trained_checkpoint_is_used_and_reloaded_when_newer(tmp_path, job):
     save_checkpoint(newer, boot.model, boot.vocab)
     fresh.jobs["j"].detector(LogKeyJob).tick(0.0)
     assert det.model_version == version + 1 and det.model_source == f"checkpoint:{newer}"
+
+
+def test_a_stopped_jobs_teardown_lines_are_info_not_critical(tmp_path):
+    """scancel on a healthy job: torchrun's agent prints a Traceback of its SignalException, a new error key.
+    Within the stop's grace after Slurm's banner that is the teardown (info, `job_stopped_at`); the same lines
+    with no stop line before them stay critical, and so does a crash two seconds before the banner (srun
+    cancels the step when a task fails: the crash is the finding)."""
+    from datetime import datetime, timezone
+
+    sc = LogScenario(seed=11, **SMALL)
+    found = {}
+    for banner in (True, False):
+        job = tmp_path / f"job{banner}"
+        write_log_job(sc, job)
+        end = max(r.ts for r in read_records([str(job)]))
+        at = datetime.fromtimestamp(int(end) + 5, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        agent = datetime.fromtimestamp(int(end) + 5.2, tz=timezone.utc).strftime("W%m%d %H:%M:%S.%f")
+        crash = datetime.fromtimestamp(int(end) + 3, tz=timezone.utc).strftime("E%m%d %H:%M:%S.%f")
+        lines = [f"[rank3]:{crash} 2211 train.py:371] RuntimeError: CUDA error: an illegal memory access was encountered"]
+        lines += [f"slurmstepd: error: *** JOB 4242 ON node7 CANCELLED AT {at} ***"] if banner else []
+        lines += [  # the agent's shutdown as torch 2.4+ prints it (tests/data/real_lines/launcher.txt)
+            f"{agent} 1359 torch/distributed/elastic/multiprocessing/api.py:897] Sending process 1365 closing "
+            "signal SIGTERM",
+            "Traceback (most recent call last):",
+            '  File "/usr/local/bin/torchrun", line 8, in <module>',
+            "    sys.exit(main())",
+            "torch.distributed.elastic.multiprocessing.api.SignalException: Process 1359 got signal: 15"]
+        (job / "slurm-4242.out").write_text("\n".join(lines) + "\n")
+        _, found[banner] = _run(str(job))
+    stopped = [a for a in found[True] if "Traceback" in a.message]
+    assert stopped and all(a.severity == "info" and a.context["job_stopped_at"] == int(end) + 5 for a in stopped)
+    assert [a.severity for a in found[True] if "illegal memory access" in a.message] == ["critical"]
+    assert all(a.severity == "info" for a in found[True] if "illegal memory access" not in a.message)
+    assert any(a.severity == "critical" and "Traceback" in a.message for a in found[False])
