@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -24,6 +24,12 @@ class GpuReleaseConfig:
     busy_share: float = 0.2  # a GPU holding this share of its memory is in use (the exit test needs a fifth)
     together_s: float = 60.0  # a job's GPUs released within this of one another: stopped together
     recent_s: float = 600.0  # GPUs in use within this before the release count as the job's
+
+
+class Release(NamedTuple):
+    at: float  # when the last of the job's GPUs was released
+    together: bool  # all within `together_s` of one another
+    gpus: int  # how many GPUs the job was using
 
 
 class GpuRelease:
@@ -47,11 +53,11 @@ class GpuRelease:
             self.ranks[gpu] = rank
         self.exits[gpu] = max(ts, self.exits.get(gpu, -math.inf))
 
-    def stop(self, ranks: set[int]) -> tuple[float, bool] | None:
-        """(when the last of the job's GPUs was released, whether all were released within `together_s`), once
-        per release, when every GPU in use in the `recent_s` before has been released since, and they are all
-        of `ranks` (the ranks the job's collectives know): mapped GPUs must cover them, unmapped ones be as
-        many. A sampler on some nodes only sees those nodes' ranks die, which may be a crash the others hang on."""
+    def stop(self, ranks: set[int]) -> Release | None:
+        """The job's release, once, when every GPU in use in the `recent_s` before it has been released since,
+        and they are all of `ranks` (the ranks the job's collectives know): mapped GPUs must cover them, unmapped
+        ones be as many. A sampler on some nodes only sees those nodes' ranks die, which may be a crash the
+        others hang on."""
         if not self.exits:
             return None
         last = max(self.exits.values())
@@ -68,7 +74,7 @@ class GpuRelease:
         if self.declared is not None and at <= self.declared:
             return None
         self.declared = at
-        return at, at - min(self.exits[g] for g in mine) <= self.config.together_s
+        return Release(at, at - min(self.exits[g] for g in mine) <= self.config.together_s, len(mine))
 
     def save_state(self) -> dict[str, Any]:
         return {"busy": self.busy, "exits": self.exits, "ranks": self.ranks, "declared": self.declared}

@@ -55,6 +55,7 @@ class CollectiveJob:
         self.stop_lines: dict[float, dict[str, Any]] = {}  # the lines that said the job was stopped, by time
         self.gpus = GpuRelease()  # the job's GPUs: all released together is a stop too
         self.gpu_ref: tuple[str, int] = ("", -1)  # the sample that showed the latest release
+        self.gpu_exited = False  # a release arrived since the last check
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
     # ---- input ------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ class CollectiveJob:
         if t == "gpu_exit":
             ref = (str(s.get("file", "")), int(s.get("offset", -1)))
             self.gpus.exited(*_gpu_fields(s))
-            self.gpu_ref = ref
+            self.gpu_ref, self.gpu_exited = ref, True
             return
         if t == "ops":
             cols = _checked_columns(s)
@@ -114,15 +115,14 @@ class CollectiveJob:
         """All of the job's GPUs released their memory (models/gpu_release.py): together, the job was stopped,
         as a scheduler's line would say; one by one (a crash, then the others' watchdog), it ends an open hang
         but excuses none."""
-        got = self.gpus.stop({r for c in self.tracker.comms.values() for r in c.last})
-        if got is None:
+        if not self.gpu_exited:
             return
-        at, together = got
-        if together or self.tracker.hang is not None:
-            n = sum(t >= at - self.gpus.config.recent_s for t in self.gpus.busy.values())
+        self.gpu_exited = False  # (a stop can only begin with a release: checked then, not every batch)
+        rel = self.gpus.stop({r for c in self.tracker.comms.values() for r in c.last})
+        if rel is not None and (rel.together or self.tracker.hang is not None):
             file, offset = self.gpu_ref
-            self._stop(at, {"by": None, "reason": f"all {n} of its GPUs released their memory", "file": file,
-                            "offset": offset})
+            self._stop(rel.at, {"by": None, "reason": f"all {rel.gpus} of its GPUs released their memory",
+                                "file": file, "offset": offset})
 
     def _ops(self, s: Summary) -> None:
         """A batch's ops, as checked columns (`_checked_columns`): nothing here raises."""

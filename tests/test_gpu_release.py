@@ -27,7 +27,7 @@ def test_all_gpus_released_together_is_a_stop_once_and_a_crash_is_not():
         rel.exited(g, 130.0 + int(g[-1]))
         assert rel.stop(set(range(8))) is None  # one node's GPUs gone, the other's held: a crash
     rel.exited(gpus[7], 131.5)
-    assert rel.stop(set(range(8))) == (133.0, True)
+    assert rel.stop(set(range(8))) == (133.0, True, 8)
     assert rel.stop(set(range(8))) is None  # said once
     state = json.loads(json.dumps(rel.save_state()))
     again = GpuRelease()
@@ -46,12 +46,12 @@ def test_a_restart_or_ranks_out_of_the_samplers_sight_are_no_stop_and_a_slow_rel
     assert rel.stop({0, 1}) is None
     rel.exited("a/0", 160.0)
     rel.exited("a/1", 400.0)  # a crash, then the survivor's watchdog minutes later
-    assert rel.stop({0, 1}) == (400.0, False)
+    assert rel.stop({0, 1}) == (400.0, False, 2)
     unmapped = GpuRelease()
     for g in gpus:
         unmapped.in_use(g, 100.0, share=0.5)
         unmapped.exited(g, 120.0)
-    assert unmapped.stop({0, 1, 2}) is None and unmapped.stop({0, 1}) == (120.0, True)
+    assert unmapped.stop({0, 1, 2}) is None and unmapped.stop({0, 1}) == (120.0, True, 2)
 
 
 def _analyze(recs, wall):
