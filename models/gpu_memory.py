@@ -152,7 +152,7 @@ class GpuMemoryDetector:
                 "forecaster": self.forecaster.save_state(), "leak": self.leak.save_state(),
                 "frag": self.frag.save_state(), "latest": self.latest, "samples": self.samples,
                 "num_ooms": self.num_ooms, "usage_raised": self.usage_raised,
-                "first_ts": self.first_ts, "restarts": self.restarts}
+                "first_ts": self.first_ts, "restarts": self.restarts, "low_since": self.low_since}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.used.load_state(state.get("used", {}))
@@ -167,6 +167,7 @@ class GpuMemoryDetector:
         self.usage_raised = bool(state.get("usage_raised", False))
         self.first_ts = state.get("first_ts")
         self.restarts = int(state.get("restarts", 0))
+        self.low_since = state.get("low_since")
 
 
 def _finite(x: object) -> bool:

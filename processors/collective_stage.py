@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from rankwatch.models.collective import CollectiveConfig, CollectiveTracker, StragglerEvent
 from rankwatch.models.gpu_release import GpuRelease
 from rankwatch.models.hangs import HangEvent
+from rankwatch.processors.memory_stage import gpu_fields, gpu_mem_fields
 from rankwatch.processors.op_refs import RecentRefs
-from rankwatch.processors.op_stage import _OP_DEFAULTS, OP_COLUMNS, _checked_columns
+from rankwatch.processors.op_stage import _OP_DEFAULTS, OP_COLUMNS, _checked_columns, job_stop_fields
 from rankwatch.processors.stages import MALFORMED, Summary, finite, take_each
 
 from rankwatch.records import Anomaly
@@ -54,8 +55,7 @@ class CollectiveJob:
         self.paused = 0  # op-timing candidates explained by a pause of every rank
         self.stop_lines: dict[float, dict[str, Any]] = {}  # the lines that said the job was stopped, by time
         self.gpus = GpuRelease()  # the job's GPUs: all released together is a stop too
-        self.gpu_ref: tuple[str, int] = ("", -1)  # the sample that showed the latest release
-        self.gpu_exited = False  # a release arrived since the last check
+        self.gpu_pending = False  # a GPU release to check (arrived, or waiting for a hang to end)
         ctx.gauges.set(HANG_GAUGE, (job,), 0)
 
     # ---- input ------------------------------------------------------------------------------------------
@@ -75,14 +75,15 @@ class CollectiveJob:
             t = "ops"
         if t == "gpu_mem":  # (GPU samples are not the ops' clock)
             try:
-                self.gpus.in_use(*_gpu_fields(s), share=finite(s["share"]))
+                gpu, ts, rank, _, share = gpu_mem_fields(s)
             except MALFORMED:
-                pass  # counted once, by GpuImbalanceJob, which reads the same summaries
+                return  # counted once, by GpuImbalanceJob, which checks it with the same function
+            self.gpus.in_use(gpu, ts, rank, share=share)
             return
         if t == "gpu_exit":
             ref = (str(s.get("file", "")), int(s.get("offset", -1)))
-            self.gpus.exited(*_gpu_fields(s))
-            self.gpu_ref, self.gpu_exited = ref, True
+            self.gpus.exited(*gpu_fields(s), ref=ref)
+            self.gpu_pending = True
             return
         if t == "ops":
             cols = _checked_columns(s)
@@ -101,8 +102,7 @@ class CollectiveJob:
             elif t == "nccl_timeout":  # judged once the job's clock is past it: the ops before it are all in
                 self.evidence.append({**s, "ts": finite(s["ts"]), "offset": int(s.get("offset", -1))})
             elif t == "job_stop":
-                self._stop(finite(s["ts"]), {"by": s.get("by"), "reason": s.get("reason"),
-                                             "file": str(s.get("file", "")), "offset": int(s.get("offset", -1))})
+                self._stop(*job_stop_fields(s))
         if when is not None:
             self.clock = max(self.clock, when)
 
@@ -114,15 +114,18 @@ class CollectiveJob:
     def _gpu_stop(self) -> None:
         """All of the job's GPUs released their memory (models/gpu_release.py): together, the job was stopped,
         as a scheduler's line would say; one by one (a crash, then the others' watchdog), it ends an open hang
-        but excuses none."""
-        if not self.gpu_exited:
+        but excuses none, so such a release waits (`gpu_pending`) until a hang is open or new processes hold
+        the GPUs. Checked when a release arrives and, while one waits, at every tick."""
+        if not self.gpu_pending:
             return
-        self.gpu_exited = False  # (a stop can only begin with a release: checked then, not every batch)
         rel = self.gpus.stop({r for c in self.tracker.comms.values() for r in c.last})
-        if rel is not None and (rel.together or self.tracker.hang is not None):
-            file, offset = self.gpu_ref
-            self._stop(rel.at, {"by": None, "reason": f"all {rel.gpus} of its GPUs released their memory",
-                                "file": file, "offset": offset})
+        if rel is None or not (rel.together or self.tracker.hang is not None):
+            self.gpu_pending = rel is not None
+            return
+        self.gpu_pending = False
+        self.gpus.declare(rel.at)
+        self._stop(rel.at, {"by": None, "reason": f"all {rel.gpus} of its GPUs released their memory",
+                            "file": rel.ref[0], "offset": rel.ref[1]})
 
     def _ops(self, s: Summary) -> None:
         """A batch's ops, as checked columns (`_checked_columns`): nothing here raises."""
@@ -182,6 +185,7 @@ class CollectiveJob:
                                                  for ev in ripe], max(float(ev["ts"]) for ev in ripe))
             if h is not None:
                 out.append(self._hang_anomaly(h, (str(ripe[0].get("file", "")), int(ripe[0].get("offset", -1)))))
+        self._gpu_stop()  # a release waiting for a hang (applied before the hang is judged: it may end it)
         h = self.tracker.check_hang(now, lambda r: wall is None or wall - self.heard.get(r, wall) >=
                                     self.config.hang_quiet_s)
         if h is not None:
@@ -349,7 +353,7 @@ class CollectiveJob:
                 "evidence": self.evidence,
                 "clock": self.clock if self.clock != float("-inf") else None, "victims": self.victims,
                 "paused": self.paused, "stop_lines": [[t, line] for t, line in self.stop_lines.items()],
-                "gpus": self.gpus.save_state(), "gpu_ref": list(self.gpu_ref)}
+                "gpus": self.gpus.save_state(), "gpu_pending": self.gpu_pending}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.tracker.load_state(state.get("tracker", {}))
@@ -367,15 +371,8 @@ class CollectiveJob:
         self.paused = int(state.get("paused", 0))
         self.stop_lines = {float(t): dict(line) for t, line in state.get("stop_lines", [])}
         self.gpus.load_state(state.get("gpus") or {})
-        ref = state.get("gpu_ref") or ("", -1)
-        self.gpu_ref = (str(ref[0]), int(ref[1]))
+        self.gpu_pending = bool(state.get("gpu_pending", False))
         self.ctx.gauges.set(HANG_GAUGE, (self.job,), 1 if self.tracker.hang else 0)
-
-
-def _gpu_fields(s: Summary) -> tuple[str, float, int | None]:
-    """("host/gpu", ts, rank or None) of a GPU summary; raises on a malformed one."""
-    rank = s.get("rank")
-    return f"{s['host']}/{int(s['gpu'])}", finite(s["ts"]), None if rank is None else int(rank)
 
 
 __all__ = ["CollectiveJob", "CollectiveConfig", "HANG_GAUGE", "STRAGGLER_GAUGE"]

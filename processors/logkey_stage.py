@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.logkeys import Finding, Line, LogKeyDetector
 from rankwatch.models.templates import LogTemplateMiner
+from rankwatch.processors.op_stage import DECIDED_STOPS, job_stop_fields
 from rankwatch.processors.stages import MALFORMED, Summary, finite, take_each
 
 from rankwatch.deeplog.model import UNK, DeepLog, Vocabulary, fit_windows, load_checkpoint
@@ -230,9 +231,11 @@ class LogKeyJob:
         def take(s: Summary) -> None:
             if s.get("type") == "job_stop":
                 try:
-                    self.stops = sorted({*self.stops, finite(s["ts"])})[-8:]
+                    at, line = job_stop_fields(s)
                 except MALFORMED:
-                    pass  # counted once, by CollectiveJob, which reads the same summaries
+                    return  # counted once, by CollectiveJob, which reads stops through the same function
+                if line["reason"] in DECIDED_STOPS:  # after a failure, what ranks print may be news
+                    self.stops = sorted({*self.stops, at})[-8:]
                 return
             if not isinstance(s.get("msg"), str):
                 raise TypeError(f"log summary without a message: {s.get('msg')!r}")
@@ -390,10 +393,10 @@ class LogKeyJob:
                        source_offset=int(s.get("offset", -1)))
 
     def _stopped_before(self, ts: float) -> float | None:
-        """The stop whose teardown a line at `ts` belongs to: from the stop's time (Slurm's banner has whole
-        seconds, so the same second counts) to `stop_grace_s` after it (SIGTERM handlers, the scheduler's kill
-        wait), as for hangs (models/hangs.py). Not before it: a rank's crash makes srun cancel the step a
-        second or two later, and that crash is the finding."""
+        """The decided stop (`DECIDED_STOPS`) whose teardown a line at `ts` belongs to: from the stop's time
+        (Slurm's banner has whole seconds, so the same second counts) to `stop_grace_s` after it (SIGTERM
+        handlers, the scheduler's kill wait), as for hangs (models/hangs.py). Not before it: a rank's crash
+        makes srun cancel the step a second or two later, and that crash is the finding."""
         grace = self.cfg.stop_grace_s
         return next((t for t in reversed(self.stops) if t <= ts <= t + grace), None)
 

@@ -41,6 +41,30 @@ GAUGES = {
 }
 
 
+def _no_process(d: dict[str, Any]) -> bool:
+    """NVML lists no process holding memory (`proc_used_bytes` absent: none listed, or a container that cannot
+    see them; or under 5% of the GPU). Memory that fell while the process lives on (its cache emptied for an
+    evaluation) is no exit."""
+    proc, total = d.get("proc_used_bytes"), d.get("mem_total_bytes")
+    if not isinstance(proc, (int, float)) or not isinstance(total, (int, float)) or total <= 0:
+        return True
+    return proc < 0.05 * total
+
+
+def gpu_fields(s: Summary) -> tuple[str, float, int | None]:
+    """("host/gpu", ts, rank or None) of a GPU summary (`gpu_mem`, `gpu_exit`); raises on a malformed one."""
+    rank = s.get("rank")
+    return f"{s['host']}/{int(s['gpu'])}", finite(s["ts"]), None if rank is None else int(rank)
+
+
+def gpu_mem_fields(s: Summary) -> tuple[str, float, int | None, int, float]:
+    """`gpu_fields` and (bucket, share) of a `gpu_mem` summary: every field a stage-2 reader uses, so a malformed
+    one is refused by all readers alike and counted once (by GpuImbalanceJob)."""
+    gpu, ts, rank = gpu_fields(s)
+    int(s.get("offset", -1))  # the anomaly's source
+    return gpu, ts, rank, int(s["bucket"]), finite(s["share"])
+
+
 def finding_anomaly(rec: Record, key: GpuKey, rank: int | None, f: Finding) -> Anomaly:
     ctx = {"device": f"{key[1]}/{key[2]}", **f.context}
     return Anomaly(f.detector, f.signal, rec.job, rank, rec.ts, f.value, f.expected, f.score, f.threshold,
@@ -88,7 +112,7 @@ class GpuMemoryHandler:
         evaluated_before = det.prediction.ts if det.prediction else None
         restarts = det.restarts
         found = det.update(rec.ts, d)
-        if det.restarts > restarts and det.exited_at is not None and self.ctx.wants("gpu_exit"):
+        if det.restarts > restarts and det.exited_at is not None and self.ctx.wants("gpu_exit") and _no_process(d):
             # the process on this GPU is gone: with all of a job's GPUs, the job was stopped (models/gpu_release.py)
             summaries.append({"type": "gpu_exit", "job": key[0], "host": key[1], "gpu": key[2], "rank": rank,
                               "ts": det.exited_at, "file": rec.file, "offset": rec.offset})
@@ -191,9 +215,7 @@ class GpuImbalanceJob:
         out: list[Anomaly] = []
 
         def take(s: Summary) -> None:
-            gpu = f"{s['host']}/{int(s['gpu'])}"
-            bucket, share = int(s["bucket"]), finite(s["share"])
-            finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's event time and source
+            gpu, _, _, bucket, share = gpu_mem_fields(s)
             out.extend(self._anomaly(f) for f in self.detector.add(gpu, bucket, share, s))
 
         take_each(summaries, take, self.ctx.skip_summary)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rankwatch.models.op_timing import OpTimingDetector, OpVerdict, PendingOps
-from rankwatch.processors.stages import Summary
+from rankwatch.processors.stages import Summary, finite
 
 from rankwatch.records import Anomaly, Record
 
@@ -193,6 +193,18 @@ def anomaly_fields(a: Anomaly) -> dict[str, Any]:
     d = asdict(a)
     d.pop("detected_at", None)
     return d
+
+
+# stops that someone decided (a cancel, the time limit, a preemption, a signal to the launcher), whose aftermath
+# is teardown; not a failure (a node's, a task's, a rank's) or a restart after one, where what follows may be news
+DECIDED_STOPS = frozenset({"cancelled", "time_limit", "preemption", "requeue", "signal", "step_aborted"})
+
+
+def job_stop_fields(s: Summary) -> tuple[float, dict[str, Any]]:
+    """(time, {by, reason, file, offset}) of a `job_stop` summary; raises on a malformed one. Every stage-2
+    reader takes a stop through this, so a malformed one is refused by all alike (and counted once)."""
+    return finite(s["ts"]), {"by": s.get("by"), "reason": s.get("reason"), "file": str(s.get("file", "")),
+                             "offset": int(s.get("offset", -1))}
 
 
 class NcclEventHandler:

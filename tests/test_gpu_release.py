@@ -18,17 +18,19 @@ def busy(rel: GpuRelease, gpus: list[str], ts: float, share: float = 0.5) -> Non
         rel.in_use(g, ts, i, share=share)
 
 
-def test_all_gpus_released_together_is_a_stop_once_and_a_crash_is_not():
+def test_all_gpus_released_together_is_a_stop_once_declared_and_a_crash_is_not():
     gpus = [f"n{i // 4}/{i % 4}" for i in range(8)]
     rel = GpuRelease()
     busy(rel, gpus, 100.0)
     busy(rel, ["n9/0"], 100.0, share=0.01)  # an idle GPU on a sampled node is not the job's
     for g in gpus[:7]:
-        rel.exited(g, 130.0 + int(g[-1]))
+        rel.exited(g, 130.0 + int(g[-1]), ref=(g, 1))
         assert rel.stop(set(range(8))) is None  # one node's GPUs gone, the other's held: a crash
-    rel.exited(gpus[7], 131.5)
-    assert rel.stop(set(range(8))) == (133.0, True, 8)
-    assert rel.stop(set(range(8))) is None  # said once
+    rel.exited(gpus[7], 131.5, ref=("n1/3", 7))
+    assert rel.stop(set()) is None  # no collective view of the job: nothing to compare the GPUs with
+    assert rel.stop(set(range(8))) == (133.0, True, 8, ("n0/3", 1))  # dated and pointed at the last release
+    rel.declare(133.0)
+    assert rel.stop(set(range(8))) is None  # applied once
     state = json.loads(json.dumps(rel.save_state()))
     again = GpuRelease()
     again.load_state(state)
@@ -45,13 +47,13 @@ def test_a_restart_or_ranks_out_of_the_samplers_sight_are_no_stop_and_a_slow_rel
     busy(rel, gpus, 150.0)  # new processes hold the GPUs again
     assert rel.stop({0, 1}) is None
     rel.exited("a/0", 160.0)
-    rel.exited("a/1", 400.0)  # a crash, then the survivor's watchdog minutes later
-    assert rel.stop({0, 1}) == (400.0, False, 2)
+    rel.exited("a/1", 900.0)  # a crash, then the survivor's watchdog many minutes later (NCCL's 10 min)
+    assert rel.stop({0, 1})[:3] == (900.0, False, 2)
     unmapped = GpuRelease()
     for g in gpus:
         unmapped.in_use(g, 100.0, share=0.5)
         unmapped.exited(g, 120.0)
-    assert unmapped.stop({0, 1, 2}) is None and unmapped.stop({0, 1}) == (120.0, True, 2)
+    assert unmapped.stop({0, 1, 2}) is None and unmapped.stop({0, 1})[:3] == (120.0, True, 2)
 
 
 def _analyze(recs, wall):
@@ -76,7 +78,7 @@ def test_a_cancelled_job_without_its_slurm_output_is_no_hang_when_its_gpus_were_
 def test_a_crashed_rank_whose_gpu_was_released_is_a_hang_then_ended_when_the_others_die(tmp_path):
     """Rank 3 crashes: its GPU is freed, the others hold theirs waiting for it. That is a hang naming rank 3;
     when the watchdog kills the others minutes later and their GPUs are freed, the hang has ended."""
-    sc = Scenario(ranks=8, steps=200, seed=22, faults=[Fault("hang", 3, 150)], watchdog_s=300.0)
+    sc = Scenario(ranks=8, steps=200, seed=22, faults=[Fault("hang", 3, 150)], watchdog_s=660.0)
     hang_at = build_timeline(sc).hang_at
     write_job(sc, tmp_path / "job")
     recs = []
@@ -93,3 +95,27 @@ def test_a_crashed_rank_whose_gpu_was_released_is_a_hang_then_ended_when_the_oth
     assert "all 8 of its GPUs released their memory" in found[1].message
     assert found[1].event_time > hang_at + sc.watchdog_s
     assert p.gauges.get("rankwatch_hang_active", ("job",)) == 0
+
+
+def test_a_release_over_minutes_that_arrives_before_the_hang_is_judged_still_ends_it():
+    """Summaries arrive in any order: the GPUs' release (rank 3's at once, the others' minutes later) reaches
+    stage 2 before the job's clock makes the stall a hang. Spread out, it excuses nothing, and waits: the hang
+    is reported, then ended by it."""
+    p = Pipeline(DetectionConfig())
+    ops, t = [], 0.0
+    for n in range(40):
+        t += 0.5
+        ops += [{"type": "op", "job": "j", "rank": r, "ts": t + 0.001 * r, "comm": "id:c", "ptr": "", "n": n,
+                 "op": "AllReduce", "nranks": 4, "count": 1, "file": f"r{r}", "offset": n}
+                for r in range(4) if not (n == 39 and r == 3)]  # rank 3 never reaches op 39
+    gpus = [{"type": "gpu_mem", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": 1.0, "bucket": 0,
+             "share": 0.5, "peak": 1, "total": 2, "file": "g", "offset": r} for r in range(4)]
+    exits = [{"type": "gpu_exit", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": t + (1.0 if r == 3 else 200.0),
+              "file": "g", "offset": 100 + r} for r in range(4)]
+    out = p.second_stage(ops + gpus + exits + [{"type": "clock", "job": "j", "family": "op", "ts": t}])
+    for k in range(1, 300):
+        out += p.second_stage([{"type": "clock", "job": "j", "family": "gpu", "ts": t + k}])
+    hangs = [a for a in out if a.detector == "hang"]
+    assert [(a.severity, a.rank) for a in hangs] == [("critical", 3), ("info", 3)]
+    assert hangs[1].event_time == t + 200.0 and hangs[1].source_offset in (100, 101, 102)
+    assert hangs[1].context["stopped_by"] == {"by": None, "reason": "all 4 of its GPUs released their memory"}

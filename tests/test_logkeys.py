@@ -239,12 +239,13 @@ def test_a_stopped_jobs_teardown_lines_are_info_not_critical(tmp_path):
     """scancel on a healthy job: torchrun's agent prints a Traceback of its SignalException, a new error key.
     Within the stop's grace after Slurm's banner that is the teardown (info, `job_stopped_at`); the same lines
     with no stop line before them stay critical, and so does a crash two seconds before the banner (srun
-    cancels the step when a task fails: the crash is the finding)."""
+    cancels the step when a task fails: the crash is the finding). A stop by failure (`DUE TO NODE FAILURE`)
+    is no teardown: what follows it may be news."""
     from datetime import datetime, timezone
 
     sc = LogScenario(seed=11, **SMALL)
     found = {}
-    for banner in (True, False):
+    for banner in (True, False, "NODE FAILURE"):
         job = tmp_path / f"job{banner}"
         write_log_job(sc, job)
         end = max(r.ts for r in read_records([str(job)]))
@@ -252,7 +253,8 @@ def test_a_stopped_jobs_teardown_lines_are_info_not_critical(tmp_path):
         agent = datetime.fromtimestamp(int(end) + 5.2, tz=timezone.utc).strftime("W%m%d %H:%M:%S.%f")
         crash = datetime.fromtimestamp(int(end) + 3, tz=timezone.utc).strftime("E%m%d %H:%M:%S.%f")
         lines = [f"[rank3]:{crash} 2211 train.py:371] RuntimeError: CUDA error: an illegal memory access was encountered"]
-        lines += [f"slurmstepd: error: *** JOB 4242 ON node7 CANCELLED AT {at} ***"] if banner else []
+        why = f" DUE TO {banner}" if isinstance(banner, str) else ""
+        lines += [f"slurmstepd: error: *** JOB 4242 ON node7 CANCELLED AT {at}{why} ***"] if banner else []
         lines += [  # the agent's shutdown as torch 2.4+ prints it (tests/data/real_lines/launcher.txt)
             f"{agent} 1359 torch/distributed/elastic/multiprocessing/api.py:897] Sending process 1365 closing "
             "signal SIGTERM",
@@ -267,3 +269,6 @@ def test_a_stopped_jobs_teardown_lines_are_info_not_critical(tmp_path):
     assert [a.severity for a in found[True] if "illegal memory access" in a.message] == ["critical"]
     assert all(a.severity == "info" for a in found[True] if "illegal memory access" not in a.message)
     assert any(a.severity == "critical" and "Traceback" in a.message for a in found[False])
+    # the failure's banner is the (error-level) finding of that burst: the Traceback after it is counted in it
+    assert any(a.severity == "critical" and "NODE FAILURE" in a.message for a in found["NODE FAILURE"])
+    assert not [a for b in (False, "NODE FAILURE") for a in found[b] if "job_stopped_at" in a.context]

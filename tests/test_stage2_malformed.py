@@ -56,3 +56,27 @@ def test_a_malformed_summary_of_any_type_is_counted_and_changes_no_verdict(tmp_p
     verdicts, errors = _judge(corrupted)
     assert errors == len(CORRUPT)
     assert verdicts == clean
+
+
+# fields that only some of a summary type's stage-2 readers use: each reader refuses the summary alike
+MORE_CORRUPT = [("gpu_mem", "rank", "x"), ("gpu_mem", "bucket", "x"), ("job_stop", "offset", "x"),
+                ("gpu_exit", "ts", None)]
+
+
+def test_a_summary_malformed_in_a_field_only_one_reader_uses_is_counted_once_and_used_by_none(tmp_path):
+    batches = _batches(tmp_path)
+    clean, _ = _judge(batches)
+    for t, key, value in MORE_CORRUPT:
+        corrupted, done = [], False
+        for b in batches:
+            out = []
+            for s in b:
+                if s.get("type") == t and not done:
+                    out.append({**copy.deepcopy(s), key: value})
+                    done = True
+                out.append(s)
+            corrupted.append(out)
+        assert done, t
+        verdicts, errors = _judge(corrupted)
+        assert errors == 1, (t, key)
+        assert verdicts == clean, (t, key)
