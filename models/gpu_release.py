@@ -18,6 +18,7 @@ no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -58,17 +59,26 @@ class GpuRelease:
         if ts >= self.exits.get(gpu, -math.inf):
             self.exits[gpu], self.refs[gpu] = ts, ref
 
-    def stop(self, ranks: set[int]) -> Release | None:
-        """The job's release not yet declared, when every GPU it used since the last one (a restart's new
-        processes) has been released, and they are all of `ranks` (the ranks the job's collectives know; none
-        known: nothing to compare, no stop): mapped GPUs must cover them, unmapped ones be as many. A sampler on
-        some nodes only sees those nodes' ranks die, which may be a crash the others hang on."""
-        mine = [g for g, t in self.busy.items() if t > self.declared]
-        if not ranks or not mine or any(self.exits.get(g, -math.inf) < self.busy[g] for g in mine):
+    def _mine(self) -> list[str]:
+        """The job's GPUs: those in use since its last release (a restart's new processes)."""
+        return [g for g, t in self.busy.items() if t > self.declared]
+
+    def released(self) -> bool:
+        """Has every GPU the job used since its last release been released (declared or not)?"""
+        mine = self._mine()
+        return bool(mine) and all(self.exits.get(g, -math.inf) >= self.busy[g] for g in mine)
+
+    def stop(self, ranks: Collection[int]) -> Release | None:
+        """The job's release not yet declared, when every GPU it used since the last one has been released, and
+        they are all of `ranks` (the ranks the job's collectives know; none known: nothing to compare, no stop):
+        mapped GPUs must cover them, unmapped ones be as many. A sampler on some nodes only sees those nodes'
+        ranks die, which may be a crash the others hang on."""
+        if not ranks or not self.released():
             return None
+        mine = self._mine()
         mapped = {self.ranks[g] for g in mine if g in self.ranks}
         if len(mapped) == len(mine):
-            if not ranks <= mapped:
+            if not all(r in mapped for r in ranks):
                 return None
         elif len(mine) < len(ranks):
             return None

@@ -114,13 +114,15 @@ class CollectiveJob:
     def _gpu_stop(self) -> None:
         """All of the job's GPUs released their memory (models/gpu_release.py): together, the job was stopped,
         as a scheduler's line would say; one by one (a crash, then the others' watchdog), it ends an open hang
-        but excuses none, so such a release waits (`gpu_pending`) until a hang is open or new processes hold
-        the GPUs. Checked when a release arrives and, while one waits, at every tick."""
+        but excuses none. A release waits (`gpu_pending`) while it is not yet a stop and new processes do not
+        hold the GPUs: checked when a release arrives and, while one waits, at every tick."""
         if not self.gpu_pending:
             return
-        rel = self.gpus.stop({r for c in self.tracker.comms.values() for r in c.last})
+        rel = self.gpus.stop(self.last_ref.keys())  # (the ranks with ops)
         if rel is None or not (rel.together or self.tracker.hang is not None):
-            self.gpu_pending = rel is not None
+            # all released, but not a stop yet: the ops' view of the job (a worker reads the GPU topic ahead
+            # of the op topic), or the hang a spread-out release ends, may come later
+            self.gpu_pending = self.gpus.released()
             return
         self.gpu_pending = False
         self.gpus.declare(rel.at)

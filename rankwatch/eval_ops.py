@@ -3,7 +3,8 @@
 `rankwatch eval --suite ops`. Per seed three jobs of the simulator's synchronous DP x TP timeline
 (rankwatch/sim_collectives.py): one with a straggler (0.1-0.4 s late on every op for 30-60 steps) and a slow
 stream (x1.5-3 intervals for ~50 ops) on other ranks and times, one that hangs, and one long normal run with
-drift and evaluation pauses. Half the hangs go on to the watchdog's lines; in the other half the logs just end
+drift and evaluation pauses. Half the hangs go on to the watchdog's lines (in half of those the stalled rank
+crashed: its GPU's memory is freed while the others hold theirs); in the other half the logs just end
 (offline, `rankwatch analyze` then judges the silence since their end). Half the normal runs are cancelled by
 Slurm mid-run (each rank dies within 2 s of the cancel): no hang. Half of those have the banner in the job's
 Slurm output; the other half have no Slurm output, only the GPU sampler showing every GPU's memory freed. Faults
@@ -65,7 +66,7 @@ def scenarios(seed: int, ranks: int = 8, steps: int = 400, normal_steps: int = 1
     # odd seeds: the logs end at the hang (the scheduler killed the job; no watchdog line, nothing after it)
     hang = Scenario(steps=steps, faults=[Fault("hang", int(rng.integers(0, ranks)), int(rng.integers(150, 350)))],
                     pauses={int(rng.integers(60, 140)): float(rng.uniform(5, 20))}, hang_tail=seed % 2 == 0,
-                    **common)
+                    hang_crash=seed % 4 == 2, **common)
     normal = Scenario(steps=normal_steps, faults=[], **{**common, "seed": seed + 50_000},
                       pauses={int(s): float(rng.uniform(5, 30)) for s in rng.integers(100, normal_steps - 50, 3)})
     cancel_at = float(rng.uniform(0.4, 0.9))

@@ -76,6 +76,7 @@ class Scenario:
     watchdog_s: float = 600.0  # PyTorch's NCCL timeout: the watchdog lines come this long after a hang
     hang_tail: bool = True  # after a hang, GPU samples then the watchdog; False: the logs end at the hang
     gpu_interval_s: float = 1.0  # GPU sampler period while the job hangs
+    hang_crash: bool = False  # the hang's stalled rank crashed: its GPU's memory is freed while the others wait
     cancel_s: float | None = None  # the scheduler cancels the job this long after its start (mid-step, as a rule)
     cancel_jitter_s: float = 2.0  # ... and each rank's processes die within this after the cancel
     slurm_output: bool = True  # a cancelled job's Slurm output (banner, srun's and torchrun's lines) is there
@@ -218,7 +219,8 @@ def _hang_lines(sc: Scenario, tl: Timeline, ids: dict[int, RankIdentity]) -> lis
     frozen_step = tl.last_step + 1
     while t < end + 2.0:
         for r, ident in ids.items():
-            out.append((t, f"rank{r}/gpu.jsonl", _gpu_line(t, ident, r, frozen_step)))
+            bare = sc.hang_crash and r in tl.stopped
+            out.append((t, f"rank{r}/gpu.jsonl", _gpu_line(t, ident, r, frozen_step, bare=bare)))
         t += sc.gpu_interval_s
     seq = (tl.last_step + 2) * (sc.tp_ops * sc.grad_accum + sc.dp_buckets)
     for r in ids:

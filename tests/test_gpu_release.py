@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from rankwatch.models.gpu_release import GpuRelease
+from rankwatch.processors.collective_stage import CollectiveJob
 from rankwatch.processors.offline import read_records, run_pipeline
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
 
@@ -119,3 +120,26 @@ def test_a_release_over_minutes_that_arrives_before_the_hang_is_judged_still_end
     assert [(a.severity, a.rank) for a in hangs] == [("critical", 3), ("info", 3)]
     assert hangs[1].event_time == t + 200.0 and hangs[1].source_offset in (100, 101, 102)
     assert hangs[1].context["stopped_by"] == {"by": None, "reason": "all 4 of its GPUs released their memory"}
+
+
+def test_a_release_read_before_the_jobs_ops_still_stops_it():
+    """A worker catching up reads the GPU topic ahead of the op topic: the release of every GPU reaches stage 2
+    before any op of the job. It is kept until the ops show which ranks the job has, and then it is a stop."""
+    p = Pipeline(DetectionConfig())
+    gpus = [{"type": "gpu_mem", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": 1.0, "bucket": 0,
+             "share": 0.5, "peak": 1, "total": 2, "file": "g", "offset": r} for r in range(4)]
+    ops, t = [], 0.0
+    for n in range(40):
+        t += 0.5
+        ops += [{"type": "op", "job": "j", "rank": r, "ts": t + 0.3 * r, "comm": "id:c", "ptr": "", "n": n,
+                 "op": "AllReduce", "nranks": 4, "count": 1, "file": f"r{r}", "offset": n}
+                for r in range(4) if not (n == 39 and r == 3)]  # killed 0.9 s after its peers enqueued op 39
+    exits = [{"type": "gpu_exit", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": t + 1.0 + 0.2 * r,
+              "file": "g", "offset": 100 + r} for r in range(4)]
+    out = p.second_stage(gpus + exits)
+    out += p.second_stage(ops + [{"type": "clock", "job": "j", "family": "op", "ts": t}])
+    for k in range(1, 120):
+        out += p.second_stage([{"type": "clock", "job": "j", "family": "gpu", "ts": t + k}])
+    assert not [a for a in out if a.detector == "hang"]
+    job = p.jobs["j"].detector(CollectiveJob)
+    assert job.tracker.stops == [t + 1.6] and not job.gpu_pending
