@@ -220,7 +220,7 @@ class LogKeyJob:
         self.last_check = -math.inf
         self.published_templates = -1
         self.bootstrap_failed = False
-        self.stops: list[float] = []  # when the job was stopped (its scheduler's or launcher's lines), latest 8
+        self.stops: list[float] = []  # when the job was stopped by decision (DECIDED_STOPS), latest 8
         if cfg.deeplog_model:
             self._check_model_file(time.monotonic(), first=True)
 
