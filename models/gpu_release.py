@@ -63,19 +63,21 @@ class GpuRelease:
         """The job's GPUs: those in use since its last release (a restart's new processes)."""
         return [g for g, t in self.busy.items() if t > self.declared]
 
+    def _all_released(self, mine: list[str]) -> bool:
+        return bool(mine) and all(self.exits.get(g, -math.inf) >= self.busy[g] for g in mine)
+
     def released(self) -> bool:
         """Has every GPU the job used since its last release been released (declared or not)?"""
-        mine = self._mine()
-        return bool(mine) and all(self.exits.get(g, -math.inf) >= self.busy[g] for g in mine)
+        return self._all_released(self._mine())
 
     def stop(self, ranks: Collection[int]) -> Release | None:
         """The job's release not yet declared, when every GPU it used since the last one has been released, and
         they are all of `ranks` (the ranks the job's collectives know; none known: nothing to compare, no stop):
         mapped GPUs must cover them, unmapped ones be as many. A sampler on some nodes only sees those nodes'
         ranks die, which may be a crash the others hang on."""
-        if not ranks or not self.released():
-            return None
         mine = self._mine()
+        if not ranks or not self._all_released(mine):
+            return None
         mapped = {self.ranks[g] for g in mine if g in self.ranks}
         if len(mapped) == len(mine):
             if not all(r in mapped for r in ranks):

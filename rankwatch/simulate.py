@@ -168,10 +168,11 @@ def job_lines(sc: Scenario) -> list[tuple[float, str, str]]:
     if tl.hang_at is not None and sc.hang_tail:
         lines.extend(_hang_lines(sc, tl, ids))
     lines.sort(key=lambda x: x[0])
-    return _cancelled(sc, lines) if sc.cancel_s is not None else lines
+    return _cancelled(sc, lines, ids) if sc.cancel_s is not None else lines
 
 
-def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[float, str, str]]:
+def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]], ids: dict[int, RankIdentity]
+               ) -> list[tuple[float, str, str]]:
     """The job cancelled by Slurm at `start_ts + cancel_s`: its banner (whole seconds, as Slurm prints it),
     srun's lines and torchrun's agent taking the SIGTERM in the job's Slurm output, and each rank's lines end
     when its processes die, within `cancel_jitter_s` after (SIGTERM reaches nodes and processes at different
@@ -181,7 +182,6 @@ def _cancelled(sc: Scenario, lines: list[tuple[float, str, str]]) -> list[tuple[
     rng = np.random.default_rng(sc.seed + 7)
     dies = {f"rank{r}/": at + float(rng.uniform(0.0, sc.cancel_jitter_s)) for r in range(sc.ranks)}
     kept = [ln for ln in lines if ln[0] <= dies[ln[1][:ln[1].index("/") + 1]]]
-    ids = identities(sc)
     for r, ident in ids.items():  # the driver frees a dead process's memory: NVML shows what it keeps itself
         t = dies[f"rank{r}/"] + 0.5
         while t <= dies[f"rank{r}/"] + sc.gpu_after_exit_s:

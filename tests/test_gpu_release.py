@@ -98,24 +98,39 @@ def test_a_crashed_rank_whose_gpu_was_released_is_a_hang_then_ended_when_the_oth
     assert p.gauges.get("rankwatch_hang_active", ("job",)) == 0
 
 
+def _four_rank_job(spread: float) -> tuple[list[dict], list[dict], float]:
+    """Stage-2 summaries of a 4-rank comm, 40 ops 0.5 s apart, rank r enqueuing `spread` x r s after rank 0,
+    rank 3 never reaching op 39; and each GPU's busy summary. Returns (ops, busy GPUs, time of the last op)."""
+    ops, t = [], 0.0
+    for n in range(40):
+        t += 0.5
+        ops += [{"type": "op", "job": "j", "rank": r, "ts": t + spread * r, "comm": "id:c", "ptr": "", "n": n,
+                 "op": "AllReduce", "nranks": 4, "count": 1, "file": f"r{r}", "offset": n}
+                for r in range(4) if not (n == 39 and r == 3)]
+    gpus = [{"type": "gpu_mem", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": 1.0, "bucket": 0,
+             "share": 0.5, "peak": 1, "total": 2, "file": "g", "offset": r} for r in range(4)]
+    return ops, gpus, t
+
+
+def _exits(at: dict[int, float]) -> list[dict]:
+    return [{"type": "gpu_exit", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": ts, "file": "g",
+             "offset": 100 + r} for r, ts in at.items()]
+
+
+def _ticks(p: Pipeline, t: float, seconds: int) -> list:
+    return [a for k in range(1, seconds)
+            for a in p.second_stage([{"type": "clock", "job": "j", "family": "gpu", "ts": t + k}])]
+
+
 def test_a_release_over_minutes_that_arrives_before_the_hang_is_judged_still_ends_it():
     """Summaries arrive in any order: the GPUs' release (rank 3's at once, the others' minutes later) reaches
     stage 2 before the job's clock makes the stall a hang. Spread out, it excuses nothing, and waits: the hang
     is reported, then ended by it."""
     p = Pipeline(DetectionConfig())
-    ops, t = [], 0.0
-    for n in range(40):
-        t += 0.5
-        ops += [{"type": "op", "job": "j", "rank": r, "ts": t + 0.001 * r, "comm": "id:c", "ptr": "", "n": n,
-                 "op": "AllReduce", "nranks": 4, "count": 1, "file": f"r{r}", "offset": n}
-                for r in range(4) if not (n == 39 and r == 3)]  # rank 3 never reaches op 39
-    gpus = [{"type": "gpu_mem", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": 1.0, "bucket": 0,
-             "share": 0.5, "peak": 1, "total": 2, "file": "g", "offset": r} for r in range(4)]
-    exits = [{"type": "gpu_exit", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": t + (1.0 if r == 3 else 200.0),
-              "file": "g", "offset": 100 + r} for r in range(4)]
+    ops, gpus, t = _four_rank_job(0.001)  # rank 3 hangs short of op 39
+    exits = _exits({r: t + (1.0 if r == 3 else 200.0) for r in range(4)})
     out = p.second_stage(ops + gpus + exits + [{"type": "clock", "job": "j", "family": "op", "ts": t}])
-    for k in range(1, 300):
-        out += p.second_stage([{"type": "clock", "job": "j", "family": "gpu", "ts": t + k}])
+    out += _ticks(p, t, 300)
     hangs = [a for a in out if a.detector == "hang"]
     assert [(a.severity, a.rank) for a in hangs] == [("critical", 3), ("info", 3)]
     assert hangs[1].event_time == t + 200.0 and hangs[1].source_offset in (100, 101, 102)
@@ -126,20 +141,10 @@ def test_a_release_read_before_the_jobs_ops_still_stops_it():
     """A worker catching up reads the GPU topic ahead of the op topic: the release of every GPU reaches stage 2
     before any op of the job. It is kept until the ops show which ranks the job has, and then it is a stop."""
     p = Pipeline(DetectionConfig())
-    gpus = [{"type": "gpu_mem", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": 1.0, "bucket": 0,
-             "share": 0.5, "peak": 1, "total": 2, "file": "g", "offset": r} for r in range(4)]
-    ops, t = [], 0.0
-    for n in range(40):
-        t += 0.5
-        ops += [{"type": "op", "job": "j", "rank": r, "ts": t + 0.3 * r, "comm": "id:c", "ptr": "", "n": n,
-                 "op": "AllReduce", "nranks": 4, "count": 1, "file": f"r{r}", "offset": n}
-                for r in range(4) if not (n == 39 and r == 3)]  # killed 0.9 s after its peers enqueued op 39
-    exits = [{"type": "gpu_exit", "job": "j", "host": "h", "gpu": r, "rank": r, "ts": t + 1.0 + 0.2 * r,
-              "file": "g", "offset": 100 + r} for r in range(4)]
-    out = p.second_stage(gpus + exits)
+    ops, gpus, t = _four_rank_job(0.3)  # rank 3 killed 0.9 s after its peers enqueued op 39
+    out = p.second_stage(gpus + _exits({r: t + 1.0 + 0.2 * r for r in range(4)}))
     out += p.second_stage(ops + [{"type": "clock", "job": "j", "family": "op", "ts": t}])
-    for k in range(1, 120):
-        out += p.second_stage([{"type": "clock", "job": "j", "family": "gpu", "ts": t + k}])
+    out += _ticks(p, t, 120)
     assert not [a for a in out if a.detector == "hang"]
     job = p.jobs["j"].detector(CollectiveJob)
     assert job.tracker.stops == [t + 1.6] and not job.gpu_pending
