@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -45,8 +46,10 @@ def drain(consumer: KafkaConsumer, tps: list[TopicPartition], max_idle_polls: in
 
 
 def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: bool = True,
-                     poll_ms: int = 500) -> Iterator[dict[str, Any]]:
-    """Anomaly dicts from the topic; without `follow`, stops at the log end as it was when called."""
+                     poll_ms: int = 500, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+    """Anomaly dicts from the topic; without `follow`, stops at the log end as it was when called. `stop`:
+    following ends within a poll of it being set, anomalies or not (so the consumer is closed before whoever
+    set it stops the broker, instead of logging the broker's disappearance as errors)."""
     # A short fetch wait: the broker otherwise holds an empty fetch for 500 ms, which is latency for --follow.
     consumer = KafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, group_id=None,
                              fetch_max_wait_ms=50)
@@ -62,7 +65,7 @@ def follow_anomalies(settings: Settings, follow: bool = False, from_beginning: b
         else:
             consumer.seek_to_end(*tps)
         if follow:
-            while True:
+            while stop is None or not stop.is_set():
                 for msgs in consumer.poll(timeout_ms=poll_ms).values():
                     yield from _decode(msgs)
         else:

@@ -62,6 +62,8 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
     windows = build_timeline(sc).windows
     labelled = [(f, windows.get(i)) for i, f in enumerate(sc.faults) if FAULT_KINDS[f.kind][1]]
     shipper = None
+    consumer: threading.Thread | None = None
+    stop_consuming = threading.Event()
     try:
         if not settings.bootstrap:
             broker = EmbeddedBroker(port=free_port()).start()
@@ -91,15 +93,13 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
         seen: list[dict] = []
 
         def consume() -> None:
-            for rec in follow_anomalies(settings, follow=True, poll_ms=200):
+            for rec in follow_anomalies(settings, follow=True, poll_ms=200, stop=stop_consuming):
                 seen.append(rec)
                 console.print("[red]ANOMALY[/] " + " | ".join(_cell(rec, c) for c in COLUMNS[1:]),
                               style="bold red" if rec.get("severity") == "critical" else "yellow")
-                if stop_consuming.is_set():
-                    return
 
-        stop_consuming = threading.Event()
-        threading.Thread(target=consume, name="anomalies", daemon=True).start()
+        consumer = threading.Thread(target=consume, name="anomalies", daemon=True)
+        consumer.start()
         console.print(f"[bold]simulating[/] {ranks} ranks x {steps} steps in {jobdir} "
                       f"(faults: " + ", ".join(f"{f.kind} on rank {f.rank} at step {f.step}" for f in sc.faults)
                       + ")")
@@ -117,6 +117,9 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
             return 1
         return _summary(console, labelled, seen, shipper.shipped_total, time.monotonic() - t_start)
     finally:
+        if consumer is not None:  # closed before the broker goes, or it logs the lost connection as errors
+            stop_consuming.set()
+            consumer.join(timeout=5)
         if shipper is not None:
             shipper.stop_event.set()
             shipper.close()

@@ -150,3 +150,6 @@ def test_demo_detects_every_injected_fault_and_exits_zero():
         row = next(line for line in r.stdout.splitlines() if f"│ {fault}" in line)
         assert "yes" in row and "NO" not in row
     assert "0 not explained by an injected fault" in r.stdout
+    # a clean stop: the anomaly follower is closed before the broker goes (it used to log the lost
+    # connection as ERROR lines after the summary)
+    assert " ERROR " not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
