@@ -18,6 +18,7 @@ from rankwatch.models.training import Finding, RankMetricsDetector
 from rankwatch.processors.logkey_stage import log_summary
 from rankwatch.processors.stages import Summary, finite, take_each
 
+from rankwatch.parsing import torchrun_run_folder
 from rankwatch.records import Anomaly, Record
 
 if TYPE_CHECKING:
@@ -36,13 +37,25 @@ def anomaly_from(rec: Record, f: Finding, checkpoint: str | None) -> Anomaly:
                    source_offset=rec.offset)
 
 
+def series(rec: Record) -> tuple[str, int | str | None]:
+    """The series a metrics record belongs to: its job and rank, or, where no rank is known, its file. Files
+    whose rank the parser cannot tell (a layout it does not know) would otherwise merge into one series that
+    repeats every step once per file, and every rank's ordinary noise would look like a jump. A rank from
+    torchrun's `--log-dir` layout is a local rank: each node's launcher has its own run folder, so the folder
+    tells the nodes' rank 0s apart."""
+    if rec.rank is None:
+        return (rec.job, f"file:{rec.file}" if rec.file else None)
+    run = torchrun_run_folder(rec.file)
+    return (rec.job, rec.rank if run is None else f"{rec.rank}@{run}")
+
+
 class MetricsHandler:
     """Stage 1 for the metrics family (step metrics and checkpoint announcements), keyed by job/rank."""
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
-        self.ranks: dict[tuple[str, int | None], RankMetricsDetector] = {}
-        self.checkpoints: dict[tuple[str, int | None], str] = {}
+        self.ranks: dict[tuple[str, int | str | None], RankMetricsDetector] = {}
+        self.checkpoints: dict[tuple[str, int | str | None], str] = {}
 
     def process(self, records: list[Record]) -> tuple[list[Anomaly], list[Summary]]:
         out: list[Anomaly] = []
@@ -52,7 +65,7 @@ class MetricsHandler:
                 if rec.kind == "metrics":
                     out.extend(self._metrics(rec, summaries))
                 elif "checkpoint" in rec.data:  # recognised by the parser: "Saving checkpoint to ..."
-                    self.checkpoints[(rec.job, rec.rank)] = str(rec.data["checkpoint"])
+                    self.checkpoints[series(rec)] = str(rec.data["checkpoint"])
                     if self.ctx.config.logkey_enabled and self.ctx.wants("log"):  # still a log line
                         summaries.append(log_summary(rec, self.ctx.config.logkey_max_msg_chars))
             except (TypeError, ValueError, KeyError) as exc:
@@ -60,7 +73,7 @@ class MetricsHandler:
         return out, summaries
 
     def _metrics(self, rec: Record, summaries: list[Summary]) -> list[Anomaly]:
-        key = (rec.job, rec.rank)
+        key = series(rec)
         det = self.ranks.get(key)
         if det is None:
             det = self.ranks[key] = RankMetricsDetector(self.ctx.config)

@@ -10,6 +10,7 @@ are `ParseError`s that the caller counts and dead-letters.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -21,6 +22,9 @@ from rankwatch.formats.registry import parse_line
 from rankwatch.formats.user import UserFormat
 
 _PATH_RANK = re.compile(r"(?<![A-Za-z0-9])rank[_-]?(\d+)", re.IGNORECASE)
+# torchrun --log-dir: <dir>/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log
+_TORCHRUN_LOG_DIR = re.compile(r"(?:^|/)attempt_\d+/(\d+)/[^/]+$")
+_TORCHRUN_RUN = re.compile(r"^(.*)/attempt_\d+/\d+/[^/]+$")
 
 
 class ContextResolver:
@@ -51,16 +55,25 @@ class ContextResolver:
 
 
 def rank_from_path(path: str | Path, root: str | Path | None = None) -> int | None:
-    """First `rank[_-]?N` in the folder or file names (relative to the tailed root when given)."""
+    """First `rank[_-]?N` in the folder or file names (relative to the tailed root when given), else the local
+    rank of torchrun's `--log-dir` layout (`attempt_0/3/stdout.log`: the global rank on one node; a node's
+    folder of a multi-node job gives its local ranks, docs/FORMATS.md)."""
     p = Path(path)
     if root is not None:
         try:
             p = p.relative_to(root)
         except ValueError:
             pass
-    m = _PATH_RANK.search(str(p))
+    m = _PATH_RANK.search(str(p)) or _TORCHRUN_LOG_DIR.search(p.as_posix())
     return int(m.group(1)) if m else None
 
 
-__all__ = ["ParseError", "SourceContext", "ContextResolver", "parse_line", "parse_iso", "rank_from_path",
+@functools.lru_cache(maxsize=4096)
+def torchrun_run_folder(path: str) -> str | None:
+    """The run folder of a file in torchrun's `--log-dir` layout (one per node's launcher), else None."""
+    m = _TORCHRUN_RUN.match(path.replace(os.sep, "/")) if "attempt_" in path else None
+    return m.group(1) if m else None
+
+
+__all__ = ["ParseError", "SourceContext", "ContextResolver", "parse_line", "parse_iso", "rank_from_path", "torchrun_run_folder",
            "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -118,11 +119,39 @@ def test_other_json_and_text_are_log_messages():
     assert rec.data["raw"].startswith("[rank1]:")
 
 
+def test_srun_label_gives_the_rank_only_where_nothing_else_does():
+    # srun --label pads task numbers to the widest; torchrun's prefix after it, the path or a rank in the line
+    # name the rank (one launcher per node: the label is then the node's task), and NCCL lines never take it
+    line = "0: [titan] 2025-09-27 15:13:09,187 - root - INFO - step: 10  loss:  7.20467  grad_norm:  1.2"
+    rec = parse_line(line, ctx())
+    assert rec.kind == "metrics" and rec.rank == 0 and rec.data["loss"] == 7.20467
+    assert parse_line(" 3: [rank5]: 2024-01-01 00:00:00 INFO hello", ctx()).rank == 5
+    rec = parse_line("12:31:45 training resumed", ctx())  # a time, not a label
+    assert rec.rank is None and rec.data["msg"] == "12:31:45 training resumed"
+    rec = parse_line("10: W0409 07:28:49.530000 1359 torch/distributed/elastic/agent/server/api.py:719] "
+                     "Received 15 death signal, shutting down workers", ctx())
+    assert rec.rank == 10 and rec.data["event"] == "job_stop"
+    ds = "2: [2024-01-01 00:00:00,000] [INFO] [logging.py:96:log_dist] [Rank 5] step=7, skipped=0, lr=[1e-4]"
+    assert parse_line(ds, ctx()).rank == 5
+    path_ctx = SourceContext(path="/logs/j/rank3/x.log", job="j", rank=3, rank_from_path=True)
+    assert parse_line(ds, path_ctx).rank == 3
+    assert parse_line("2: plain message", path_ctx).rank == 3
+    assert parse_line("2: plain message", ctx()).rank == 2
+    coll = ("1: node-3:278:278 [0] NCCL INFO Broadcast: opCount 1608 sendbuff 0x3 recvbuff 0x3 count 1 datatype 4 "
+            "op 0 root 0 comm 0x555e2c6387e0 [nranks=4] stream 0x555e2b3a4370")
+    rec = parse_line(coll, ctx())
+    assert rec.kind == "op" and rec.rank is None
+
+
 def test_rank_from_path_and_job_resolution(tmp_path):
     assert rank_from_path("/logs/job/rank_12/stdout.log") == 12
     assert rank_from_path("/logs/job/worker-rank3.log") == 3
     assert rank_from_path("/home/frank2/logs/out.log") is None  # "frank2" is not a rank
     assert rank_from_path("/data/rank9/job/rank-4.log", "/data/rank9") == 4
+    # torchrun --log-dir: <dir>/<run id>_<random>/attempt_<restart>/<local rank>/stdout.log
+    assert rank_from_path("/logs/job/node1/llama_x7q1/attempt_0/3/stdout.log", "/logs/job") == 3
+    assert rank_from_path("/logs/job/attempt_2/0/stderr.log", "/logs/job") == 0
+    assert rank_from_path("/logs/job/3/stdout.log", "/logs/job") is None  # a bare number is not a rank
     (tmp_path / "myjob" / "rank5").mkdir(parents=True)
     f = tmp_path / "myjob" / "rank5" / "a.log"
     f.write_text("x\n")
@@ -176,3 +205,40 @@ def test_checkpoint_announcements_travel_with_the_metrics(line, path):
     rec = parse_line(line, ctx(rank=2))
     assert rec.kind == "log" and rec.data["checkpoint"] == path and rec.family() == "metrics"
     assert parse_line("loading checkpoint shards", ctx()).family() == "log"
+
+
+def _loss_lines(level: float, seed: int, titan: bool) -> str:
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 201):
+        loss = level * (1 + 0.01 * rng.gauss(0, 1))
+        t = f"2025-05-01 08:{step // 60:02d}:{step % 60:02d},000"
+        out.append(f"[titan] {t} - root - INFO - step: {step}  loss: {loss:.5f}  grad_norm:  1.0000" if titan
+                   else f'{{"ts": "2025-05-01T08:{step // 60:02d}:{step % 60:02d}Z", "step": {step}, '
+                        f'"loss": {loss:.5f}}}')
+    return "\n".join(out) + "\n"
+
+
+def test_ranks_the_path_cannot_tell_apart_stay_separate_series(tmp_path):
+    """Two nodes' torchrun --log-dir folders (local ranks 0 and 1 each) and two files without any rank: each
+    file is its own smooth series at its own level. Merged into one series per rank (as before), every step
+    would alternate between levels and look like a jump."""
+    from rankwatch.processors.offline import analyze
+
+    job = tmp_path / "job"
+    for node, level in (("node0/run_a1", 2.0), ("node1/run_b2", 6.0)):
+        for local in (0, 1):
+            d = job / node / "attempt_0" / str(local)
+            d.mkdir(parents=True)
+            (d / "stdout.log").write_text(_loss_lines(level + local, local, titan=True))
+    other = tmp_path / "norank"
+    other.mkdir()
+    (other / "a.log").write_text(_loss_lines(2.0, 7, titan=False))
+    (other / "b.log").write_text(_loss_lines(9.0, 8, titan=False))
+    found = analyze([str(job), str(other)])
+    assert [a for a in found if a.signal in ("loss", "grad_norm")] == []
+    # the series are judged: a spike in one of them is found, on its rank
+    spiked = _loss_lines(2.0, 7, titan=False).replace('"step": 150, "loss": ', '"step": 150, "loss": 1')
+    (other / "a.log").write_text(spiked)
+    found = [a for a in analyze([str(other)]) if a.signal == "loss"]
+    assert [a.context.get("step") for a in found] == [150] and found[0].rank is None

@@ -53,6 +53,7 @@ class SourceContext:
     is_csv: bool = False
     line_dated: bool = False  # did the current line's prefix give its time? (set per line by parse_line)
     arrival: float = 0.0  # when the current line was read (the shipper), or its file last written (at rest)
+    task_label: int | None = None  # the current line's `srun --label` task number (set per line by split_prefix)
 
     def __post_init__(self) -> None:
         self.is_csv = self.path.endswith(".csv")

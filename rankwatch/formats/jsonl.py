@@ -47,20 +47,20 @@ def _number(value: object, name: str) -> float:
 
 
 def _event_time(obj: dict, fallback: float | None) -> float | None:
-    if "ts" in obj:
-        ts = _number(obj["ts"], "ts")
-        if not math.isfinite(ts):
-            raise ParseError("ts is not finite")
-        return ts
-    if "timestamp" in obj:
-        value = obj["timestamp"]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    # epoch seconds or ISO 8601 under either name (scripts write both kinds under both)
+    name = "ts" if "ts" in obj else "timestamp" if "timestamp" in obj else None
+    if name is None:
+        return fallback
+    value = obj[name]
+    if isinstance(value, str) and value[:4].isdigit() and value[4:5] == "-":
         try:
-            return parse_iso(str(value))
+            return parse_iso(value)
         except ValueError as exc:
-            raise ParseError(str(exc)) from exc
-    return fallback
+            raise ParseError(f"{name}: {exc}") from exc
+    ts = _number(value, name)
+    if not math.isfinite(ts):
+        raise ParseError(f"{name} is not finite")
+    return ts
 
 
 def json_record(obj: dict, rank: int | None, ts: float | None) -> tuple[str, int | None, float | None, dict | None]:

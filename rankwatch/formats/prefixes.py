@@ -5,6 +5,10 @@ Recognised, in this order (each optional):
 - the terminal's echo of Ctrl-C, `^C`, glued to the start of the line the launcher prints next;
 - a Ray worker's `(RayTrainWorker pid=615, ip=10.72.7.6) ` / `(MegatronPolicyWorker[rank=31] pid=3264030, ip=..) `,
   removed (the torchrun prefix usually follows it);
+- Slurm's `srun --label` task number, `0: ` (padded to the widest: ` 3: `), kept in `ctx.task_label`: the rank
+  of metrics and messages only where nothing else tells it (srun started one task per rank; where it started
+  one launcher per node, the number is the node's: a torchrun prefix, the path or a rank in the line name the
+  rank instead), and never of NCCL's lines (docs/FORMATS.md);
 - Open MPI's `mpirun --tag-output` `[1,0]<stdout>:` (job, rank), optionally after `--timestamp-output`'s ctime
   (`Fri Aug 11 12:31:45 2023`), which gives the global rank (and the time) like torchrun's prefix;
 - the torchrun prefix `[rank3]:` / `[default3]:` (`--tee`/`--log-dir` output), which gives the global rank;
@@ -26,6 +30,7 @@ from rankwatch.formats.base import SourceContext
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 TORCHRUN = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+SRUN_LABEL = re.compile(r"^(\d{1,5}): ")
 RAY = re.compile(r"^\((?:[\w.\[\]=-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\) ")
 MPI_TAG = re.compile(r"^(?:[A-Z][a-z]{2} ([A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2} \d{4}))?"
                      r"\[\d+,(\d+)\]<std(?:out|err)>:")
@@ -86,8 +91,14 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     (month 13) stay part of the body."""
     rank: int | None = None
     ts: float | None = None
+    ctx.task_label = None
     if line[:1] in " \t":  # Megatron's " [2024-04-06 03:02:12] iteration ...", indented pastes
         line = line.lstrip()
+    if line[:1].isdigit():
+        m = SRUN_LABEL.match(line)
+        if m:
+            ctx.task_label = int(m.group(1))
+            line = line[m.end():]
     if line[:2] == "^C":  # the terminal's echo of Ctrl-C, glued to the launcher's next line
         line = line[2:]
     if line[:1] == "(":
@@ -133,5 +144,5 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     return line, rank, ts
 
 
-__all__ = ["ANSI", "TORCHRUN", "RAY", "MPI_TAG", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso",
+__all__ = ["ANSI", "TORCHRUN", "SRUN_LABEL", "RAY", "MPI_TAG", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso",
            "split_prefix"]

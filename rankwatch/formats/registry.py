@@ -101,6 +101,16 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
         line = strip_ansi(line)
     body, rank, ts = split_prefix(line, ctx, arrival)
     ctx.line_dated, ctx.arrival = ts is not None, arrival
+    rec = _parse_body_line(body, raw, ctx, rank, ts, offset, arrival)
+    # srun's task number, the last resort (prefixes.py). Not for NCCL's lines: srun starting one torchrun per
+    # node gives a node's processes one number, and stage 2 would take their ops for one rank's
+    if rec.rank is None and ctx.task_label is not None and ctx.last_format != "nccl":
+        rec.rank = ctx.task_label
+    return rec
+
+
+def _parse_body_line(body: str, raw: str, ctx: SourceContext, rank: int | None, ts: float | None, offset: int,
+                     arrival: float) -> Record:
     stripped = body.strip()
     is_object = stripped[:1] == "{" and stripped[-1:] == "}"
     if is_object and not ctx.user_formats:
