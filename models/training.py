@@ -43,6 +43,9 @@ class TrainingDetectorConfig:
     relative_guard_factor: float = 20.0  # ... and beyond this many robust sigmas of its usual step-to-step change
     throughput_drop_margin: float = 0.2  # below rolling P10 x (1 - margin) ...
     throughput_drop_k: float = 6.0  # ... and below median - k robust sigmas (a noisy series' own spread)
+    # a step-time spike or throughput dip this many times its usual level is raised at once; a smaller one only
+    # when the next step is beyond the threshold too (single slow steps are ordinary)
+    slowdown_min_ratio: float = 1.5
     critical_factor: float = 2.0  # robust z above critical_factor * k is critical
     admit_outliers: bool = False  # let flagged points into the MAD window
 
@@ -99,7 +102,9 @@ class RankMetricsDetector:
         self.prev: dict[str, float] = {}
         self.prev2: dict[str, float] = {}  # the value two steps back
         self.tput: deque[float] = deque(maxlen=c.window)
-        self.flagged: dict[str, int] = {}  # detector -> last step it flagged (throughput, step time episodes)
+        self.flagged: dict[str, int] = {}  # detector -> last record it flagged (throughput, step time episodes)
+        self.pending: dict[str, int] = {}  # detector -> last record beyond its threshold, but not by the ratio
+        self.judged = 0  # records judged: the clock of `flagged` and `pending`
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def threshold_info(self, rel: dict[str, float | None]) -> dict[str, Any]:
@@ -124,6 +129,7 @@ class RankMetricsDetector:
 
     # ---- the verdicts -----------------------------------------------------------------------------------
     def update(self, step: int, metrics: dict[str, Any]) -> list[Finding]:
+        self.judged += 1
         values = {k: float(v) for k, v in metrics.items()
                   if k in ("loss", "grad_norm", "throughput", "step_time_s") and isinstance(v, (int, float))
                   and not isinstance(v, bool)}
@@ -137,14 +143,17 @@ class RankMetricsDetector:
                     out.append(f)
         if "step_time_s" in values:
             sc = self.mad["step_time_s"].update(values["step_time_s"])
-            if sc.is_anomaly and self._episode_start("step_time", step):
+            ratio = sc.value / sc.expected if sc.expected and sc.expected > 0 else math.inf
+            if sc.is_anomaly and self._slowdown("step_time", step, ratio):
+                severe = self._severity(sc.score, self.mad["step_time_s"].k) == "critical" and ratio >= 2
                 out.append(Finding("step_time", "step_time_s", sc.value, sc.expected, sc.threshold, sc.score,
-                                   self._severity(sc.score, self.mad["step_time_s"].k),
+                                   "critical" if severe else "warning",
                                    f"step time {sc.value:.3g}s at step {step} is a spike over its rolling median "
                                    f"{sc.expected:.3g}s (threshold {sc.threshold:.3g}s)"))
         if "throughput" in values:
             f = self._throughput(values["throughput"], step)
-            if f is not None and self._episode_start("throughput", step):
+            if f is not None and self._slowdown("throughput", step, (f.expected or 0) / f.value if f.value > 0
+                                                else math.inf):
                 out.append(f)
         for s, x in values.items():
             if s in self.moments and math.isfinite(x):
@@ -153,12 +162,23 @@ class RankMetricsDetector:
             f.context = {"step": step, "threshold_info": dict(info), **f.context}
         return out
 
-    def _episode_start(self, detector: str, step: int) -> bool:
-        """A slowdown lasts: one finding when it starts, not one per step (a straggler or a slow data source
-        would otherwise raise one per step on every rank)."""
-        last = self.flagged.get(detector)
-        self.flagged[detector] = step
-        return last is None or step - last > 1
+    def _slowdown(self, detector: str, step: int, ratio: float) -> bool:
+        """Should a step beyond the step-time or throughput threshold be raised? One finding when a slowdown
+        starts, not one per step (a straggler or a slow data source would otherwise raise one per step on every
+        rank). A step `slowdown_min_ratio` times slower than usual (or slower still) starts one at once; a
+        smaller one only when the next step is beyond the threshold too: a single step a third slower (a garbage
+        collection, a slow batch, a logging flush) is how training runs, and a slowdown that lasts is caught
+        one step later."""
+        # counted in records, not steps: a job that logs every 10 steps has its "next step" 10 steps on
+        n = self.judged
+        if self.flagged.get(detector) == n - 1:  # the slowdown goes on: raised when it began
+            self.flagged[detector] = n
+            return False
+        if ratio < self.config.slowdown_min_ratio and self.pending.get(detector) != n - 1:
+            self.pending[detector] = n
+            return False
+        self.flagged[detector] = n
+        return True
 
     def _relative(self, s: str, x: float) -> float | None:
         prev = self.prev.get(s)
@@ -234,7 +254,7 @@ class RankMetricsDetector:
                 "rel": {s: d.save_state() for s, d in self.rel.items()},
                 "moments": {s: list(m.values) for s, m in self.moments.items()},
                 "prev": dict(self.prev), "prev2": dict(self.prev2), "tput": list(self.tput),
-                "flagged": dict(self.flagged)}
+                "flagged": dict(self.flagged), "pending": dict(self.pending), "judged": self.judged}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for s, st in state.get("mad", {}).items():
@@ -247,6 +267,10 @@ class RankMetricsDetector:
         self.prev2 = dict(state.get("prev2", {}))
         self.tput.extend(state.get("tput", []))
         self.flagged = {k: int(v) for k, v in state.get("flagged", {}).items()}
+        self.pending = {k: int(v) for k, v in state.get("pending", {}).items()}
+        self.judged = int(state.get("judged", 0))
+        if "judged" not in state:  # saved before episodes were counted in records (they were steps)
+            self.flagged = {}
 
 
 def priority(detector: str) -> int:

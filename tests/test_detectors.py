@@ -191,10 +191,17 @@ def test_fixed_threshold_overrides_dynamic_and_throughput_drop():
     det = RankMetricsDetector(TrainingDetectorConfig(fixed_loss_threshold=0.3))
     for step in range(30):
         assert det.update(step, {"loss": 0.2, "throughput": 1000.0 + step % 5}) == []
-    out = det.update(30, {"loss": 0.31, "throughput": 700.0})
+    out = det.update(30, {"loss": 0.31, "throughput": 600.0})  # 1.67x slower: raised at once
     kinds = {(f.detector, f.signal, f.severity) for f in out}
     assert ("fixed", "loss", "critical") in kinds and ("throughput", "throughput", "warning") in kinds
     assert det.update(31, {"loss": 0.25, "throughput": 1001.0}) == []  # 0.25 is far above median, under fixed
+    # 30% down (1.43x slower, under slowdown_min_ratio): one such step is ordinary, two in a row a slowdown,
+    # raised on the second
+    assert det.update(40, {"throughput": 700.0}) == []
+    assert det.update(41, {"throughput": 1002.0}) == []
+    assert det.update(50, {"throughput": 700.0}) == []
+    assert [(f.detector, f.context["step"]) for f in det.update(51, {"throughput": 700.0})] == [("throughput", 51)]
+    assert det.update(52, {"throughput": 700.0}) == []  # the same episode
 
 
 def test_straggler_judged_when_complete_or_late():
@@ -359,5 +366,28 @@ def test_throughput_that_varies_with_batch_length_is_judged_on_its_own_spread():
     steady = [1000 * (1 + 0.02 * rng.gauss(0, 1)) for _ in range(400)]
     assert len(findings(noisy)) <= 1  # the P10 rule alone flags ~2% of these steps
     noisy[300] = steady[300] = 1000 / 2.5 / 4  # a stall: a quarter of a 2.5x-slower step's throughput
-    steady[200] = 750  # 25% down in a series that moves 2%
-    assert 300 in findings(noisy) and {200, 300} <= set(findings(steady))
+    steady[200] = steady[201] = 750  # 25% down, for two steps, in a series that moves 2%
+    steady[100] = 750  # ... for one step: ordinary (slowdown_min_ratio)
+    assert 300 in findings(noisy) and {201, 300} <= set(findings(steady)) and 100 not in findings(steady)
+
+
+def test_single_slow_steps_are_ordinary_and_critical_needs_twice_the_usual_step():
+    rng = random.Random(3)
+    det = RankMetricsDetector(TrainingDetectorConfig())
+    for step in range(60):
+        assert det.update(step, {"step_time_s": 1.0 + 0.005 * rng.gauss(0, 1)}) == []
+    assert det.update(60, {"step_time_s": 1.4}) == []  # one step 40% slower: a GC pause, a slow batch
+    assert det.update(61, {"step_time_s": 1.0}) == []
+    (f,) = det.update(70, {"step_time_s": 1.6})  # 1.6x: raised at once, but not critical
+    assert f.detector == "step_time" and f.severity == "warning"
+    for step in range(71, 80):
+        assert det.update(step, {"step_time_s": 1.0}) == []
+    (f,) = det.update(80, {"step_time_s": 2.5})
+    assert f.severity == "critical"
+    # a job that logs every 10 steps: its next record is the next step judged (a slowdown that lasts is one
+    # finding, raised on its second record)
+    det = RankMetricsDetector(TrainingDetectorConfig())
+    for step in range(0, 600, 10):
+        assert det.update(step, {"step_time_s": 10.0 + 0.05 * rng.gauss(0, 1)}) == []
+    found = [f.context["step"] for step in range(600, 800, 10) for f in det.update(step, {"step_time_s": 13.0})]
+    assert found == [610]
