@@ -70,11 +70,20 @@ class LogKeyConfig:
 # Explicit level markers win: glog/c10 prefixes ([E ...], E0125 ...), Python logging levels. NCCL prints WARN
 # only when a call failed, so "NCCL WARN" counts as an error. Without a marker, the words decide.
 _EXPLICIT_ERROR = re.compile(r"^\s*(?:\[[EF][\s\d]|[EF]\d{4}\s)|\b(?:ERROR|FATAL|CRITICAL|NCCL WARN)\b")
-_EXPLICIT_WARN = re.compile(r"^\s*(?:\[W[\s\d]|W\d{4}\s)|\bWARN(?:ING)?\b")
+_EXPLICIT_WARN = re.compile(r"^\s*(?:\[W[\s\d]|W\d{4}\s)|\bWARN(?:ING)?\b|\b[A-Z]\w*Warning: ")
+# an INFO marker says the program thought it routine: error words there make a warning ("NCCL INFO NET/Plugin:
+# Failed to find ncclNetPlugin_v7 symbol" is NCCL falling back to its own transport; it prints WARN on failures)
+_EXPLICIT_INFO = re.compile(r"^\s*(?:\[I[\s\d]|I\d{4}\s)|\b(?:INFO|DEBUG)\b")
+# advice ("Failure to do this will result in ...", "... will result in indexing errors") and errors the program
+# handles by retrying ("Network error (ReadTimeout), entering retry loop") are warnings, not failures
+_ADVISORY = re.compile(r"(?i)\b(?:will|would|may|might|can|could) (?:result in|lead to|cause)\b|"
+                       r"\bretry(?:ing)?\b|\bretry loop\b|\bwill (?:be )?retr")
+_RAISED = re.compile(r"\b[A-Za-z]+(?:Error|Exception)\b|\bTraceback\b")  # an exception was raised all the same
 _ERROR_WORDS = re.compile(
     r"(?i)\b(?:errors?|exceptions?|traceback|fatal|abort(?:ed|ing)?|fail(?:s|ed|ure|ures|ing)?|killed|"
     r"segmentation fault|core dumped|timed out|unhandled|illegal|refused|unreachable|broken pipe|"
-    r"reset by peer|out of memory|oom|corrupt(?:ed|ion)?|panic|terminate called|unrecoverable)\b"
+    r"reset by peer|out of memory|oom|corrupt(?:ed|ion)?|panic|terminate called|unrecoverable|"
+    r"xid|fallen off the bus)\b"
     r"|[A-Za-z]+(?:Error|Exception)\b")
 _WARN_WORDS = re.compile(
     r"(?i)\b(?:warn(?:ing|ings)?|retry(?:ing)?|retries|retried|deprecated|deprecation|slow(?:er)?|"
@@ -96,8 +105,11 @@ def log_level(text: str) -> str | None:
         return "error"
     if _EXPLICIT_WARN.search(text):
         return "warn"
+    routine = _EXPLICIT_INFO.search(text) is not None
     if _ERROR_WORDS.search(text):
-        return "error"
+        return "warn" if routine or (_ADVISORY.search(text) and not _RAISED.search(text)) else "error"
+    if routine:
+        return None
     if _WARN_WORDS.search(text):
         return "warn"
     return None

@@ -11,7 +11,8 @@ boundaries. NCCL lines carry no timestamp, as in real output.
 Injected faults, each on one rank and labelled with its lines' event times (`LogBurst`):
 - `nccl_net`: NCCL WARN NET/IB completion errors (status=12, vendor err 129) and the proxy's error returns,
   repeated `magnitude` times;
-- `transport_retry`: socket connect retries, then (magnitude >= 2) the peer closing the connection;
+- `transport_retry`: socket connect retries (as many as the magnitude), then the peer closing the connection
+  (retries alone are NCCL's INFO lines: a transient it recovers from, counted as warnings, not raised);
 - `cuda_error`: an illegal memory access from the watchdog and Python's traceback (magnitude 1: just the
   RuntimeError line); the rank dies, so it is the scenario's last event;
 - `out_of_order`: phases out of order: the rank runs its startup again mid-run (magnitude >= 3: rendezvous,
@@ -239,9 +240,8 @@ class _RankWriter:
             for _ in range(m):
                 self.nccl(t, "INFO Call to connect returned Connection timed out, retrying", 12)
                 t += rng.uniform(1.0, 2.0)
-            if m >= 2:
-                self.nccl(t, f"WARN socketProgress: Connection closed by remote peer gpu-node{rng.integers(0, 4):03d}"
-                             f"<{rng.integers(40000, 60000)}>", 12, "misc/socket.cc:49")
+            self.nccl(t, f"WARN socketProgress: Connection closed by remote peer gpu-node{rng.integers(0, 4):03d}"
+                         f"<{rng.integers(40000, 60000)}>", 12, "misc/socket.cc:49")
         elif f.kind == "cuda_error":
             if m >= 2:
                 self.add(t, f"[E ProcessGroupNCCL.cpp:1537] [PG 0 Rank {self.r}] Process group watchdog thread "

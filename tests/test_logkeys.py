@@ -35,7 +35,16 @@ def one_torch_thread():
     ("[E ProcessGroupNCCL.cpp:607] [Rank 3] Watchdog caught collective operation timeout", "error"),
     ("transport/net_ib.cc:<*> NCCL WARN NET/IB : Got completion from peer <*> with status=<*>", "error"),
     ("RuntimeError: CUDA error: an illegal memory access was encountered", "error"),
-    ("NCCL INFO Call to connect returned Connection timed out, retrying", "error"),
+    ("NCCL INFO Call to connect returned Connection timed out, retrying", "warn"),
+    # a blind test's benign lines that read as errors: INFO-level, advice, a retry loop
+    ("NCCL INFO NET/Plugin: Failed to find ncclNetPlugin_v7 symbol.", "warn"),
+    ("Token indices sequence length is longer than the specified maximum sequence length for this model (<*> > "
+     "<*>). Running this sequence through the model will result in indexing errors", "warn"),
+    ("<*>: UserWarning: Detected call of `lr_scheduler.step()` before `optimizer.step()`. Failure to do this "
+     "will result in PyTorch skipping the first value of the learning rate schedule.", "warn"),
+    ("wandb: Network error (ReadTimeout), entering retry loop.", "warn"),
+    ("RuntimeError: this will cause a deadlock", "error"),  # raised all the same
+    ("NVRM: Xid (PCI:<*>): <*>, pid=<*>, GPU has fallen off the bus.", "error"),
     ("[W socket.cpp:<*>] [c10d] The server socket has failed to bind to [::]:<*>", "warn"),
     ("WARNING megatron.checkpointing: could not find the metadata file <*>", "warn"),
     ("<*>:<*>: UserWarning: torch.utils.checkpoint: the use_reentrant parameter should be passed", "warn"),
