@@ -85,6 +85,14 @@ def test_watchdog_of_a_non_default_group_does_not_set_the_record_rank():
     assert parse_line(line.replace("[PG 3 ", "[PG 0 "), ctx()).rank == 5
 
 
+def test_torchtitan_validation_loss_is_not_the_training_loss():
+    head = "[rank0]:[titan] 2025-06-16 22:30:50,322 - root - INFO - "
+    rec = parse_line(head + "validate step: 16500  loss:  2.4192  memory: 49.66GiB(52.28%)", ctx())
+    assert rec.kind == "log" and "loss" not in rec.data
+    rec = parse_line(head + "step: 16500  loss:  2.4192  memory: 49.66GiB(52.28%)", ctx())
+    assert rec.kind == "metrics" and rec.data["loss"] == 2.4192
+
+
 def test_hf_dicts_get_the_file_step_counter_and_eval_dicts_are_never_loss():
     c = ctx()
     steps = [parse_line("{'loss': " + v + ", 'learning_rate': 1e-05, 'epoch': 0.1}", c).data["step"]

@@ -19,6 +19,7 @@ from rankwatch.formats.base import Parsed, SourceContext, need_number
 
 NAME = "torchtitan"
 _HEAD = re.compile(r"\bstep:\s*(\d+)\s+loss:\s*(\S+)")
+_EVAL = re.compile(r"\b(?:validate|validation|val|eval(?:uation)?)\s+$", re.IGNORECASE)
 _KV = re.compile(r"\b(grad_norm|memory|tps|wps|tflops|mfu):\s*([-+\w.,]+?)(?:GiB\(([\d.]+)%\)|%)?(?=\s|$)")
 
 
@@ -28,8 +29,8 @@ def probe(body: str) -> bool:
 
 def parse(body: str, ctx: SourceContext) -> Parsed | None:
     m = _HEAD.search(body)
-    if m is None:
-        return None
+    if m is None or _EVAL.search(body[:m.start()]):
+        return None  # a validation loss ("validate step: 16500  loss:  2.4192") is not the training loss
     data: dict[str, Any] = {"step": int(m.group(1))}
     loss = need_number(m.group(2), "loss", NAME)
     if loss != -1.0:
