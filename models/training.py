@@ -193,6 +193,12 @@ class RankMetricsDetector:
     def _judge_signal(self, s: str, x: float, rel: float | None, step: int) -> Finding | None:
         c = self.config
         if not math.isfinite(x):
+            # once per run of non-finite values: a diverged job logs NaN at every step until it is stopped,
+            # and one critical says it (thousands would bury the rest)
+            ongoing = self.flagged.get(f"nonfinite:{s}") == self.judged - 1
+            self.flagged[f"nonfinite:{s}"] = self.judged
+            if ongoing:
+                return None
             return Finding("nonfinite", s, x, None, None, None, "critical", f"{s} is {x} at step {step}")
         det = self.mad[s]
         score = det.update(x)  # always scored, so the window's contamination guard sees every value

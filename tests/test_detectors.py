@@ -140,6 +140,12 @@ def test_rank_detector_nonfinite_is_critical_and_mad_carries_context():
     assert set(info) <= set(THRESHOLD_INFO_FIELDS)
     assert {"loss_median", "loss_mad", "loss_threshold", "loss_mean", "loss_std", "relative_grad_change"} <= set(info)
     assert math.isfinite(g.score) and g.score > 6
+    # a diverged run logs NaN at every step: one critical for the run of them, another once it recurs
+    later = [(f.detector, f.context["step"]) for step in range(61, 70)
+             for f in det.update(step, {"loss": float("nan")})]
+    assert later == []
+    det.update(70, {"loss": 2.0})
+    assert [f.detector for f in det.update(71, {"loss": float("inf")})] == ["nonfinite"]
 
 
 def test_nonfinite_values_survive_the_wire():
