@@ -43,8 +43,8 @@ class TrainingDetectorConfig:
     relative_guard_factor: float = 20.0  # ... and beyond this many robust sigmas of its usual step-to-step change
     throughput_drop_margin: float = 0.2  # below rolling P10 x (1 - margin) ...
     throughput_drop_k: float = 6.0  # ... and below median - k robust sigmas (a noisy series' own spread)
-    # a step-time spike or throughput dip this many times its usual level is raised at once; a smaller one only
-    # when the next step is beyond the threshold too (single slow steps are ordinary)
+    # a step-time spike or throughput dip this many times its usual level (median; throughput: its P10) is raised
+    # at once; a smaller one only when the next record is beyond the threshold too (single slow steps are ordinary)
     slowdown_min_ratio: float = 1.5
     critical_factor: float = 2.0  # robust z above critical_factor * k is critical
     admit_outliers: bool = False  # let flagged points into the MAD window
@@ -144,7 +144,7 @@ class RankMetricsDetector:
         if "step_time_s" in values:
             sc = self.mad["step_time_s"].update(values["step_time_s"])
             ratio = sc.value / sc.expected if sc.expected and sc.expected > 0 else math.inf
-            if sc.is_anomaly and self._slowdown("step_time", step, ratio):
+            if sc.is_anomaly and self._slowdown("step_time", ratio):
                 severe = self._severity(sc.score, self.mad["step_time_s"].k) == "critical" and ratio >= 2
                 out.append(Finding("step_time", "step_time_s", sc.value, sc.expected, sc.threshold, sc.score,
                                    "critical" if severe else "warning",
@@ -152,7 +152,7 @@ class RankMetricsDetector:
                                    f"{sc.expected:.3g}s (threshold {sc.threshold:.3g}s)"))
         if "throughput" in values:
             f = self._throughput(values["throughput"], step)
-            if f is not None and self._slowdown("throughput", step, (f.expected or 0) / f.value if f.value > 0
+            if f is not None and self._slowdown("throughput", (f.expected or 0) / f.value if f.value > 0
                                                 else math.inf):
                 out.append(f)
         for s, x in values.items():
@@ -162,7 +162,7 @@ class RankMetricsDetector:
             f.context = {"step": step, "threshold_info": dict(info), **f.context}
         return out
 
-    def _slowdown(self, detector: str, step: int, ratio: float) -> bool:
+    def _slowdown(self, detector: str, ratio: float) -> bool:
         """Should a step beyond the step-time or throughput threshold be raised? One finding when a slowdown
         starts, not one per step (a straggler or a slow data source would otherwise raise one per step on every
         rank). A step `slowdown_min_ratio` times slower than usual (or slower still) starts one at once; a
