@@ -77,7 +77,7 @@ _EXPLICIT_INFO = re.compile(r"^\s*(?:\[I[\s\d]|I\d{4}\s)|\b(?:INFO|DEBUG)\b")
 # advice ("Failure to do this will result in ...", "... will result in indexing errors") and errors the program
 # handles by retrying ("Network error (ReadTimeout), entering retry loop") are warnings, not failures
 _ADVISORY = re.compile(r"(?i)\b(?:will|would|may|might|can|could) (?:result in|lead to|cause)\b|"
-                       r"\bretry(?:ing)?\b|\bretry loop\b|\bwill (?:be )?retr")
+                       r"\bretry(?:ing)?\b|\bwill (?:be )?retr")
 _RAISED = re.compile(r"\b[A-Za-z]+(?:Error|Exception)\b|\bTraceback\b")  # an exception was raised all the same
 _ERROR_WORDS = re.compile(
     r"(?i)\b(?:errors?|exceptions?|traceback|fatal|abort(?:ed|ing)?|fail(?:s|ed|ure|ures|ing)?|killed|"

@@ -22,9 +22,9 @@ from rankwatch.formats.registry import parse_line
 from rankwatch.formats.user import UserFormat
 
 _PATH_RANK = re.compile(r"(?<![A-Za-z0-9])rank[_-]?(\d+)", re.IGNORECASE)
-# torchrun --log-dir: <dir>/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log
-_TORCHRUN_LOG_DIR = re.compile(r"(?:^|/)attempt_\d+/(\d+)/[^/]+$")
-_TORCHRUN_RUN = re.compile(r"^(.*)/attempt_\d+/\d+/[^/]+$")
+# torchrun --log-dir: <dir>/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log; groups: the
+# run folder (one per node's launcher), the local rank
+_TORCHRUN_LOG_DIR = re.compile(r"(?:^|(.*)/)attempt_\d+/(\d+)/[^/]+$")
 
 
 class ContextResolver:
@@ -64,14 +64,17 @@ def rank_from_path(path: str | Path, root: str | Path | None = None) -> int | No
             p = p.relative_to(root)
         except ValueError:
             pass
-    m = _PATH_RANK.search(str(p)) or _TORCHRUN_LOG_DIR.search(p.as_posix())
-    return int(m.group(1)) if m else None
+    m = _PATH_RANK.search(str(p))
+    if m:
+        return int(m.group(1))
+    m = _TORCHRUN_LOG_DIR.search(p.as_posix())
+    return int(m.group(2)) if m else None
 
 
 @functools.lru_cache(maxsize=4096)
 def torchrun_run_folder(path: str) -> str | None:
     """The run folder of a file in torchrun's `--log-dir` layout (one per node's launcher), else None."""
-    m = _TORCHRUN_RUN.match(path.replace(os.sep, "/")) if "attempt_" in path else None
+    m = _TORCHRUN_LOG_DIR.search(path.replace(os.sep, "/")) if "attempt_" in path else None
     return m.group(1) if m else None
 
 

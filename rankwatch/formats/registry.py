@@ -104,7 +104,7 @@ def parse_line(line: str, ctx: SourceContext, offset: int = -1, arrival: float =
     rec = _parse_body_line(body, raw, ctx, rank, ts, offset, arrival)
     # srun's task number, the last resort (prefixes.py). Not for NCCL's lines: srun starting one torchrun per
     # node gives a node's processes one number, and stage 2 would take their ops for one rank's
-    if rec.rank is None and ctx.task_label is not None and ctx.last_format != "nccl":
+    if rec.rank is None and ctx.task_label is not None and ctx.last_format != nccl.NAME:
         rec.rank = ctx.task_label
     return rec
 
