@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,40 @@ def one_torch_thread():
 ])
 def test_log_level(text, level):
     assert log_level(text) == level
+
+
+def test_python_logging_headers_keep_the_level_and_never_merge_levels():
+    """Real Python-logging lines (tests/data/real_lines/python_logging.txt) and same-length messages of one logger:
+    the header ('- __main__ - ERROR - ', '- INFO - __main__ - ', 'ERROR:root:', loguru's) must neither route every
+    message of a logger into one template nor let an ERROR line join an INFO line's template (which had made the
+    level a wildcard: the error was judged as routine)."""
+    from pathlib import Path
+
+    from rankwatch.parsing import SourceContext, parse_line
+
+    real = Path(__file__).parent / "data" / "real_lines" / "python_logging.txt"
+    lines = [x for x in real.read_text().splitlines() if x and not x.startswith("#")]
+    lines += ["2024-05-01 10:00:00,123 - __main__ - INFO - Starting epoch 1 now",
+              "2024-05-01 10:00:01,123 - __main__ - INFO - Saved model checkpoint 7",
+              "2024-05-01 10:00:02,123 - __main__ - ERROR - Failed reading shard 4",
+              "05/01/2024 10:00:05 - INFO - __main__ - Evaluation finished in 3s",
+              "05/01/2024 10:00:06 - ERROR - __main__ - Evaluation crashed in 3s",
+              "ERROR:root:Failed to read shard 4 now",
+              "2024-05-01 10:00:09.120 | ERROR    | train:main:12 - Failed to read shard 4 now"]
+    det = LogKeyDetector()
+    ctx = SourceContext(path="/logs/job/train.log", job="j")
+    seen: dict[int, set[str]] = {}
+    for line in lines:
+        rec = parse_line(line, ctx, 0, 1.0)
+        assert rec.ts > 1e9, line  # the header's time was read (slashed dates too), not the arrival time
+        tid, _ = det.mine(rec.data["msg"])
+        header = re.search(r"(?:^| - | \| )(CRITICAL|ERROR|WARNING|INFO)\b", line).group(1)
+        want = {"CRITICAL": "error", "ERROR": "error", "WARNING": "warn", "INFO": None}[header]
+        if "Process rank" not in line:  # its 'distributed training: False' is read as a word, not a level
+            assert det.level(tid) == want, (line, det.miner.template(tid))
+        seen.setdefault(tid, set()).add(header)
+    assert all(len(headers) == 1 for headers in seen.values()), seen
+    assert len(seen) >= len(lines) - 3  # only the three same-message lines in three header styles share a key
 
 
 def _lines(det: LogKeyDetector, rank: int, msgs: list[str], t0: float) -> list[Line]:

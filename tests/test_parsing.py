@@ -56,6 +56,22 @@ def test_iso_timestamps(text, expected):
     assert rec.ts == pytest.approx(expected, abs=1e-6) and rec.data["msg"] == "hello"
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("05/25/2023 13:07:43", 1685020063.0),  # transformers' examples: month first
+    ("25/05/2023 13:07:43", 1685020063.0),  # day first where the first number cannot be a month
+    ("2023/05/25 13:07:43", 1685020063.0),
+    ("2023/05/25 13:07:43,250", 1685020063.25),
+])
+def test_slashed_dates(text, expected):
+    rec = parse_line(f"{text} - INFO - __main__ - hello", ctx(), 0, 1.0)
+    assert rec.ts == pytest.approx(expected) and rec.data["msg"] == "- INFO - __main__ - hello"
+
+
+def test_impossible_slashed_date_stays_in_the_message():
+    rec = parse_line("13/13/2023 13:07:43 hello", ctx(), 0, 7.0)
+    assert rec.ts == 7.0 and rec.data["msg"].startswith("13/13/2023")
+
+
 def test_line_without_time_takes_previous_time_of_file_else_arrival():
     c = ctx()
     assert parse_line("no time here", c, 0, 50.0).ts == 50.0

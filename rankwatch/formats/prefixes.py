@@ -16,7 +16,9 @@ Recognised, in this order (each optional):
   `[INFO 2020-06-08 05:26:19]` (early DeepSpeed);
 - the time: ISO 8601 (`T` or space, `.`/`,` fraction, `Z`/offset, optionally in `[...]`) as written by Python
   logging, DeepSpeed, Megatron (`[2024-04-06 03:02:12]`), nanoGPT forks and NCCL >= 2.23's
-  NCCL_DEBUG_TIMESTAMP_FORMAT default (`[%F %T] `); or the glog form PyTorch's C++ side (c10) writes,
+  NCCL_DEBUG_TIMESTAMP_FORMAT default (`[%F %T] `); slashed dates, `05/25/2023 13:07:42` (transformers' example
+  scripts set `datefmt="%m/%d/%Y %H:%M:%S"`; day first where the first number cannot be a month) and
+  `2018/06/03 15:47:15`; or the glog form PyTorch's C++ side (c10) writes,
   `[E1206 18:44:12.715298746 ProcessGroupNCCL.cpp:607]` / `E0614 11:26:37.758169 12345 file.cc:123]`, which has
   no year: the year is taken from the file's previous event time (else the arrival time).
 """
@@ -36,6 +38,7 @@ MPI_TAG = re.compile(r"^(?:[A-Z][a-z]{2} ([A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{
                      r"\[\d+,(\d+)\]<std(?:out|err)>:")
 _TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\|[^\]\s]+\]\s| (?=\d{4}-)))")
 TS = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:[.,](\d+))?\s?(Z|[+-]\d{2}:?\d{2})?\]?\s*")
+SLASH_TS = re.compile(r"^\[?(\d{1,4})/(\d{1,2})/(\d{1,4})[T ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\]?\s*")
 # c10/glog: level letter, month (c10 does not zero-pad it: E626 is June 26) and day, time with up to 9 fraction digits, optional thread id, source file:line
 GLOG = re.compile(r"^\[?([IWEF])(\d{1,2}?)(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?: +\d+)? [^\]\s]+:\d+\]\s?")
 
@@ -64,6 +67,19 @@ def ts_from_iso_match(m: re.Match[str]) -> float:
         base = dt.replace(tzinfo=timezone.utc).timestamp() - offset
         _last_second = (key, base)
     return base + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def _slash_ts(m: re.Match[str]) -> float:
+    a, b, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if len(m.group(1)) == 4:  # 2018/06/03
+        year, month, day = a, b, c
+    elif len(m.group(3)) == 4:  # 05/25/2023 (US, as transformers' examples print it); 25/05/2023 when a > 12
+        year, month, day = (c, a, b) if a <= 12 else (c, b, a)
+    else:
+        raise ValueError("no four-digit year")
+    frac = m.group(7)
+    dt = datetime(year, month, day, int(m.group(4)), int(m.group(5)), int(m.group(6)), tzinfo=timezone.utc)
+    return dt.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
 def parse_iso(text: str) -> float:
@@ -133,6 +149,14 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
                 line = line[m.end():]
             except ValueError:
                 ts = None  # e.g. month 13: keep the text as part of the message
+        elif "/" in line[1:5]:
+            m = SLASH_TS.match(line)
+            if m:
+                try:
+                    ts = _slash_ts(m)
+                    line = line[m.end():]
+                except ValueError:
+                    ts = None
     if ts is None and c in "IWEF[":
         m = GLOG.match(line)
         if m:
@@ -144,5 +168,5 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
     return line, rank, ts
 
 
-__all__ = ["ANSI", "TORCHRUN", "SRUN_LABEL", "RAY", "MPI_TAG", "TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso",
+__all__ = ["ANSI", "TORCHRUN", "SRUN_LABEL", "RAY", "MPI_TAG", "TS", "SLASH_TS", "GLOG", "strip_ansi", "ts_from_iso_match", "parse_iso",
            "split_prefix"]
