@@ -141,6 +141,9 @@ class RankMetricsDetector:
                 f = self._judge_signal(s, values[s], rel.get(s), step)
                 if f is not None:
                     out.append(f)
+        hidden = self._hidden_nonfinite(metrics, values, step)
+        if hidden is not None:  # the strongest finding on the loss this step
+            out = [x for x in out if x.signal != "loss"] + [hidden]
         if "step_time_s" in values:
             sc = self.mad["step_time_s"].update(values["step_time_s"])
             ratio = sc.value / sc.expected if sc.expected and sc.expected > 0 else math.inf
@@ -193,13 +196,7 @@ class RankMetricsDetector:
     def _judge_signal(self, s: str, x: float, rel: float | None, step: int) -> Finding | None:
         c = self.config
         if not math.isfinite(x):
-            # once per run of non-finite values: a diverged job logs NaN at every step until it is stopped,
-            # and one critical says it (thousands would bury the rest)
-            ongoing = self.flagged.get(f"nonfinite:{s}") == self.judged - 1
-            self.flagged[f"nonfinite:{s}"] = self.judged
-            if ongoing:
-                return None
-            return Finding("nonfinite", s, x, None, None, None, "critical", f"{s} is {x} at step {step}")
+            return self._nonfinite(s, x, step, f"{s} is {x} at step {step}")
         det = self.mad[s]
         score = det.update(x)  # always scored, so the window's contamination guard sees every value
         fixed = self._fixed(s)
@@ -225,6 +222,36 @@ class RankMetricsDetector:
                            f"{s} rose {rel:.0%} from the previous step ({prev:.4g} -> {x:.4g}) at step {step}, "
                            f"beyond its usual step-to-step change")
         return None
+
+    def _hidden_nonfinite(self, metrics: dict[str, Any], values: dict[str, float], step: int) -> Finding | None:
+        """A NaN/Inf loss the framework kept out of the logged loss. Megatron averages the loss over the logging
+        interval without the iterations it skipped, and prints only an average above 0: a NaN average is left
+        out of the line. It counts NaN losses of skipped iterations ('number of nan iterations'), but not where
+        the optimizer applied the step anyway (bf16 without a grad scaler: the loss just vanishes from the
+        line, with 'number of nan iterations: 0'; epfLLM/Megatron-LLM#33, Megatron-DeepSpeed#396)."""
+        if not math.isfinite(values.get("loss", 0.0)):
+            return None  # raised as the loss itself
+        nan_iters = metrics.get("nan_iterations")
+        if isinstance(nan_iters, (int, float)) and nan_iters > 0:
+            message = (f"{nan_iters:g} iteration(s) up to step {step} had a NaN/Inf loss (skipped by the framework: "
+                       f"'number of nan iterations'); the logged loss leaves them out")
+            value = float(nan_iters)
+        elif metrics.get("loss_missing") and "loss" not in values and "loss" in self.prev:
+            message = (f"no loss logged at step {step}, where every earlier record had one and no iteration was "
+                       f"skipped: its average was NaN/Inf (Megatron prints only a loss above 0)")
+            value = math.nan
+        else:
+            return None
+        return self._nonfinite("loss", value, step, message)
+
+    def _nonfinite(self, s: str, x: float, step: int, message: str) -> Finding | None:
+        # once per run of non-finite records: a diverged job logs NaN at every step until it is stopped, and one
+        # critical says it (thousands would bury the rest)
+        ongoing = self.flagged.get(f"nonfinite:{s}") == self.judged - 1
+        self.flagged[f"nonfinite:{s}"] = self.judged
+        if ongoing:
+            return None
+        return Finding("nonfinite", s, x, None, None, None, "critical", message)
 
     def _throughput(self, x: float, step: int) -> Finding | None:
         c = self.config

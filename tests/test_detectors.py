@@ -148,6 +148,41 @@ def test_rank_detector_nonfinite_is_critical_and_mad_carries_context():
     assert [f.detector for f in det.update(71, {"loss": float("inf")})] == ["nonfinite"]
 
 
+def _megatron(step: int, loss: str, skipped: int = 0, nan: int = 0, scale: str = "1.0") -> str:
+    # the layout of epfLLM/Megatron-LLM#33's lines (tests/data/real_lines/megatron.txt)
+    return (f"iteration {step:>8}/    8000 | consumed samples: {step * 64:>12} | elapsed time per iteration (ms): "
+            f"7613.1 | learning rate: 6.680E-06 | global batch size:    64 | {loss}loss scale: {scale} | grad norm: "
+            f"0.752 | number of skipped iterations: {skipped:>3} | number of nan iterations: {nan:>3} |")
+
+
+def test_a_nan_loss_megatron_keeps_out_of_its_line_is_raised_once():
+    """Megatron prints only an average loss above 0: a NaN loss vanishes from the line (with 'number of nan
+    iterations: 0' where the step was applied anyway), or is counted in 'number of nan iterations'."""
+    from rankwatch.parsing import SourceContext, parse_line
+
+    ctx = SourceContext(path="/logs/j/rank0.log", job="j", rank=0)
+    rng = random.Random(1)
+
+    def run(lines: list[str]) -> list:
+        det = RankMetricsDetector()
+        out = []
+        for line in lines:
+            rec = parse_line(line, ctx, 0, 1.0)
+            out += [(rec.data["step"], f.detector, f.severity) for f in det.update(rec.data["step"], rec.data)]
+        return out
+
+    healthy = [_megatron(i, f"lm loss: {0.73 + rng.gauss(0, 0.01):.6E} | ") for i in range(1, 61)]
+    # the real lines' case: no loss, nothing skipped, loss scale 1 (bf16): one critical for the run of them
+    assert run(healthy + [_megatron(i, "") for i in range(61, 66)]) == [(61, "nonfinite", "critical")]
+    # counted by Megatron: the logged loss is finite, the skipped iteration's was not
+    assert run(healthy + [_megatron(61, "lm loss: 7.3E-01 | ", skipped=1, nan=1)]) == [(61, "nonfinite", "critical")]
+    # fp16 overflow skips every iteration of the interval: no loss either, and nothing wrong
+    fp16 = [x.replace("loss scale: 1.0", "loss scale: 65536.0") for x in healthy]
+    assert run(fp16 + [_megatron(61, "", skipped=1, scale="32768.0")]) == []
+    # a series that never logged a loss has none to lose
+    assert run([_megatron(i, "") for i in range(1, 40)]) == []
+
+
 def test_nonfinite_values_survive_the_wire():
     from rankwatch.records import Record, decode_record, encode_record
 

@@ -8,7 +8,9 @@
 The values are averages over the log interval ending at that iteration. Megatron prints no samples/s: throughput
 is derived as global batch size / step time (samples/s); Megatron-DeepSpeed's `samples per second` is taken
 as printed. Extra losses (`load_balancing_loss`, `sop loss`, `mtp_1 loss`, ...) are carried under their own
-names. When every iteration of the interval was skipped Megatron prints no loss: the record has none.
+names. When every iteration of the interval was skipped Megatron prints no loss: the record has none. It prints
+no loss either when the interval's average is NaN/Inf: where no iteration was skipped or the loss scale is 1,
+`loss_missing` says so (the detector raises it as a non-finite loss when the series had a loss before).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ def parse(body: str, ctx: SourceContext) -> Parsed | None:
             data[name] = need_int(value, key, NAME)
         else:
             data[name] = _value(value, key) * scale
+    if "loss" not in data and (data.get("skipped_iterations") == 0 or data.get("loss_scale") == 1.0):
+        # Megatron leaves a NaN/Inf average loss out of the line (it prints averages above 0). Where no
+        # iteration was skipped, or none could be for an overflow (loss scale 1: bf16/fp32), that is what a
+        # missing loss means; the detector judges it against the series' earlier records
+        data["loss_missing"] = True
     st, gbs = data.get("step_time_s"), data.get("global_batch_size")
     if "throughput" not in data and st and gbs and st > 0:
         data["throughput"] = gbs / st  # samples/s, derived
