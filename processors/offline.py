@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
-from rankwatch.producers.tail import Tailer, discover
+from rankwatch.producers.at_rest import discover_at_rest, file_lines
 
 from rankwatch.formats.user import UserFormat
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
@@ -28,6 +28,7 @@ class AnalyzeStats:
     records: Counter = field(default_factory=Counter)
     parse_errors: Counter = field(default_factory=Counter)
     truncated: int = 0
+    files_skipped: Counter = field(default_factory=Counter)  # archives not read, corrupt compressed files
 
 
 _UNDATED_HOLD = 10_000  # leading lines without a time held until the file's first time
@@ -43,34 +44,27 @@ def _file_records(path: str, resolver: ContextResolver, stats: AnalyzeStats, now
         arrival = min(os.path.getmtime(path), now)
     except OSError:
         arrival = now
-    tailer = Tailer([path], close_inactive=0.0)
     held: list[Record] = []  # records read before any line of the file had a time
-    try:
-        while True:
-            lines = tailer.poll(20_000)
-            if not lines:
-                break
-            for line in lines:
-                stats.lines += 1
-                stats.truncated += line.truncated
-                ctx = resolver.context(line.fid, line.path)
-                try:
-                    rec = parse_line(line.text, ctx, line.offset, arrival)
-                except ParseError as exc:
-                    stats.parse_errors[exc.reason.split(":")[0]] += 1
-                    continue
-                stats.records[rec.kind] += 1
-                if rec.ts == arrival and len(held) < _UNDATED_HOLD:
-                    held.append(rec)  # no time of its own, nor any earlier in the file (parse_line's fallback)
-                    continue
-                for r in held:  # printed before the file's first time
-                    r.ts = rec.ts
-                yield from held
-                held = []
-                yield rec
-        yield from held  # a file with no time at all: its modification time
-    finally:
-        tailer.close()
+    for lines in file_lines(path, problems=stats.files_skipped):
+        for line in lines:
+            stats.lines += 1
+            stats.truncated += line.truncated
+            ctx = resolver.context(line.fid, line.path)
+            try:
+                rec = parse_line(line.text, ctx, line.offset, arrival)
+            except ParseError as exc:
+                stats.parse_errors[exc.reason.split(":")[0]] += 1
+                continue
+            stats.records[rec.kind] += 1
+            if rec.ts == arrival and len(held) < _UNDATED_HOLD:
+                held.append(rec)  # no time of its own, nor any earlier in the file (parse_line's fallback)
+                continue
+            for r in held:  # printed before the file's first time
+                r.ts = rec.ts
+            yield from held
+            held = []
+            yield rec
+    yield from held  # a file with no time at all: its modification time
 
 
 def read_records(paths: list[str], job: str | None = None, rank: int | None = None,
@@ -80,7 +74,7 @@ def read_records(paths: list[str], job: str | None = None, rank: int | None = No
     stats = stats if stats is not None else AnalyzeStats()
     resolver = ContextResolver(paths, job, rank, formats)
     now = time.time()
-    files = [os.path.abspath(f) for f in discover([os.path.abspath(p) for p in paths])]
+    files = discover_at_rest(paths, stats.files_skipped)
     streams = [_file_records(f, resolver, stats, now) for f in files]
     return heapq.merge(*streams, key=lambda r: r.ts)
 

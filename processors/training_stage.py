@@ -18,7 +18,7 @@ from rankwatch.models.training import Finding, RankMetricsDetector
 from rankwatch.processors.logkey_stage import log_summary
 from rankwatch.processors.stages import Summary, finite, take_each
 
-from rankwatch.parsing import torchrun_run_folder
+from rankwatch.parsing import rotation_base, torchrun_run_folder
 from rankwatch.records import Anomaly, Record
 
 if TYPE_CHECKING:
@@ -42,9 +42,9 @@ def series(rec: Record) -> tuple[str, int | str | None]:
     whose rank the parser cannot tell (a layout it does not know) would otherwise merge into one series that
     repeats every step once per file, and every rank's ordinary noise would look like a jump. A rank from
     torchrun's `--log-dir` layout is a local rank: each node's launcher has its own run folder, so the folder
-    tells the nodes' rank 0s apart."""
+    tells the nodes' rank 0s apart. A rotated file (`train.log.1`, `train.log.2.gz`) continues its live one."""
     if rec.rank is None:
-        return (rec.job, f"file:{rec.file}" if rec.file else None)
+        return (rec.job, f"file:{rotation_base(rec.file)}" if rec.file else None)
     run = torchrun_run_folder(rec.file)
     return (rec.job, rec.rank if run is None else f"{rec.rank}@{run}")
 

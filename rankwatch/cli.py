@@ -249,7 +249,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         render_table(dicts, live=False)
     errs = sum(stats.parse_errors.values())
     malformed = f"{errs} malformed {dict(stats.parse_errors)}" if errs else "0 malformed"
-    print(f"{stats.lines} lines, records {dict(stats.records)}, {malformed}, {len(dicts)} anomalies", file=sys.stderr)
+    skipped = f", files skipped or cut short {dict(stats.files_skipped)}" if stats.files_skipped else ""
+    print(f"{stats.lines} lines, records {dict(stats.records)}, {malformed}{skipped}, {len(dicts)} anomalies",
+          file=sys.stderr)
     return 0
 
 

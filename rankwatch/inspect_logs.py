@@ -16,7 +16,7 @@ from typing import Any
 
 from rankwatch.formats.user import UserFormat
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
-from rankwatch.producers.tail import Tailer, discover
+from rankwatch.producers.at_rest import discover_at_rest, file_lines
 
 PLAIN = "plain text"
 EXAMPLES = 3
@@ -50,6 +50,7 @@ class Inspection:
     format_example: dict[str, str] = field(default_factory=dict)
     malformed: Counter = field(default_factory=Counter)
     malformed_examples: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    files_skipped: Counter = field(default_factory=Counter)  # archives not read, corrupt compressed files
 
     @property
     def lines(self) -> int:
@@ -65,6 +66,7 @@ class Inspection:
                         for name, n in self.format_lines.most_common()},
             "malformed": [{"reason": r, "count": n, "examples": self.malformed_examples[r]}
                           for r, n in self.malformed.most_common()],
+            "files_skipped": dict(self.files_skipped),
         }
 
 
@@ -107,8 +109,8 @@ def _group_fields(names: Counter, groups: Counter, per_group: int = 12) -> str:
 def inspect_paths(paths: list[str], job: str | None = None, rank: int | None = None,
                   formats: tuple[UserFormat, ...] = (), max_lines: int = 0, progress: bool = False) -> Inspection:
     resolver = ContextResolver(paths, job, rank, formats)
-    files = [os.path.abspath(f) for f in discover([os.path.abspath(p) for p in paths])]
     out = Inspection()
+    files = discover_at_rest(paths, out.files_skipped)
     bar = None
     if progress:
         from rich.progress import Progress
@@ -128,13 +130,10 @@ def inspect_paths(paths: list[str], job: str | None = None, rank: int | None = N
 
 
 def _inspect_file(path: str, resolver: ContextResolver, out: Inspection, max_lines: int) -> FileReport:
-    tailer = Tailer([path], close_inactive=0.0)
     report: FileReport | None = None
+    lines = file_lines(path, problems=out.files_skipped)
     try:
-        while True:
-            batch = tailer.poll(20_000)
-            if not batch:
-                break
+        for batch in lines:
             for line in batch:
                 ctx = resolver.context(line.fid, line.path)
                 if report is None:
@@ -165,7 +164,7 @@ def _inspect_file(path: str, resolver: ContextResolver, out: Inspection, max_lin
                 if max_lines and report.lines >= max_lines:
                     return report
     finally:
-        tailer.close()
+        lines.close()  # stopped early at max_lines: close the file now
     if report is None:
         ctx = resolver.context("empty:" + path, path)
         report = FileReport(path=path, job=ctx.job, rank=ctx.rank,
@@ -191,6 +190,8 @@ def render(result: Inspection, stream=None) -> None:
     con.print(f"[bold]rankwatch inspect[/]: {n_files} file{'s' * (n_files != 1)}, {result.lines:,} lines, "
               f"{metrics:,} training-metric records, {sum(result.malformed.values()):,} malformed; "
               f"job{'s' * (len(jobs) != 1)} {', '.join(jobs) or '-'}")
+    if result.files_skipped:
+        con.print(f"files skipped or cut short: {dict(result.files_skipped)}")
 
     t = Table(title="Files", box=box.SIMPLE, title_justify="left")
     t.add_column("file", overflow="fold", ratio=3)

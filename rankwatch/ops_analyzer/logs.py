@@ -15,7 +15,7 @@ from typing import Any
 
 from rankwatch.parsing import parse_iso, rank_from_path
 from rankwatch.processors.offline import AnalyzeStats, read_records
-from rankwatch.producers.tail import discover
+from rankwatch.producers.at_rest import discover_at_rest
 from rankwatch.records import Record
 
 log = logging.getLogger("rankwatch.ops")
@@ -101,14 +101,14 @@ class DistributedLogAnalyzer:
         self.unranked = 0  # op entries whose rank neither the path nor the line names (kept under None)
 
     def discover_log_files(self) -> list[str]:
-        """Every file under `log_path` (hidden folders and rotated/compressed names skipped, as the shipper
-        does), with the rank its path names (`rank3/`, `rank_3.log`, `node0-rank-3.txt`) in `file_ranks`.
+        """Every file under `log_path` (hidden ones and archives skipped; rotated parts compressed with
+        gzip/bzip2/xz are read, as `rankwatch analyze` reads them), with the rank its path names (`rank3/`, `rank_3.log`, `node0-rank-3.txt`) in `file_ranks`.
         A file without a rank in its path may still name ranks per line (`[rank3]:` prefix, JSON `rank`)."""
         if not os.path.exists(self.log_path):
             raise FileNotFoundError(f"no such file or folder: {self.log_path}")
         root = os.path.abspath(self.log_path)
         base = os.path.dirname(root) if os.path.isfile(root) else root
-        self.log_files = [os.path.abspath(f) for f in discover([root])]
+        self.log_files = discover_at_rest([root])
         self.file_ranks = {f: rank_from_path(f, base) for f in self.log_files}
         if self.verbose:
             for f, r in self.file_ranks.items():

@@ -1,0 +1,69 @@
+"""Files at rest, read whole (`rankwatch analyze`, `rankwatch inspect`): rotated logs included.
+
+The live shipper leaves compressed files alone (logrotate compresses a file it has already drained). After the
+fact they are the job's history: `train.log.2.gz` holds the hours before `train.log.1` and `train.log`. gzip,
+bzip2 and xz are read through Python's own decompressors, with the tailer's line rules (complete lines only,
+64 KiB cut, invalid UTF-8 replaced); archives (`.zip`, `.tar*`, `.tgz`) and zstd are skipped and counted, never
+read as text.
+"""
+
+from __future__ import annotations
+
+import bz2
+import fnmatch
+import gzip
+import logging
+import lzma
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+from rankwatch.producers.tail import Line, TailedFile, Tailer, discover
+
+log = logging.getLogger(__name__)
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+SKIPPED = ("*.zip", "*.tar", "*.tar.*", "*.tgz", "*.zst")
+_CHUNK = 1 << 16  # read1: as much as one step decompresses, so damage costs only what follows it
+
+
+def discover_at_rest(paths: Iterable[str], skipped: Counter | None = None) -> list[str]:
+    """Every file under `paths` (hidden ones left out), in a stable order; archives and zstd files are counted
+    in `skipped` by their pattern, with a warning, instead."""
+    files = []
+    for path in discover([os.path.abspath(p) for p in paths], exclude=(".*",)):
+        name = os.path.basename(path)
+        pattern = next((p for p in SKIPPED if fnmatch.fnmatch(name, p)), None)
+        if pattern is None:
+            files.append(os.path.abspath(path))
+            continue
+        log.warning("%s: not read (%s: an archive or zstd, no decompressor here)", path, pattern)
+        if skipped is not None:
+            skipped[f"{pattern} not read"] += 1
+    return files
+
+
+def file_lines(path: str, batch: int = 20_000, problems: Counter | None = None) -> Iterator[list[Line]]:
+    """The file's complete lines in batches; compressed files decompressed as they are read. A corrupt or cut
+    compressed file gives the lines before the damage, and one count in `problems`."""
+    opener = DECOMPRESSORS.get(os.path.splitext(path)[1].lower())
+    if opener is None:
+        tailer = Tailer([path], close_inactive=0.0)
+        try:
+            while lines := tailer.poll(batch):
+                yield lines
+        finally:
+            tailer.close()
+        return
+    splitter = Tailer([])  # its line rules only: no roots, nothing scanned
+    tf = TailedFile(fid=f"{os.path.splitext(path)[1][1:]}:{path}", path=path)
+    try:
+        with opener(path, "rb") as fh:
+            while chunk := fh.read1(_CHUNK):
+                out: list[Line] = []
+                splitter._split(tf, chunk, out)
+                if out:
+                    yield out
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        log.warning("%s: cannot decompress past byte %d of its content: %s", path, tf.offset, exc)
+        if problems is not None:
+            problems[f"corrupt {os.path.splitext(path)[1]}"] += 1

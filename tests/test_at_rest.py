@@ -1,0 +1,67 @@
+"""Files at rest (`analyze`, `inspect`): logrotate's compressed and numbered parts are read as the job's history."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import random
+import zipfile
+
+from rankwatch.processors.offline import AnalyzeStats, analyze
+
+from rankwatch.inspect_logs import inspect_paths
+
+
+def _lines(first: int, last: int, spike: int | None, rng: random.Random) -> bytes:
+    out = []
+    for step in range(first, last):
+        loss = 8.0 if step == spike else 2.0 + rng.gauss(0, 0.02)
+        out.append(json.dumps({"ts": 1_700_000_000 + step, "step": step, "loss": round(loss, 4)}))
+    return ("\n".join(out) + "\n").encode()
+
+
+def _rotated(folder, rng: random.Random, spike: int) -> None:
+    """train.log.2.gz (steps 0-199, the spike), train.log.1.bz2 (200-399), train.log (400-599)."""
+    folder.mkdir(parents=True)
+    (folder / "train.log.2.gz").write_bytes(gzip.compress(_lines(0, 200, spike, rng)))
+    (folder / "train.log.1.bz2").write_bytes(bz2.compress(_lines(200, 400, None, rng)))
+    (folder / "train.log").write_bytes(_lines(400, 600, None, rng))
+
+
+def test_rotated_compressed_parts_are_read_in_time_order_as_one_series(tmp_path):
+    rng = random.Random(3)
+    _rotated(tmp_path / "job" / "rank0", rng, spike=150)  # the rank from the folder
+    _rotated(tmp_path / "job" / "node", rng, spike=120)  # no rank: the series is the file, rotations included
+    with zipfile.ZipFile(tmp_path / "job" / "old-logs.zip", "w") as z:
+        z.writestr("train.log", _lines(0, 10, None, rng))
+    stats = AnalyzeStats()
+    found = analyze([str(tmp_path / "job")], stats=stats)
+    assert stats.records["metrics"] == 1200  # every line of every part, none of the zip's
+    assert stats.files_skipped == {"*.zip not read": 1}
+    loss = sorted((a.context["step"], a.rank) for a in found if a.signal == "loss")
+    # one finding each, at the spikes: the parts of a file are one series (split by part, the third part's start
+    # would be judged without history, and the rank-less file's parts would be three series)
+    assert loss == [(120, None), (150, 0)], loss
+
+
+def test_a_corrupt_compressed_part_gives_its_lines_before_the_damage_and_is_counted(tmp_path):
+    data = gzip.compress(_lines(0, 5000, None, random.Random(1)))
+    (tmp_path / "rank0.log.1.gz").write_bytes(data[: len(data) // 2])  # cut short, as by a full disk
+    stats = AnalyzeStats()
+    analyze([str(tmp_path)], stats=stats)
+    assert 1000 < stats.records["metrics"] < 5000 and stats.parse_errors == {}
+    assert stats.files_skipped == {"corrupt .gz": 1}
+    # named on the command line, a compressed file is decompressed too (it used to be read as bytes)
+    report = inspect_paths([str(tmp_path / "rank0.log.1.gz")])
+    assert report.files[0].kinds["metrics"] == stats.records["metrics"] and not report.malformed
+    assert report.files_skipped == {"corrupt .gz": 1}
+
+
+def test_rotated_names_map_to_their_live_file_and_nothing_else_does():
+    from rankwatch.parsing import rotation_base
+
+    for rotated in ("train.log.1", "train.log.2.gz", "train.log-20240601.gz", "train.log.3.xz"):
+        assert rotation_base(f"/logs/{rotated}") == "/logs/train.log"
+    for distinct in ("node.0", "node.1", "rank3.log", "train-2.log", "metrics.jsonl"):
+        assert rotation_base(f"/logs/{distinct}") == f"/logs/{distinct}"
