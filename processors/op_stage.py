@@ -9,12 +9,11 @@ its ranks share), PyTorch watchdog timeouts, and the scheduler's or launcher's j
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rankwatch.models.op_timing import OpTimingDetector, OpVerdict, PendingOps
-from rankwatch.processors.stages import Summary, finite
+from rankwatch.processors.stages import Summary, anomaly_fields, finite
 
 from rankwatch.records import Anomaly, Record
 
@@ -187,12 +186,6 @@ def op_timing_anomaly(rec: Record, v: OpVerdict) -> Anomaly:
     return Anomaly("op_timing", "op_interval", rec.job, rec.rank, rec.ts, v.actual_s, v.predicted_s, v.score,
                    v.threshold_s, "critical" if ratio >= 3 else "warning", msg, ctx, source_file=rec.file,
                    source_offset=rec.offset, stream=stream)
-
-
-def anomaly_fields(a: Anomaly) -> dict[str, Any]:
-    d = asdict(a)
-    d.pop("detected_at", None)
-    return d
 
 
 # stops that someone decided (a cancel, the time limit, a preemption, a signal to the launcher), whose aftermath

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rankwatch.models.collective import CollectiveConfig
+from rankwatch.models.job_slowdown import SlowdownConfig
 from rankwatch.models.logkeys import LogKeyConfig
 from rankwatch.models.memory import MemoryDetectorConfig
 from rankwatch.models.op_timing import OpTimingConfig
@@ -24,13 +25,14 @@ from rankwatch.processors.logkey_stage import LogHandler, LogKeyJob
 from rankwatch.processors.memory_stage import GpuImbalanceJob, GpuMemoryHandler
 from rankwatch.processors.op_stage import NcclEventHandler, OpHandler
 from rankwatch.processors.stages import Gauges, JobStage, Outbox, Summary
-from rankwatch.processors.training_stage import MetricsHandler, StepStragglerJob
+from rankwatch.processors.training_stage import MetricsHandler, SlowdownJob, StepStragglerJob
 
 from rankwatch.records import Anomaly, Record
 
 
 @dataclass
-class DetectionConfig(TrainingDetectorConfig, OpTimingConfig, CollectiveConfig, MemoryDetectorConfig, LogKeyConfig):
+class DetectionConfig(TrainingDetectorConfig, SlowdownConfig, OpTimingConfig, CollectiveConfig, MemoryDetectorConfig,
+                      LogKeyConfig):
     """The pipeline's one config (section [detection]): every detector's settings, one flat namespace."""
 
     straggler_ratio: float = 0.3
@@ -83,7 +85,7 @@ FIRST_STAGE: dict[str, list[type]] = {
     "log": [NcclEventHandler, LogHandler],
     "gpu": [GpuMemoryHandler],
 }
-JOB_DETECTORS: list[type] = [StepStragglerJob, CollectiveJob, GpuImbalanceJob, LogKeyJob]
+JOB_DETECTORS: list[type] = [StepStragglerJob, SlowdownJob, CollectiveJob, GpuImbalanceJob, LogKeyJob]
 
 
 class Pipeline:

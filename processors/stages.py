@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from rankwatch.records import Anomaly
@@ -41,6 +42,13 @@ def take_each(summaries: Iterable[Summary], take: Callable[[Summary], Any], on_b
             take(s)
         except MALFORMED as exc:
             on_bad(s, exc)
+
+
+def anomaly_fields(a: Anomaly) -> dict[str, Any]:
+    """A first-stage finding as a summary field, for stage 2 to hold and release (`Anomaly(**fields)`)."""
+    d = asdict(a)
+    d.pop("detected_at", None)
+    return d
 
 
 def finite(x: Any) -> float:

@@ -1,7 +1,10 @@
 """Training metrics in the two stages: per-rank detectors (stage 1) and the step-time straggler (stage 2).
 
 Stage 1 judges each rank's loss, grad norm, throughput and step time (models/training.py) and remembers the
-checkpoint each rank last announced. It summarises each step as `{type: "step", rank, step, value}` for stage 2.
+checkpoint each rank last announced. It summarises each step as `{type: "step", rank, member, step, value}` for
+stage 2, sends its step-time and throughput findings there as `slowdown` candidates, and announced pauses
+(checkpoint saves, evaluation results) as `pause`: stage 2's `SlowdownJob` tells a slowdown of most of the job's
+ranks once (models/job_slowdown.py).
 
 Stage 2's step-time straggler compares ranks at the same step. In synchronous training every rank waits for the
 slowest at each collective, so logged step times grow together and this check is blind to such a straggler:
@@ -11,15 +14,19 @@ is its own: asynchronous or pipeline schedules, and jobs that log per-rank compu
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+from rankwatch.models.job_slowdown import Candidate, JobFinding, JobSlowdown, SlowdownConfig
 from rankwatch.models.straggler import StepStragglerDetector, StragglerConfig, StragglerFinding
 from rankwatch.models.training import Finding, RankMetricsDetector
 from rankwatch.processors.logkey_stage import log_summary
-from rankwatch.processors.stages import Summary, finite, take_each
+from rankwatch.processors.stages import Summary, anomaly_fields, finite, take_each
 
 from rankwatch.parsing import rotation_base, torchrun_run_folder
 from rankwatch.records import Anomaly, Record
+
+SLOWDOWN_DETECTORS = ("step_time", "throughput")
 
 if TYPE_CHECKING:
     from rankwatch.processors.pipeline import StageContext
@@ -64,8 +71,12 @@ class MetricsHandler:
             try:
                 if rec.kind == "metrics":
                     out.extend(self._metrics(rec, summaries))
-                elif "checkpoint" in rec.data:  # recognised by the parser: "Saving checkpoint to ..."
-                    self.checkpoints[series(rec)] = str(rec.data["checkpoint"])
+                else:  # a pause announced: "Saving checkpoint to ...", an evaluation's results
+                    if "checkpoint" in rec.data:
+                        self.checkpoints[series(rec)] = str(rec.data["checkpoint"])
+                    if self.ctx.wants("pause"):
+                        what = f"checkpoint {rec.data['checkpoint']}" if "checkpoint" in rec.data else "evaluation"
+                        summaries.append({"type": "pause", "job": rec.job, "ts": rec.ts, "what": what})
                     if self.ctx.config.logkey_enabled and self.ctx.wants("log"):  # still a log line
                         summaries.append(log_summary(rec, self.ctx.config.logkey_max_msg_chars))
             except (TypeError, ValueError, KeyError) as exc:
@@ -80,16 +91,24 @@ class MetricsHandler:
         step = int(rec.data["step"])
         checkpoint = self.checkpoints.get(key)
         found = [anomaly_from(rec, f, checkpoint) for f in det.update(step, rec.data)]
+        if not self.ctx.wants("step"):
+            return found
+        member = str(key[1])
+        s: Summary = {"type": "step", "job": rec.job, "rank": rec.rank, "member": member, "ts": rec.ts,
+                      "step": step, "file": rec.file, "offset": rec.offset}
         st = rec.data.get("step_time_s")
-        if rec.rank is not None and isinstance(st, (int, float)) and st == st and self.ctx.wants("step"):
-            s: Summary = {"type": "step", "job": rec.job, "rank": rec.rank, "ts": rec.ts, "step": step,
-                          "value": float(st), "file": rec.file, "offset": rec.offset}
-            if isinstance(rec.data.get("lr"), float):
-                s["lr"] = rec.data["lr"]
-            if checkpoint:
-                s["model_checkpoint"] = checkpoint
-            summaries.append(s)
-        return found
+        if isinstance(st, (int, float)) and st == st:
+            s["value"] = float(st)
+        if isinstance(rec.data.get("lr"), float):
+            s["lr"] = rec.data["lr"]
+        if checkpoint:
+            s["model_checkpoint"] = checkpoint
+        # a slowdown goes to the job's stage 2 first: on every rank at once, it is the job's, told once
+        slow = [a for a in found if a.detector in SLOWDOWN_DETECTORS] if self.ctx.wants("slowdown") else []
+        summaries.append(s)
+        summaries.extend({"type": "slowdown", "job": rec.job, "member": member, "step": step, "ts": rec.ts,
+                          "anomaly": anomaly_fields(a)} for a in slow)
+        return [a for a in found if a not in slow]
 
     def save_state(self) -> dict[str, Any]:
         return {"ranks": [[job, rank, d.save_state()] for (job, rank), d in self.ranks.items()],
@@ -119,6 +138,8 @@ class StepStragglerJob:
         out: list[Anomaly] = []
 
         def take(s: Summary) -> None:
+            if s.get("rank") is None or s.get("value") is None:
+                return  # a record without a rank or a step time: progress for the slowdown stage only
             rank, step, value = int(s["rank"]), int(s["step"]), finite(s["value"])
             finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's event time and source
             out.extend(self._anomaly(f) for f in self.detector.add(rank, step, value, s))
@@ -148,3 +169,83 @@ class StepStragglerJob:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.detector.load_state(state)
+
+
+class SlowdownJob:
+    """Stage 2: a step-time or throughput slowdown on most of a job's ranks is one job-wide finding (models/
+    job_slowdown.py); one announced pause (a checkpoint, an evaluation) before it makes it `info`."""
+
+    summary_types = ("step", "slowdown", "pause")
+
+    def __init__(self, job: str, ctx: StageContext) -> None:
+        c = ctx.config
+        self.job = job
+        self.ctx = ctx
+        self.detector: JobSlowdown[Anomaly] = JobSlowdown(SlowdownConfig(
+            c.slowdown_job_share, c.slowdown_job_min_ranks, c.slowdown_hold_s, c.slowdown_merge_steps,
+            c.pause_explains_s))
+        self.clock = -math.inf  # offline: the latest event time seen; the stream judges on the job's clock
+
+    def process(self, summaries: list[Summary]) -> list[Anomaly]:
+        det = self.detector
+
+        def take(s: Summary) -> None:
+            t = s["type"]
+            ts = finite(s["ts"])
+            if t == "step":
+                det.progress(str(s["member"]), int(s["step"]))
+            elif t == "pause":
+                det.announce(ts, str(s["what"]))
+            else:
+                a = Anomaly(**s["anomaly"])
+                if a.detector not in SLOWDOWN_DETECTORS:
+                    raise ValueError(f"not a slowdown: {a.detector}")
+                det.add(Candidate(str(s["member"]), int(s["step"]), ts, a.detector, finite(a.value),
+                                  None if a.expected is None else finite(a.expected), a, a.severity))
+            self.clock = max(self.clock, ts)
+
+        take_each(summaries, take, self.ctx.skip_summary)
+        return self._decide(self.clock if self.ctx.wall is None else -math.inf)
+
+    def _decide(self, now: float) -> list[Anomaly]:
+        jobs, ranks = self.detector.decide(now)
+        return [c.ref for c in ranks] + [self._anomaly(f) for f in jobs]
+
+    def _anomaly(self, f: JobFinding[Anomaly]) -> Anomaly:
+        a = f.first.ref
+        what = "step time" if f.detector == "step_time" else "throughput"
+        usual = f" (usual {f.expected:.4g})" if f.expected is not None else ""
+        msg = (f"{what} {f.value:.4g} at step {f.step} on {len(f.members)} of {f.of} ranks{usual}: a job-wide "
+               f"slowdown (in synchronous training every rank waits for the slowest; a rank named by the straggler "
+               f"detectors is the cause)")
+        severity = f.severity
+        if f.pause:
+            msg += f"; after the job announced {f.pause}: expected"
+            severity = "info"
+        ctx = {**a.context, "step": f.step, "ranks_affected": len(f.members), "ranks_total": f.of,
+               "ranks": [int(m) if m.lstrip("-").isdigit() else m for m in f.members[:16]], "pause": f.pause}
+        return Anomaly(a.detector, a.signal, self.job, None, a.event_time, f.value, f.expected, a.score,
+                       a.threshold, severity, msg, ctx, source_file=a.source_file, source_offset=a.source_offset)
+
+    def tick(self, now: float) -> list[Anomaly]:
+        return self._decide(now)
+
+    def finish(self, wall: float | None = None) -> list[Anomaly]:
+        return self._decide(math.inf)
+
+    def save_state(self) -> dict[str, Any]:
+        d = self.detector
+        return {"latest": d.latest, "episodes": d.episodes, "pauses": d.pauses, "absorbed": d.absorbed,
+                "explained": d.explained,
+                "pending": [[c.member, c.step, c.ts, anomaly_fields(c.ref)] for cs in d.pending.values() for c in cs]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        d = self.detector
+        d.latest = {str(k): int(v) for k, v in state.get("latest", {}).items()}
+        d.episodes = {str(k): int(v) for k, v in state.get("episodes", {}).items()}
+        d.pauses = [[float(ts), str(w)] for ts, w in state.get("pauses", [])]
+        d.absorbed = int(state.get("absorbed", 0))
+        d.explained = list(state.get("explained", []))
+        for member, step, ts, fields in state.get("pending", []):
+            a = Anomaly(**fields)
+            d.add(Candidate(member, int(step), float(ts), a.detector, float(a.value), a.expected, a, a.severity))

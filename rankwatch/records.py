@@ -55,9 +55,10 @@ class Record:
     fid: str = ""  # identity of the source file (dev:inode), lets the shipper reconcile after a crash
 
     def family(self) -> str:
-        """The topic family it travels on. A checkpoint announcement rides with the rank's metrics, so the
-        worker sees it in order with that rank's steps (topics are consumed independently)."""
-        if self.kind == "log" and "checkpoint" in self.data:
+        """The topic family it travels on. A checkpoint announcement and an evaluation's results ride with the
+        rank's metrics, so the worker sees them in order with that rank's steps (topics are consumed
+        independently): they explain the pause of the steps after them."""
+        if self.kind == "log" and ("checkpoint" in self.data or self.data.get("event") == "eval"):
             return "metrics"
         return self.kind
 

@@ -15,7 +15,7 @@ from rankwatch.simulate import Fault, Scenario, write_job
 CORRUPT: dict[str, tuple[str, Any]] = {
     "step": ("value", "x"), "gpu_mem": ("share", None), "log": ("ts", "x"), "clock": ("ts", "later"),
     "ops": ("ts", ["x"]), "nccl_init": ("rank", "x"), "nccl_timeout": ("ts", None), "job_stop": ("ts", "x"),
-    "gpu_exit": ("gpu", "x"),
+    "gpu_exit": ("gpu", "x"), "slowdown": ("anomaly", {"detector": "step_time"}), "pause": ("ts", "x"),
 }
 
 

@@ -1,0 +1,90 @@
+"""A slowdown on every rank of a job at once (a checkpoint, an evaluation, a slow filesystem) is one finding for
+the job, not one per rank; one rank slow on its own keeps its own finding (models/job_slowdown.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+
+from rankwatch.processors.offline import read_records, run_pipeline
+from rankwatch.processors.pipeline import Pipeline
+from rankwatch.processors.training_stage import SlowdownJob
+
+T0 = 1_767_225_600.0
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _job(root, ranks: int = 8, steps: int = 200, *, pauses: dict[int, float], own: dict[tuple[int, int], float],
+         checkpoint_before: int | None = None, last_step: dict[int, int] | None = None, seed: int = 0) -> None:
+    """Synchronous training: a pause of `pauses[step]` x lengthens that step on every rank; `own[(rank, step)]`
+    lengthens one rank's step alone (a rank whose logged time is its own compute, as in pipeline schedules)."""
+    rng = random.Random(seed)
+    files = {r: open(root / f"rank{r}.log", "w") for r in range(ranks)}
+    ts = T0
+    for step in range(1, steps + 1):
+        base = 1.0 * pauses.get(step, 1.0)
+        ts += base
+        if checkpoint_before == step:
+            files[0].write(f"{_iso(ts - base + 0.01)} Saving checkpoint to /ckpt/run/iter_{step - 1:07d}\n")
+        for r in range(ranks):
+            if last_step and step > last_step.get(r, steps):
+                continue
+            st = base * own.get((r, step), 1.0) * (1 + rng.gauss(0, 0.01))
+            files[r].write(json.dumps({"ts": ts + 0.001 * r, "step": step, "loss": 2.0 + rng.gauss(0, 0.01),
+                                       "step_time_s": st, "throughput": 64 / st}) + "\n")
+    for f in files.values():
+        f.close()
+
+
+def _slowdowns(root) -> list:
+    found = run_pipeline(Pipeline(), read_records([str(root)]))
+    return sorted((a for a in found if a.detector in ("step_time", "throughput")),
+                  key=lambda a: (a.context["step"], a.detector, -1 if a.rank is None else a.rank))
+
+
+def test_a_pause_on_every_rank_is_one_finding_per_signal_and_a_rank_alone_keeps_its_own(tmp_path):
+    _job(tmp_path, pauses={100: 5.0}, own={(3, 60): 3.0})
+    got = [(a.context["step"], a.detector, a.rank, a.severity) for a in _slowdowns(tmp_path)]
+    assert got == [(60, "step_time", 3, "critical"), (60, "throughput", 3, "critical"),
+                   (100, "step_time", None, "critical"), (100, "throughput", None, "critical")], got
+    job_wide = _slowdowns(tmp_path)[2]
+    assert job_wide.context["ranks_affected"] == 8 and job_wide.context["ranks_total"] == 8
+    assert job_wide.context["ranks"] == list(range(8)) and "8 of 8 ranks" in job_wide.message
+    assert job_wide.value > 4.5 and 0.9 < job_wide.expected < 1.1
+
+
+def test_an_announced_checkpoint_explains_the_next_job_wide_pause_only(tmp_path):
+    # rank 0 alone logs the save (as Megatron, HF and Lightning do); every rank waits for it
+    _job(tmp_path, pauses={120: 6.0, 170: 6.0}, own={}, checkpoint_before=120)
+    got = [(a.context["step"], a.detector, a.rank, a.severity, a.context.get("pause")) for a in _slowdowns(tmp_path)]
+    ckpt = "checkpoint /ckpt/run/iter_0000119"
+    assert got == [(120, "step_time", None, "info", ckpt), (120, "throughput", None, "info", ckpt),
+                   (170, "step_time", None, "critical", None), (170, "throughput", None, "critical", None)], got
+
+
+def test_a_rank_that_stopped_reporting_does_not_hold_the_verdict(tmp_path):
+    # rank 7 logs its last step at 150; the job-wide pause at 160 is decided on the job's clock (hold_s)
+    _job(tmp_path, pauses={160: 5.0}, own={}, last_step={7: 150})
+    got = [(a.context["step"], a.detector, a.rank, a.context.get("ranks_affected"), a.context.get("ranks_total"))
+           for a in _slowdowns(tmp_path)]
+    assert got == [(160, "step_time", None, 7, 8), (160, "throughput", None, 7, 8)], got
+
+
+def test_verdicts_survive_a_restart_between_the_two_stages(tmp_path):
+    _job(tmp_path, pauses={100: 5.0}, own={(3, 60): 3.0}, checkpoint_before=100)
+    records = list(read_records([str(tmp_path)]))
+    whole = Pipeline()
+    want = sorted((a.detector, -1 if a.rank is None else a.rank, a.context["step"], a.severity) for a in run_pipeline(whole, records))
+    first = Pipeline()
+    # mid-step: ranks 0-3 have flagged step 100, ranks 4-7 not reported it yet (their findings wait in stage 2)
+    cut = next(i for i, r in enumerate(records) if r.data.get("step") == 100 and r.rank == 4)
+    got = [a for i in range(0, cut, 500) for a in first.process(records[i:min(i + 500, cut)])]
+    second = Pipeline()
+    second.load_state(json.loads(json.dumps(first.save_state())))
+    assert second.job_stage(records[0].job).detector(SlowdownJob).detector.pending  # the findings held across
+    got += run_pipeline(second, records[cut:])
+    assert sorted((a.detector, -1 if a.rank is None else a.rank, a.context["step"], a.severity) for a in got) == want
