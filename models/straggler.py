@@ -9,10 +9,12 @@ does) is compared with that step's stored statistics. No I/O, no Kafka.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from rankwatch.models.mad import MAD_TO_SIGMA
+from rankwatch.models.training import RESTART_BACK_STEPS
 
 T = TypeVar("T")  # whatever the caller needs back to build an anomaly (e.g. the record)
 
@@ -29,7 +31,7 @@ class StragglerConfig:
 
 @dataclass
 class StragglerFinding(Generic[T]):
-    rank: int
+    rank: Hashable
     step: int
     value: float
     median: float
@@ -44,10 +46,14 @@ class StepStragglerDetector(Generic[T]):
         self.config = config or StragglerConfig()
         self.pending: dict[int, dict[int, tuple[float, T]]] = {}
         self.judged: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # step -> (median, scale, n)
-        self.latest: dict[int, int] = {}  # rank -> latest step reported
+        self.latest: dict[Hashable, int] = {}  # rank -> latest step reported
+        self.restarts = 0
 
-    def add(self, rank: int, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
+    def add(self, rank: Hashable, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
+        """`rank`: the member's key (a rank, or a node's local rank with its run folder)."""
         c = self.config
+        if step < self.latest.get(rank, step) - RESTART_BACK_STEPS:
+            self._restart(step)
         self.latest[rank] = max(step, self.latest.get(rank, step))
         out: list[StragglerFinding[T]] = []
         if step < c.min_step:
@@ -66,6 +72,18 @@ class StepStragglerDetector(Generic[T]):
         while len(self.pending) > c.keep_steps:
             self.pending.pop(min(self.pending))  # a step that never gathered enough ranks
         return out
+
+    def _restart(self, step: int) -> None:
+        """The job resumed from a checkpoint: its steps from `step` on are run again. The first attempt's
+        statistics of those steps must not judge the second's (its warm-up is every rank's), and its pending
+        steps will not be completed."""
+        for s in [s for s in self.judged if s >= step]:
+            del self.judged[s]
+        for s in [s for s in self.pending if s >= step]:
+            del self.pending[s]
+        for r, latest in self.latest.items():
+            self.latest[r] = min(latest, step)
+        self.restarts += 1
 
     def _ready(self, step: int) -> bool:
         bucket = self.pending[step]
@@ -86,7 +104,7 @@ class StepStragglerDetector(Generic[T]):
         return [f for r, (v, ref) in sorted(bucket.items())
                 if (f := self._verdict(r, step, v, ref, med, scale, n)) is not None]
 
-    def _verdict(self, rank: int, step: int, value: float, ref: T, med: float, scale: float, n: int
+    def _verdict(self, rank: Hashable, step: int, value: float, ref: T, med: float, scale: float, n: int
                  ) -> StragglerFinding[T] | None:
         c = self.config
         threshold = max(med * (1 + c.ratio), med + c.k * scale)
@@ -100,7 +118,7 @@ class StepStragglerDetector(Generic[T]):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.judged = OrderedDict((int(s), (m, sc, int(n))) for s, m, sc, n in state.get("judged", []))
-        self.latest = {int(r): int(s) for r, s in state.get("latest", {}).items()}
+        self.latest = {str(r): int(s) for r, s in state.get("latest", {}).items()}  # members are strings
 
 
 def _median(values: list[float]) -> float:

@@ -24,6 +24,9 @@ THRESHOLD_INFO_FIELDS = ("loss_median", "loss_mad", "loss_threshold", "grad_norm
                          "grad_norm_threshold", "loss_mean", "loss_std", "grad_norm_mean", "grad_norm_std",
                          "relative_loss_change", "relative_grad_change")
 _REL_NAME = {"loss": "relative_loss_change", "grad_norm": "relative_grad_change"}
+# a step this far below the last one is a resume from a checkpoint (a rank's records are otherwise in order; a
+# few steps back are two files of one rank interleaving)
+RESTART_BACK_STEPS = 5
 _PRIORITY = {"nonfinite": 0, "fixed": 1, "mad": 2, "relative_change": 3, "step_time": 2, "throughput": 2}
 
 
@@ -46,6 +49,9 @@ class TrainingDetectorConfig:
     # a step-time spike or throughput dip this many times its usual level (median; throughput: its P10) is raised
     # at once; a smaller one only when the next record is beyond the threshold too (single slow steps are ordinary)
     slowdown_min_ratio: float = 1.5
+    # after a resume (the step goes back: restarted from a checkpoint), the first records are warm-up (compilation,
+    # cache and data-loader fill): not judged for slowdowns, kept out of the baselines
+    restart_warmup_records: int = 5
     critical_factor: float = 2.0  # robust z above critical_factor * k is critical
     admit_outliers: bool = False  # let flagged points into the MAD window
 
@@ -105,6 +111,8 @@ class RankMetricsDetector:
         self.flagged: dict[str, int] = {}  # detector -> last record it flagged (throughput, step time episodes)
         self.pending: dict[str, int] = {}  # detector -> last record beyond its threshold, but not by the ratio
         self.judged = 0  # records judged: the clock of `flagged` and `pending`
+        self.last_step: int | None = None
+        self.warmup = 0  # records after a resume still to pass before slowdowns are judged again
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def threshold_info(self, rel: dict[str, float | None]) -> dict[str, Any]:
@@ -144,6 +152,13 @@ class RankMetricsDetector:
         hidden = self._hidden_nonfinite(metrics, values, step)
         if hidden is not None:  # the strongest finding on the loss this step
             out = [x for x in out if x.signal != "loss"] + [hidden]
+        if self.last_step is not None and step < self.last_step - RESTART_BACK_STEPS:
+            self.warmup = self.config.restart_warmup_records
+        self.last_step = step
+        if self.warmup > 0:  # a resume's warm-up: its slow steps are the restart, not a slowdown
+            self.warmup -= 1
+            values.pop("step_time_s", None)
+            values.pop("throughput", None)
         if "step_time_s" in values:
             sc = self.mad["step_time_s"].update(values["step_time_s"])
             ratio = sc.value / sc.expected if sc.expected and sc.expected > 0 else math.inf
@@ -287,7 +302,8 @@ class RankMetricsDetector:
                 "rel": {s: d.save_state() for s, d in self.rel.items()},
                 "moments": {s: list(m.values) for s, m in self.moments.items()},
                 "prev": dict(self.prev), "prev2": dict(self.prev2), "tput": list(self.tput),
-                "flagged": dict(self.flagged), "pending": dict(self.pending), "judged": self.judged}
+                "flagged": dict(self.flagged), "pending": dict(self.pending), "judged": self.judged,
+                "last_step": self.last_step, "warmup": self.warmup}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for s, st in state.get("mad", {}).items():
@@ -302,6 +318,8 @@ class RankMetricsDetector:
         self.flagged = {k: int(v) for k, v in state.get("flagged", {}).items()}
         self.pending = {k: int(v) for k, v in state.get("pending", {}).items()}
         self.judged = int(state.get("judged", 0))
+        self.last_step = None if state.get("last_step") is None else int(state["last_step"])
+        self.warmup = int(state.get("warmup", 0))
         if "judged" not in state:  # saved before episodes were counted in records (they were steps)
             self.flagged = {}
 

@@ -140,21 +140,23 @@ class StepStragglerJob:
         def take(s: Summary) -> None:
             if s.get("rank") is None or s.get("value") is None:
                 return  # a record without a rank or a step time: progress for the slowdown stage only
-            rank, step, value = int(s["rank"]), int(s["step"]), finite(s["value"])
-            finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's event time and source
-            out.extend(self._anomaly(f) for f in self.detector.add(rank, step, value, s))
+            # a node's local rank in torchrun's --log-dir layout is not unique: the member (rank@run) is
+            member = str(s.get("member", s["rank"]))
+            int(s["rank"]), finite(s["ts"]), int(s.get("offset", -1))  # the anomaly's rank, event time, source
+            out.extend(self._anomaly(f) for f in self.detector.add(member, int(s["step"]), finite(s["value"]), s))
 
         take_each(summaries, take, self.ctx.skip_summary)
         return out
 
     def _anomaly(self, f: StragglerFinding[Summary]) -> Anomaly:
         ref = f.ref
-        msg = (f"rank {f.rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
+        rank = int(ref["rank"])
+        msg = (f"rank {rank} took {f.value:.3g}s at step {f.step}, {f.value / f.median:.2f}x the median "
                f"{f.median:.3g}s of {f.ranks} ranks (threshold {f.threshold:.3g}s)")
         ctx = {"step": f.step, "ranks_compared": f.ranks, "model_checkpoint": ref.get("model_checkpoint")}
         if "lr" in ref:
             ctx["lr"] = ref["lr"]
-        return Anomaly("straggler", "step_time_s", self.job, f.rank, float(ref["ts"]), f.value, f.median, f.score,
+        return Anomaly("straggler", "step_time_s", self.job, rank, float(ref["ts"]), f.value, f.median, f.score,
                        f.threshold, "critical" if f.value > 2 * f.median else "warning", msg, ctx,
                        source_file=str(ref.get("file", "")), source_offset=int(ref.get("offset", -1)))
 

@@ -88,3 +88,50 @@ def test_verdicts_survive_a_restart_between_the_two_stages(tmp_path):
     assert second.job_stage(records[0].job).detector(SlowdownJob).detector.pending  # the findings held across
     got += run_pipeline(second, records[cut:])
     assert sorted((a.detector, -1 if a.rank is None else a.rank, a.context["step"], a.severity) for a in got) == want
+
+
+def test_a_resumed_job_is_not_judged_against_its_first_attempt(tmp_path):
+    """Crash at step 130, resume from the checkpoint of step 100: steps 101-130 run again, the first of them slow on
+    every rank (warm-up: compilation, caches). The first attempt's
+    cross-rank statistics of those steps must not judge the second's, nor its warm-up count as a slowdown."""
+    rng = random.Random(4)
+    files = {r: open(tmp_path / f"rank{r}.log", "w") for r in range(8)}
+    ts = T0
+    for attempt, steps in ((0, range(1, 131)), (1, range(101, 220))):
+        ts += 60.0 if attempt else 0.0  # the restart
+        for i, step in enumerate(steps):
+            base = (6.0, 3.0, 2.0)[i] if attempt and i < 3 else 1.0
+            ts += base
+            for r in range(8):
+                st = base * (1 + rng.gauss(0, 0.01))
+                files[r].write(json.dumps({"ts": ts + 0.001 * r, "step": step, "loss": 2.0 + rng.gauss(0, 0.01),
+                                           "step_time_s": st}) + "\n")
+    for f in files.values():
+        f.close()
+    found = run_pipeline(Pipeline(), read_records([str(tmp_path)]))
+    # before: the repeated steps were judged against the first attempt's medians (every rank a 6x "straggler"),
+    # and the warm-up was a step-time and throughput slowdown
+    assert [(a.detector, a.rank, a.context["step"]) for a in found] == []
+
+
+def test_local_ranks_of_two_nodes_are_two_members_for_the_step_straggler(tmp_path):
+    """torchrun --log-dir gives each node's launcher a run folder with local ranks 0..N-1: node A's local rank 1
+    is not node B's. Keyed by the rank alone, their step times overwrote each other in the cross-rank check."""
+    rng = random.Random(5)
+    paths = {(node, lr): tmp_path / node / "attempt_0" / str(lr) / "stdout.log" for node in "AB" for lr in range(4)}
+    for p in paths.values():
+        p.parent.mkdir(parents=True)
+    files = {k: open(p, "w") for k, p in paths.items()}
+    ts = T0
+    for step in range(1, 120):
+        ts += 1.0
+        for (node, lr), f in files.items():
+            slow = 2.0 if (node, lr) == ("A", 1) and 50 <= step < 56 else 1.0  # its own compute (pipeline stage)
+            f.write(json.dumps({"ts": ts + 0.001 * lr, "step": step, "loss": 2.0 + rng.gauss(0, 0.01),
+                                "step_time_s": slow * (1 + rng.gauss(0, 0.01))}) + "\n")
+    for f in files.values():
+        f.close()
+    found = run_pipeline(Pipeline(), read_records([str(tmp_path)]))
+    got = sorted({(a.rank, a.context["step"]) for a in found if a.detector == "straggler"})
+    assert got == [(1, s) for s in range(50, 56)], got
+    assert all(a.source_file == str(paths[("A", 1)]) for a in found if a.detector == "straggler")
