@@ -48,6 +48,10 @@ class LogKeyConfig:
     logkey_reorder_s: float = 2.0  # stage 2 orders a job's lines across ranks, waiting at most this (wall)
     logkey_burst_gap_s: float = 60.0  # flagged lines closer than this on one rank are one burst
     logkey_new_key_alarm: str = "level"  # level | always | never: which never-seen keys are raised
+    # a never-seen warning is not raised (mostly benign), unless one rank repeats it this often this fast:
+    # a loss scaler skipping every step, a retry loop that never ends
+    logkey_flood_lines: int = 50
+    logkey_flood_window_s: float = 600.0
     deeplog_model: str | None = None  # trained checkpoint (file, or a folder: its newest *.pt); else bootstrap
     deeplog_reload_check_s: float = 10.0  # how often to look for a newer checkpoint
     deeplog_window: int = 10  # h (a trained model brings its own)
@@ -95,6 +99,7 @@ _WARN_WORDS = re.compile(
 _SCHEDULER_STOP = re.compile(r"\*\*\* (?:JOB|STEP|<\*>) \S+ (?:ON \S+ )?CANCELLED AT (?!.*FAILURE)|"
                              r"^srun: (?:Job step aborted: Waiting up to|forcing job termination)")
 LEVELS = (None, "warn", "error")
+_MAX_FLOOD_KEYS = 10_000  # (rank, key) pairs whose recent times are kept for the flood check
 
 
 def log_level(text: str) -> str | None:
@@ -169,6 +174,8 @@ class LogKeyDetector:
         self._index: dict[int, int] = {}  # template id -> class index under the current model
         self._cache: dict[tuple, tuple[np.ndarray, float]] = {}  # window -> (probabilities, candidate cut)
         self._floor = np.zeros(0)  # per class: rare_ratio x base rate (a probability that always suffices)
+        self.floods: dict[tuple[int | None, int], deque] = {}  # (rank, new warning key) -> its recent times
+        self.flooded: set[int] = set()  # new warning keys raised as floods (once per key per job)
 
     # ---- mining -------------------------------------------------------------------------------------------
     def mine(self, message: str) -> tuple[int, str]:
@@ -325,6 +332,9 @@ class LogKeyDetector:
             self.stats["new_keys"] += 1
             if self._new_key_alarm(level):
                 return self._burst(st, line, "new_key", level, window)
+            if level == "warn" and line.tid not in self.flooded and self._flooding(line):
+                self.flooded.add(line.tid)
+                return self._burst(st, line, "new_key_flood", level, window)
             return None
         cached = self._cache.get(window)
         if cached is None:  # the window holds a key the model does not know
@@ -336,6 +346,17 @@ class LogKeyDetector:
         if p >= cut or p >= self._floor[idx]:
             return None
         return self._burst(st, line, "unexpected_key", level, window, row, p)
+
+    def _flooding(self, line: Line) -> bool:
+        """Has this rank logged this never-seen warning `logkey_flood_lines` times within the window?"""
+        key = (line.rank, line.tid)
+        times = self.floods.get(key)
+        if times is None:
+            if len(self.floods) >= _MAX_FLOOD_KEYS:
+                del self.floods[next(iter(self.floods))]  # the oldest tracked: bounded memory on huge jobs
+            times = self.floods[key] = deque(maxlen=self.cfg.logkey_flood_lines)
+        times.append(line.ts)
+        return len(times) == times.maxlen and times[-1] - times[0] <= self.cfg.logkey_flood_window_s
 
     def _burst(self, st: RankState, line: Line, reason: str, level: str | None, window: tuple | None,
                row: np.ndarray | None = None, p: float | None = None) -> Finding | None:
@@ -383,6 +404,8 @@ class LogKeyDetector:
             "pairs": [[list(win), nxt, n] for (win, nxt), n in self.pairs.items()],
             "collected": self.collected,
             "stats": dict(self.stats),
+            "floods": [[r, t, list(ts)] for (r, t), ts in self.floods.items()],
+            "flooded": sorted(self.flooded),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -402,3 +425,6 @@ class LogKeyDetector:
         self.pairs = Counter({(tuple(win), nxt): int(n) for win, nxt, n in state.get("pairs", [])})
         self.collected = int(state.get("collected", 0))
         self.stats = Counter(state.get("stats", {}))
+        self.floods = {(r, int(t)): deque(ts, maxlen=self.cfg.logkey_flood_lines)
+                       for r, t, ts in state.get("floods", [])}
+        self.flooded = {int(t) for t in state.get("flooded", [])}

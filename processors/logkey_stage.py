@@ -377,6 +377,9 @@ class LogKeyJob:
         who = f"rank {f.line.rank}" if f.line.rank is not None else "a process"
         if f.reason == "new_key":
             msg = f"{who} logged a new {f.level or ''} log key {tid}: {template[:200]}"
+        elif f.reason == "new_key_flood":
+            msg = (f"{who} logged a never-seen warning {self.cfg.logkey_flood_lines} times within "
+                   f"{self.cfg.logkey_flood_window_s:g}s (key {tid}): {template[:200]}")
         else:
             msg = (f"{who} logged key {tid} outside the top-{g} predictions (p={f.prob:.2g}, ranked "
                    f"{f.key_rank}): {template[:200]}")
@@ -388,7 +391,7 @@ class LogKeyJob:
         return Anomaly("deeplog", "log_key", self.job, f.line.rank, f.line.ts, value=f.prob,
                        expected=f.top[0][1] if f.top else None,
                        score=None if f.key_rank is None else float(f.key_rank),
-                       threshold=None if f.reason == "new_key" else float(g), severity=severity,
+                       threshold=None if f.reason != "unexpected_key" else float(g), severity=severity,
                        message=" ".join(msg.split()), context=ctx, source_file=str(s.get("file", "")),
                        source_offset=int(s.get("offset", -1)))
 

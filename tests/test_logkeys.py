@@ -148,6 +148,27 @@ def test_verdicts_and_one_anomaly_per_burst():
     assert det.judge(quiet) == [] and det.stats["unjudged"] >= 3
 
 
+def test_a_flood_of_a_never_seen_warning_is_raised_once_a_trickle_is_not():
+    """A new warning is mostly benign (a deprecation, a rendezvous notice): not raised. One rank repeating it 50
+    times within 10 minutes is a change in behaviour (a loss scaler skipping every step): raised once per key."""
+    det = _bootstrapped()
+    overflow = "[deepspeed] OVERFLOW! Rank 1 Skipping step. Attempted loss scale: 1024, reducing to 512"
+    deprecation = "FutureWarning: `torch.cuda.amp.autocast(args...)` is deprecated"
+    t = 5000.0
+    trickle = [line for r in range(3) for line in _lines(det, r, [deprecation] * 20, t + 1000 * r)]  # 60 lines, 3 ranks
+    assert det.judge(trickle) == []
+    lines = []
+    for i in range(120):  # every step of rank 1 from some point on, interleaved with its step lines
+        lines += _lines(det, 1, [f"step {i} loss 0.5", overflow], t + 5000 + 2 * i)
+    found = det.judge(lines)
+    assert [(f.reason, f.severity, f.line.rank, f.line.ts) for f in found] == [
+        ("new_key_flood", "warning", 1, t + 5000 + 2 * 49 + 1)]  # its 50th line
+    state = json.loads(json.dumps(det.save_state()))
+    again = LogKeyDetector(det.cfg)
+    again.load_state(state)
+    assert again.flooded == det.flooded and again.judge(_lines(again, 1, [overflow] * 60, t + 9000)) == []
+
+
 def test_detector_contract_pickle_and_json_state():
     a = _bootstrapped(1)
     msgs = [f"step {i} loss 0.5" for i in range(8)] + ["init process group", "fatal error in worker"]
