@@ -33,13 +33,15 @@ WILDCARD = "<*>"
 DEFAULT_MASKS: tuple[tuple[str, str], ...] = (
     (r"^\S+:\d+:\d+ \[\d+\] ", ""),  # NCCL's "host:pid:tid [dev] " header: who, not what (like a timestamp)
     # Python logging's headers around the level: "- __main__ - INFO - " (asctime - name - levelname), "- INFO -
-    # __main__ - " (transformers' examples), "INFO:root:" (basicConfig), loguru's "| INFO     | mod:fn:12 - ". The
+    # __main__ - " (transformers' examples), "INFO:root:" (basicConfig), loguru's "| INFO     | mod:fn:12 - ",
+    # fairseq's "| INFO | fairseq.trainer | ", Hydra's "[__main__][INFO] - ". The
     # logger name is who, not what; the level stays, first: Drain routes by a message's first tokens, so with the
     # header in front every message of a logger shared a route, and one of the same length was merged into
     # another, level token included ("- __main__ - <*> - ...": an ERROR line judged by an INFO line's template)
     (r"^-?\s*(?:[\w.<>\[\]-]+ - )?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)(?: - [\w.<>\[\]-]+)? - ", r"\1 "),
     (r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.<>-]*:", r"\1 "),
-    (r"^\|\s*(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)\s*\|\s*[\w.<>:-]+ - ", r"\1 "),
+    (r"^\|\s*(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)\s*\|\s*[\w.<>:-]+ [-|] ", r"\1 "),  # and fairseq's
+    (r"^\[[\w.<>-]+\]\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] - ", r"\1 "),  # Hydra's "[name][LEVEL] - "
     (r"blk_-?\d+", WILDCARD),  # HDFS block ids (loghub's own preprocessing rule)
     (r"/(?<![\w./-]/)[\w.\-+@=]+(?:/[\w.\-+@=]+)*/?", WILDCARD),  # absolute paths; not "NET/IB"
     (r"[0-9a-fA-F](?<![\w.:].)[0-9a-fA-F]{0,3}:(?:[0-9a-fA-F]{0,4}:){1,6}[0-9a-fA-F]{1,4}(?![\w:])",
