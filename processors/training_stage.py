@@ -215,15 +215,14 @@ class SlowdownJob:
 
     def _anomaly(self, f: JobFinding[Anomaly]) -> Anomaly:
         a = f.first.ref
-        what = "step time" if f.detector == "step_time" else "throughput"
-        usual = f" (usual {f.expected:.4g})" if f.expected is not None else ""
-        msg = (f"{what} {f.value:.4g} at step {f.step} on {len(f.members)} of {f.of} ranks{usual}: a job-wide "
-               f"slowdown (in synchronous training every rank waits for the slowest; a rank named by the straggler "
-               f"detectors is the cause)")
-        severity = f.severity
+        what, unit = ("step time", "s") if f.detector == "step_time" else ("throughput", "")
+        usual = f" (usual {f.expected:.4g}{unit})" if f.expected is not None else ""
+        msg = f"{what} {f.value:.4g}{unit} at step {f.step} on {len(f.members)} of {f.of} ranks{usual}: "
         if f.pause:
-            msg += f"; after the job announced {f.pause}: expected"
-            severity = "info"
+            msg += f"the job paused for the {f.pause} it announced (expected)"
+        else:  # in synchronous training every rank waits for the slowest: a straggler finding names a cause
+            msg += "a job-wide slowdown (a straggler finding, if any, names the rank the others wait for)"
+        severity = "info" if f.pause else f.severity
         ctx = {**a.context, "step": f.step, "ranks_affected": len(f.members), "ranks_total": f.of,
                "ranks": [int(m) if m.lstrip("-").isdigit() else m for m in f.members[:16]], "pause": f.pause}
         return Anomaly(a.detector, a.signal, self.job, None, a.event_time, f.value, f.expected, a.score,
