@@ -3,35 +3,44 @@
 In synchronous training all ranks wait for one another at every collective, so a checkpoint being written, an
 evaluation, a slow filesystem or a straggler lengthens the same step on every rank. Each rank's own detector
 (models/training.py) then flags that step: a 4,096-rank job would raise 4,096 step-time and 4,096 throughput
-findings for one checkpoint. This groups the per-rank findings of a step once every rank of the job has
-reported it (or `hold_s` of the job's clock has passed: a rank that died must not hold the verdict):
+findings for one checkpoint. This groups the per-rank findings of a step N once every rank of the job has
+reported a record past it (or `slowdown_hold_s` of the job's clock has passed: a rank that died must not hold
+the verdict). A rank's finding for that slowdown is at N, or at its next record when the slowdown was small
+(the per-rank confirmation rule raises it one record later):
 
-- flagged on at least `share` of the job's ranks (and `min_ranks`): one job-wide finding (rank None) naming
-  how many ranks showed it. Findings within `merge_steps` steps of it join it: ranks whose confirmation rule
-  flagged the step after.
-- fewer: each rank's finding as it was (a slow data loader on one node, a rank whose own time is its own).
-- a job-wide slowdown that follows a pause the job announced (a checkpoint save, an evaluation: on rank 0's log
-  only, typically) is reported as `info`: expected, not alerting. One announcement explains one slowdown.
+- shown by at least `slowdown_job_share` of the job's ranks (and `slowdown_job_min_ranks`): one job-wide finding
+  (rank None) naming how many ranks showed it. The ranks' findings at N and at their next record are part of
+  it, also those that come late (after the hold); nothing else is.
+- fewer: each rank's finding at N as it was (a slow data loader on one node, a rank whose own time is its own).
+- a job-wide slowdown at the first or second step the job logs after it announced a pause (a checkpoint save, an
+  evaluation's results: on rank 0's log only, typically) is reported as `info`: expected, not alerting. One
+  announcement explains one slowdown.
 
-Plain class: no Kafka, files or Prometheus. Members are ranks (or, for logs that name none, their files).
+A rank whose steps go back (a resume from a checkpoint) ends what is held: the findings are decided at once, so
+one attempt's steps are never grouped with the other's. Ranks silent for `slowdown_hold_s` of the job's clock
+are left out of the count. Plain class: no Kafka, files or Prometheus. Members are ranks (or, for logs that
+name none, their files).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+RESUME_BACK_STEPS = 5  # a rank's step this far below its last: a resume (models/training.py: RESTART_BACK_STEPS)
+_HISTORY = 8  # steps remembered per member: enough to find its record after a held step
+_EPISODES = 8  # recent job-wide findings that a late finding can still join
 
 
 @dataclass
 class SlowdownConfig:
     slowdown_job_share: float = 0.5  # share of the job's ranks that must show a step's slowdown for one finding
     slowdown_job_min_ranks: int = 2
-    slowdown_hold_s: float = 60.0  # job-clock seconds a step waits for the job's slower ranks to report it
-    slowdown_merge_steps: int = 2  # later steps' findings within this many steps join a job-wide one
-    pause_explains_s: float = 3600.0  # an announced pause explains a job-wide slowdown up to this long after it
+    slowdown_hold_s: float = 60.0  # job-clock seconds a step waits for the job's slower ranks to report past it
+    pause_explains_s: float = 3600.0  # an announced pause explains a job-wide slowdown at most this long after it
 
 
 @dataclass
@@ -62,76 +71,129 @@ class JobFinding(Generic[T]):
 @dataclass
 class JobSlowdown(Generic[T]):
     config: SlowdownConfig = field(default_factory=SlowdownConfig)
-    latest: dict[str, int] = field(default_factory=dict)  # member -> latest step reported
+    history: dict[str, deque] = field(default_factory=dict)  # member -> its last steps reported, in order
+    last_ts: dict[str, float] = field(default_factory=dict)  # member -> event time of its last report
     pending: dict[int, list[Candidate[T]]] = field(default_factory=dict)  # step -> its findings
-    episodes: dict[str, int] = field(default_factory=dict)  # detector -> last step of its job-wide episode
-    pauses: list[list[Any]] = field(default_factory=list)  # [ts, what] announced, not yet used
-    absorbed: int = 0  # per-rank findings folded into job-wide ones
+    episodes: list[list[Any]] = field(default_factory=list)  # [detector, step, members] of recent job findings
+    pauses: list[list[Any]] = field(default_factory=list)  # [ts, what, the job's last step then], not yet used
     explained: list[Any] = field(default_factory=list)  # [step, pause] last explained (for every signal of it)
+    job_steps: deque = field(default_factory=lambda: deque(maxlen=256))  # distinct steps the job reported
+    absorbed: int = 0  # per-rank findings folded into job-wide ones
+    resumes: int = 0
+    flush: bool = False  # a resume: decide everything held now
+    history_len: int = _HISTORY
 
-    def progress(self, member: str, step: int) -> None:
-        self.latest[member] = step
+    # ---- input ------------------------------------------------------------------------------------------
+    def progress(self, member: str, step: int, ts: float) -> None:
+        h = self.history.get(member)
+        if h is None:
+            h = self.history[member] = deque(maxlen=self.history_len)
+        elif step < h[-1] - RESUME_BACK_STEPS:
+            self.flush = bool(self.pending)  # the held findings belong to the attempt that ended
+            self.resumes += 1
+            h.clear()
+            self.episodes.clear()
+            self.job_steps.clear()
+        if not h or step != h[-1]:
+            h.append(step)
+        self.last_ts[member] = max(ts, self.last_ts.get(member, ts))
+        if not self.job_steps or step > self.job_steps[-1]:
+            self.job_steps.append(step)
 
     def add(self, c: Candidate[T]) -> None:
-        self.latest.setdefault(c.member, c.step)
+        if self._joins_episode(c):
+            self.absorbed += 1
+            return
         self.pending.setdefault(c.step, []).append(c)
 
-    def announce(self, ts: float, what: str) -> None:
-        self.pauses.append([ts, what])
+    def announce(self, ts: float, what: str, member: str | None = None) -> None:
+        """A pause announced by `member` (its last step then: the pause comes after it, whatever other ranks'
+        logs have reached)."""
+        h = self.history.get(member) if member is not None else None
+        last = h[-1] if h else (self.job_steps[-1] if self.job_steps else -1)
+        self.pauses.append([ts, what, last])
         del self.pauses[:-16]  # a handful is all a slowdown can be explained by
 
+    # ---- verdicts -----------------------------------------------------------------------------------------
     def decide(self, now: float) -> tuple[list[JobFinding[T]], list[Candidate[T]]]:
-        """Steps every member has passed, or whose findings waited `hold_s` of the job's clock: (job-wide
-        findings, per-rank findings to report as they are)."""
+        """Steps every active member has reported a record past, or whose findings waited `hold_s` of the job's
+        clock: (job-wide findings, per-rank findings to report as they are)."""
         if not self.pending:
+            self.flush = False
             return [], []
-        done = min(self.latest.values())
+        flush, self.flush = self.flush, False
+        active = self._active()
+        done = min((self.history[m][-1] for m in active), default=-math.inf)
         jobs: list[JobFinding[T]] = []
         ranks: list[Candidate[T]] = []
         for step in sorted(self.pending):
-            cands = self.pending[step]
-            if step > done and now - min(c.ts for c in cands) < self.config.slowdown_hold_s:
+            cands = self.pending.get(step)
+            if not cands:
+                self.pending.pop(step, None)  # its findings joined an earlier step's
+                continue
+            if not flush and step >= done and now - min(c.ts for c in cands) < self.config.slowdown_hold_s:
                 break  # later steps wait too: episodes are decided in step order
             del self.pending[step]
             for detector in sorted({c.detector for c in cands}):
-                mine = [c for c in cands if c.detector == detector]
-                j, r = self._judge(step, detector, mine)
+                j, r = self._judge(step, detector, [c for c in cands if c.detector == detector], len(active))
                 jobs += j
                 ranks += r
         return jobs, ranks
 
-    def _judge(self, step: int, detector: str, cands: list[Candidate[T]]) -> tuple[list[JobFinding[T]],
-                                                                                   list[Candidate[T]]]:
+    def _judge(self, step: int, detector: str, cands: list[Candidate[T]], n: int
+               ) -> tuple[list[JobFinding[T]], list[Candidate[T]]]:
         c = self.config
-        n = len(self.latest)
-        members = sorted({x.member for x in cands})
-        last = self.episodes.get(detector)
-        if last is not None and last < step <= last + c.slowdown_merge_steps:
-            self.episodes[detector] = step  # the same job-wide slowdown, seen a record later on these ranks
-            self.absorbed += len(cands)
-            return [], []
-        if n < c.slowdown_job_min_ranks or len(members) < max(c.slowdown_job_min_ranks,
-                                                               math.ceil(c.slowdown_job_share * n)):
+        group = list(cands)
+        seen = {x.member for x in cands}
+        for member, h in self.history.items():  # their confirmations: the finding at their next record
+            nxt = next((s for s in h if s > step), None)
+            if member in seen or nxt is None:
+                continue
+            later = [x for x in self.pending.get(nxt, ()) if x.member == member and x.detector == detector]
+            group += later[:1]
+            seen.update(x.member for x in later[:1])
+        if n < c.slowdown_job_min_ranks or len(seen) < max(c.slowdown_job_min_ranks,
+                                                            math.ceil(c.slowdown_job_share * n)):
             return [], cands
-        self.episodes[detector] = step
-        self.absorbed += len(cands) - 1
-        values = sorted(x.value for x in cands)
-        expected = sorted(x.expected for x in cands if x.expected is not None)
-        first = min(cands, key=lambda x: x.ts)
-        return [JobFinding(detector, step, members, n, values[len(values) // 2],
+        for x in group[len(cands):]:
+            self.pending[x.step].remove(x)
+        members = sorted(seen)
+        self.episodes.append([detector, step, members])
+        del self.episodes[:-_EPISODES]
+        self.absorbed += len(group) - 1
+        values = sorted(x.value for x in group)
+        expected = sorted(x.expected for x in group if x.expected is not None)
+        first = min(group, key=lambda x: (x.ts, x.member))  # the same finding whatever the arrival order
+        return [JobFinding(detector, step, members, max(n, len(members)), values[len(values) // 2],
                            expected[len(expected) // 2] if expected else None, first,
-                           "critical" if any(x.severity == "critical" for x in cands) else "warning",
+                           "critical" if any(x.severity == "critical" for x in group) else "warning",
                            self._explained(first.ts, step))], []
 
+    def _active(self) -> list[str]:
+        """Members heard from within `hold_s` of the newest report: a rank that died stops counting."""
+        if not self.last_ts:
+            return []
+        newest = max(self.last_ts.values())
+        return [m for m, t in self.last_ts.items() if t >= newest - self.config.slowdown_hold_s]
+
+    def _joins_episode(self, c: Candidate[T]) -> bool:
+        """A late finding of a recent job-wide slowdown: at its step, or at the rank's first record after it
+        (a rank that reported late, after the hold)."""
+        h = self.history.get(c.member, ())
+        before = max((s for s in h if s < c.step), default=None)
+        return any(detector == c.detector and (c.step == step or (before is not None and before <= step < c.step))
+                   for detector, step, _ in self.episodes)
+
     def _explained(self, ts: float, step: int) -> str | None:
-        """The announced pause just before this slowdown, used up (one pause, one slowdown: its step time and
-        throughput findings alike)."""
+        """The pause the job announced just before this slowdown: the slowdown is at the first or second step
+        logged after the announcement, within `pause_explains_s`. Used up (one pause, one slowdown: its step
+        time and throughput findings alike)."""
         if self.explained and self.explained[0] == step:
             return str(self.explained[1])
-        before = [p for p in self.pauses if p[0] <= ts and ts - p[0] <= self.config.pause_explains_s]
-        if not before:
-            return None
-        p = max(before, key=lambda x: x[0])
-        self.pauses = [x for x in self.pauses if x[0] > p[0]]
-        self.explained = [step, str(p[1])]
-        return str(p[1])
+        for p in sorted(self.pauses, key=lambda x: -x[0]):
+            after = sum(1 for s in self.job_steps if p[2] < s < step)
+            if p[0] <= ts <= p[0] + self.config.pause_explains_s and p[2] < step and after <= 1:
+                self.pauses.remove(p)
+                self.explained = [step, str(p[1])]
+                return str(p[1])
+        return None

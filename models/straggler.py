@@ -44,18 +44,29 @@ class StragglerFinding(Generic[T]):
 class StepStragglerDetector(Generic[T]):
     def __init__(self, config: StragglerConfig | None = None) -> None:
         self.config = config or StragglerConfig()
-        self.pending: dict[int, dict[int, tuple[float, T]]] = {}
+        self.pending: dict[int, dict[Hashable, tuple[float, T]]] = {}  # step -> member -> (value, ref)
         self.judged: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # step -> (median, scale, n)
-        self.latest: dict[Hashable, int] = {}  # rank -> latest step reported
+        self.latest: dict[Hashable, int] = {}  # member -> latest step reported
+        # resumes from a checkpoint: the job's attempt, and each member's (a lagging member's records of an
+        # attempt that has ended, read after the others resumed, are not compared with the new attempt's)
+        self.attempt = 0
+        self.attempts: dict[Hashable, int] = {}
         self.restarts = 0
 
     def add(self, rank: Hashable, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
         """`rank`: the member's key (a rank, or a node's local rank with its run folder)."""
         c = self.config
-        if step < self.latest.get(rank, step) - RESTART_BACK_STEPS:
-            self._restart(step)
+        attempt = self.attempts.setdefault(rank, self.attempt)
+        if step < self.latest.get(rank, step) - RESTART_BACK_STEPS:  # this member resumed
+            attempt = self.attempts[rank] = attempt + 1
+            self.latest[rank] = step
+            if attempt > self.attempt:  # the first member of the job to: a new attempt
+                self.attempt = attempt
+                self._restart(step)
         self.latest[rank] = max(step, self.latest.get(rank, step))
         out: list[StragglerFinding[T]] = []
+        if attempt < self.attempt:
+            return out  # from an attempt that has ended, read late
         if step < c.min_step:
             return out
         if step in self.judged:
@@ -81,16 +92,15 @@ class StepStragglerDetector(Generic[T]):
             del self.judged[s]
         for s in [s for s in self.pending if s >= step]:
             del self.pending[s]
-        for r, latest in self.latest.items():
-            self.latest[r] = min(latest, step)
         self.restarts += 1
 
     def _ready(self, step: int) -> bool:
-        bucket = self.pending[step]
-        if len(bucket) >= len(self.latest):
+        """Every member of the current attempt reported the step, or half of them are well past it."""
+        members = [s for r, s in self.latest.items() if self.attempts.get(r, 0) == self.attempt]
+        if len(self.pending[step]) >= len(members):
             return True
-        ahead = sum(1 for latest in self.latest.values() if latest >= step + self.config.stale_steps)
-        return ahead * 2 >= len(self.latest)
+        ahead = sum(1 for latest in members if latest >= step + self.config.stale_steps)
+        return ahead * 2 >= len(members)
 
     def _judge(self, step: int) -> list[StragglerFinding[T]]:
         bucket = self.pending.pop(step)
@@ -114,11 +124,14 @@ class StepStragglerDetector(Generic[T]):
 
     def save_state(self) -> dict[str, Any]:
         return {"judged": [[s, *v] for s, v in self.judged.items()],
-                "latest": {str(r): s for r, s in self.latest.items()}}  # JSON keys are strings
+                "latest": {str(r): s for r, s in self.latest.items()},  # JSON keys are strings
+                "attempt": self.attempt, "attempts": {str(r): a for r, a in self.attempts.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.judged = OrderedDict((int(s), (m, sc, int(n))) for s, m, sc, n in state.get("judged", []))
         self.latest = {str(r): int(s) for r, s in state.get("latest", {}).items()}  # members are strings
+        self.attempt = int(state.get("attempt", 0))
+        self.attempts = {str(r): int(a) for r, a in state.get("attempts", {}).items()}
 
 
 def _median(values: list[float]) -> float:

@@ -38,7 +38,9 @@ DEFAULT_MASKS: tuple[tuple[str, str], ...] = (
     # logger name is who, not what; the level stays, first: Drain routes by a message's first tokens, so with the
     # header in front every message of a logger shared a route, and one of the same length was merged into
     # another, level token included ("- __main__ - <*> - ...": an ERROR line judged by an INFO line's template)
-    (r"^-?\s*(?:[\w.<>\[\]-]+ - )?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)(?: - [\w.<>\[\]-]+)? - ", r"\1 "),
+    (r"^-?\s*[\w.<>\[\]-]+ - (DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL) - ", r"\1 "),  # name - LEVEL -
+    # LEVEL - name - : only after a time was stripped (its dash is left): "INFO - rank0 - step 5" keeps rank0
+    (r"^-\s*(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL) - [\w.<>\[\]-]+ - ", r"\1 "),
     (r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.<>-]*:", r"\1 "),
     (r"^\|\s*(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)\s*\|\s*[\w.<>:-]+ [-|] ", r"\1 "),  # and fairseq's
     (r"^\[[\w.<>-]+\]\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] - ", r"\1 "),  # Hydra's "[name][LEVEL] - "

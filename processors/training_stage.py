@@ -15,6 +15,7 @@ is its own: asynchronous or pipeline schedules, and jobs that log per-rank compu
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rankwatch.models.job_slowdown import Candidate, JobFinding, JobSlowdown, SlowdownConfig
@@ -76,7 +77,8 @@ class MetricsHandler:
                         self.checkpoints[series(rec)] = str(rec.data["checkpoint"])
                     if self.ctx.wants("pause"):
                         what = f"checkpoint {rec.data['checkpoint']}" if "checkpoint" in rec.data else "evaluation"
-                        summaries.append({"type": "pause", "job": rec.job, "ts": rec.ts, "what": what})
+                        summaries.append({"type": "pause", "job": rec.job, "ts": rec.ts, "what": what,
+                                          "member": str(series(rec)[1])})
                     if self.ctx.config.logkey_enabled and self.ctx.wants("log"):  # still a log line
                         summaries.append(log_summary(rec, self.ctx.config.logkey_max_msg_chars))
             except (TypeError, ValueError, KeyError) as exc:
@@ -173,6 +175,21 @@ class StepStragglerJob:
         self.detector.load_state(state)
 
 
+def _slowdown_anomaly(fields: dict[str, Any]) -> Anomaly:
+    """A stage-1 slowdown finding from a summary, checked whole: it is released later, outside the summary's
+    `take`, and must not fail then (processors/stages.py: take_each)."""
+    a = Anomaly(**fields)
+    if a.detector not in SLOWDOWN_DETECTORS:
+        raise ValueError(f"not a slowdown: {a.detector}")
+    if a.severity not in ("info", "warning", "critical") or not isinstance(a.message, str):
+        raise ValueError(f"not a finding: severity {a.severity!r}")
+    if not isinstance(a.context, dict) or not (a.rank is None or type(a.rank) is int):
+        raise TypeError("context must be an object, rank an integer or null")
+    finite(a.event_time)
+    a.to_dict()  # serialisable as an anomaly record
+    return a
+
+
 class SlowdownJob:
     """Stage 2: a step-time or throughput slowdown on most of a job's ranks is one job-wide finding (models/
     job_slowdown.py); one announced pause (a checkpoint, an evaluation) before it makes it `info`."""
@@ -184,8 +201,7 @@ class SlowdownJob:
         self.job = job
         self.ctx = ctx
         self.detector: JobSlowdown[Anomaly] = JobSlowdown(SlowdownConfig(
-            c.slowdown_job_share, c.slowdown_job_min_ranks, c.slowdown_hold_s, c.slowdown_merge_steps,
-            c.pause_explains_s))
+            c.slowdown_job_share, c.slowdown_job_min_ranks, c.slowdown_hold_s, c.pause_explains_s))
         self.clock = -math.inf  # offline: the latest event time seen; the stream judges on the job's clock
 
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
@@ -194,15 +210,14 @@ class SlowdownJob:
         def take(s: Summary) -> None:
             t = s["type"]
             ts = finite(s["ts"])
+            member = str(s["member"] if "member" in s else s["rank"])  # summaries of workers before members
             if t == "step":
-                det.progress(str(s["member"]), int(s["step"]))
+                det.progress(member, int(s["step"]), ts)
             elif t == "pause":
-                det.announce(ts, str(s["what"]))
+                det.announce(ts, str(s["what"]), member)
             else:
-                a = Anomaly(**s["anomaly"])
-                if a.detector not in SLOWDOWN_DETECTORS:
-                    raise ValueError(f"not a slowdown: {a.detector}")
-                det.add(Candidate(str(s["member"]), int(s["step"]), ts, a.detector, finite(a.value),
+                a = _slowdown_anomaly(s["anomaly"])
+                det.add(Candidate(member, int(s["step"]), ts, a.detector, finite(a.value),
                                   None if a.expected is None else finite(a.expected), a, a.severity))
             self.clock = max(self.clock, ts)
 
@@ -236,17 +251,27 @@ class SlowdownJob:
 
     def save_state(self) -> dict[str, Any]:
         d = self.detector
-        return {"latest": d.latest, "episodes": d.episodes, "pauses": d.pauses, "absorbed": d.absorbed,
-                "explained": d.explained,
+        return {"history": {m: list(h) for m, h in d.history.items()}, "last_ts": d.last_ts,
+                "episodes": d.episodes, "pauses": d.pauses, "explained": d.explained,
+                "job_steps": list(d.job_steps), "absorbed": d.absorbed, "resumes": d.resumes, "flush": d.flush,
+                "clock": self.clock if math.isfinite(self.clock) else None,
                 "pending": [[c.member, c.step, c.ts, anomaly_fields(c.ref)] for cs in d.pending.values() for c in cs]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         d = self.detector
-        d.latest = {str(k): int(v) for k, v in state.get("latest", {}).items()}
-        d.episodes = {str(k): int(v) for k, v in state.get("episodes", {}).items()}
-        d.pauses = [[float(ts), str(w)] for ts, w in state.get("pauses", [])]
-        d.absorbed = int(state.get("absorbed", 0))
+        for m, steps in state.get("history", {}).items():
+            d.history[str(m)] = deque((int(x) for x in steps), maxlen=d.history_len)
+        d.last_ts = {str(m): float(t) for m, t in state.get("last_ts", {}).items()}
+        d.episodes = [[str(det), int(step), [str(m) for m in members]] for det, step, members in state.get("episodes", [])]
+        d.pauses = [[float(ts), str(w), int(last)] for ts, w, last in state.get("pauses", [])]
         d.explained = list(state.get("explained", []))
+        d.job_steps.extend(int(x) for x in state.get("job_steps", []))
+        d.absorbed = int(state.get("absorbed", 0))
+        d.resumes = int(state.get("resumes", 0))
+        d.flush = bool(state.get("flush", False))
+        if state.get("clock") is not None:
+            self.clock = float(state["clock"])
         for member, step, ts, fields in state.get("pending", []):
             a = Anomaly(**fields)
-            d.add(Candidate(member, int(step), float(ts), a.detector, float(a.value), a.expected, a, a.severity))
+            d.pending.setdefault(int(step), []).append(
+                Candidate(member, int(step), float(ts), a.detector, float(a.value), a.expected, a, a.severity))

@@ -15,6 +15,7 @@ import gzip
 import logging
 import lzma
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -43,8 +44,10 @@ def discover_at_rest(paths: Iterable[str], skipped: Counter | None = None) -> li
 
 
 def file_lines(path: str, batch: int = 20_000, problems: Counter | None = None) -> Iterator[list[Line]]:
-    """The file's complete lines in batches; compressed files decompressed as they are read. A corrupt or cut
-    compressed file gives the lines before the damage, and one count in `problems`."""
+    """The file's complete lines in batches; compressed files decompressed as they are read. A compressed file
+    cut short gives its lines up to the cut; one damaged inside stops where its decompressor notices (gzip may
+    first yield some damaged text, then fails its checksum at the end of the member): either way one count in
+    `problems` and a warning, never an exception."""
     opener = DECOMPRESSORS.get(os.path.splitext(path)[1].lower())
     if opener is None:
         tailer = Tailer([path], close_inactive=0.0)
@@ -63,7 +66,7 @@ def file_lines(path: str, batch: int = 20_000, problems: Counter | None = None) 
                 splitter._split(tf, chunk, out)
                 if out:
                     yield out
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         log.warning("%s: cannot decompress past byte %d of its content: %s", path, tf.offset, exc)
         if problems is not None:
             problems[f"corrupt {os.path.splitext(path)[1]}"] += 1

@@ -65,3 +65,21 @@ def test_rotated_names_map_to_their_live_file_and_nothing_else_does():
         assert rotation_base(f"/logs/{rotated}") == "/logs/train.log"
     for distinct in ("node.0", "node.1", "rank3.log", "train-2.log", "metrics.jsonl"):
         assert rotation_base(f"/logs/{distinct}") == f"/logs/{distinct}"
+
+
+def test_a_compressed_part_damaged_inside_never_stops_the_analysis(tmp_path):
+    data = bytearray(gzip.compress(_lines(0, 5000, None, random.Random(2))))
+    for i, at in enumerate((len(data) // 3, len(data) // 2, 2 * len(data) // 3)):
+        broken = bytearray(data)
+        broken[at:at + 64] = bytes(64)  # zeroed inside the deflate stream: a checksum failure (an OSError)
+        (tmp_path / f"rank{i}.log.1.gz").write_bytes(bytes(broken))
+    # one byte changed so that a back-reference points before the window: zlib.error, which is no OSError
+    rng = random.Random(1)
+    text = "".join(json.dumps({"ts": 1_700_000_000 + s, "step": s, "loss": 2 + rng.random()}) + "\n"
+                   for s in range(5000))
+    data = bytearray(gzip.compress(text.encode(), mtime=0))
+    data[1629] = 240
+    (tmp_path / "rank3.log.1.gz").write_bytes(bytes(data))
+    stats = AnalyzeStats()
+    analyze([str(tmp_path)], stats=stats)
+    assert stats.files_skipped == {"corrupt .gz": 4} and stats.records["metrics"] > 0

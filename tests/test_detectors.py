@@ -432,3 +432,24 @@ def test_single_slow_steps_are_ordinary_and_critical_needs_twice_the_usual_step(
         assert det.update(step, {"step_time_s": 10.0 + 0.05 * rng.gauss(0, 1)}) == []
     found = [f.context["step"] for step in range(600, 800, 10) for f in det.update(step, {"step_time_s": 13.0})]
     assert found == [610]
+
+
+def test_straggler_after_a_resume_even_when_a_ranks_records_reach_stage_2_late():
+    """Resume from step 100 after step 130; rank 3 is 3x slow at step 110 of the second attempt. In the stream one
+    rank's worker may lag: its last first-attempt records arrive after the others resumed, then its own resume.
+    Neither may wipe the second attempt's statistics or join its steps."""
+    from rankwatch.models.straggler import StepStragglerDetector
+
+    def first(ranks, steps):
+        return [(str(r), s, 1.0) for s in steps for r in ranks]
+
+    def second(ranks):
+        return [(str(r), s, 3.0 if (r, s) == (3, 110) else 1.0) for s in range(101, 126) for r in ranks]
+
+    in_order = first(range(4), range(1, 131)) + second(range(4))
+    lagged = (first(range(4), range(1, 121)) + first(range(3), range(121, 131)) + second(range(3))
+              + first([3], range(121, 131)) + second([3]))
+    for records in (in_order, lagged):
+        d: StepStragglerDetector[None] = StepStragglerDetector()
+        found = [(f.rank, f.step) for m, s, v in records for f in d.add(m, s, v, None)]
+        assert found == [("3", 110)] and d.restarts == 1

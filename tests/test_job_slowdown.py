@@ -135,3 +135,99 @@ def test_local_ranks_of_two_nodes_are_two_members_for_the_step_straggler(tmp_pat
     got = sorted({(a.rank, a.context["step"]) for a in found if a.detector == "straggler"})
     assert got == [(1, s) for s in range(50, 56)], got
     assert all(a.source_file == str(paths[("A", 1)]) for a in found if a.detector == "straggler")
+
+
+# ---- the grouping itself (models/job_slowdown.py), case by case ---------------------------------------------
+def _model(n: int = 8, step: int = 0, ts: float = 0.0):
+    from rankwatch.models.job_slowdown import JobSlowdown
+
+    j = JobSlowdown()
+    for m in range(n):
+        j.progress(str(m), step, ts)
+    return j
+
+
+def _cand(m: int, step: int, ts: float, v: float = 5.0):
+    from rankwatch.models.job_slowdown import Candidate
+
+    return Candidate(str(m), step, ts, "step_time", v, 1.0, ref=f"r{m}@{step}")
+
+
+def _report(j, step: int, ts: float, flagged: dict[int, float] | None = None, ranks=range(8)):
+    for m in ranks:
+        j.progress(str(m), step, ts)
+        if flagged and m in flagged:
+            j.add(_cand(m, step, ts, flagged[m]))
+
+
+def _decided(j, now: float):
+    jobs, ranks = j.decide(now)
+    return [(f.step, len(f.members), f.pause) for f in jobs], [c.ref for c in ranks]
+
+
+def test_a_ranks_own_slowdown_after_a_job_wide_one_is_its_own():
+    j = _model()
+    _report(j, 100, 100.0, {m: 5.0 for m in range(8)})
+    _report(j, 101, 101.0)
+    assert _decided(j, 101.0) == ([(100, 8, None)], [])
+    _report(j, 102, 102.0, {3: 3.0})  # rank 3 alone, after a normal record: its own
+    _report(j, 103, 103.0)
+    assert _decided(j, 103.0) == ([], ["r3@102"])
+
+
+def test_a_slowdown_flagged_a_record_later_on_some_ranks_is_still_one():
+    # the per-rank rule raises a small slowdown at the next record: 3 ranks at step 50, 3 at their next record
+    j = _model()
+    _report(j, 50, 50.0, {0: 1.6, 1: 1.6, 2: 1.6})
+    _report(j, 51, 51.0, {3: 1.3, 4: 1.3, 5: 1.3})
+    _report(j, 52, 52.0)
+    assert _decided(j, 52.0) == ([(50, 6, None)], [])
+    # logged every 10 steps: the next record is 10 steps on
+    j = _model()
+    _report(j, 100, 100.0, {m: 1.6 for m in range(5)})
+    _report(j, 110, 110.0, {m: 1.3 for m in range(5, 8)})
+    _report(j, 120, 120.0)
+    assert _decided(j, 120.0) == ([(100, 8, None)], [])
+
+
+def test_a_late_rank_joins_the_finding_decided_without_it():
+    j = _model(ts=100.0)
+    _report(j, 160, 1600.0, {m: 5.0 for m in range(7)}, ranks=range(7))
+    assert _decided(j, 1600.0) == ([], [])  # rank 7 has not reported step 160: wait ...
+    assert _decided(j, 1661.0) == ([(160, 7, None)], [])  # ... at most the hold
+    _report(j, 160, 1662.0, {7: 5.0}, ranks=[7])
+    _report(j, 161, 1663.0)
+    assert _decided(j, 1663.0) == ([], []) and j.absorbed == 7
+
+
+def test_a_pause_explains_only_the_slowdown_right_after_it():
+    j = _model()
+    _report(j, 99, 99.0)
+    j.announce(99.5, "checkpoint /ckpt/99", "0")
+    _report(j, 100, 104.0, {m: 5.0 for m in range(8)})
+    _report(j, 101, 105.0)
+    assert _decided(j, 105.0) == ([(100, 8, "checkpoint /ckpt/99")], [])
+    j.announce(106.0, "checkpoint /ckpt/101", "0")  # a fast save: no slowdown after it ...
+    for step in range(102, 140):
+        _report(j, step, 106.0 + step - 101)
+    _report(j, 140, 150.0, {m: 5.0 for m in range(8)})  # ... so it does not explain a stall later
+    _report(j, 141, 151.0)
+    assert _decided(j, 151.0) == ([(140, 8, None)], [])
+
+
+def test_the_finding_named_does_not_depend_on_arrival_order():
+    refs = set()
+    for order in (list(range(8)), list(reversed(range(8)))):
+        j = _model()
+        _report(j, 10, 10.0, {m: 5.0 for m in range(8)}, ranks=order)
+        _report(j, 11, 11.0)
+        refs.add(j.decide(11.0)[0][0].first.ref)
+    assert refs == {"r0@10"}
+
+
+def test_a_rank_silent_for_the_hold_stops_counting():
+    j = _model()
+    _report(j, 10, 10.0, ranks=range(8))
+    for step in range(11, 200):  # rank 7 is gone after step 10
+        _report(j, step, float(step), {m: 5.0 for m in range(4)} if step == 150 else None, ranks=range(7))
+    assert _decided(j, 199.0) == ([(150, 4, None)], [])  # 4 of the 7 ranks alive: job-wide, without a wait
