@@ -3,7 +3,9 @@
 Each (step, rank, step_time) is collected per step. A step is judged once at least `min_ranks` ranks reported it
 and either every known rank has, or it is stale (half the ranks are `stale_steps` ahead): then each rank's time is compared with the median of
 all ranks at that step. A rank that reports after its step was judged (a straggler falls behind, so it often
-does) is compared with that step's stored statistics. No I/O, no Kafka.
+does) is compared with that step's stored statistics. A member whose step goes back has resumed from a checkpoint:
+the first to do so starts a new attempt (the old attempt's statistics of the repeated steps are dropped), and the
+records of a member still in an ended attempt (read late) are not compared. No I/O, no Kafka.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Training metrics in the two stages: per-rank detectors (stage 1) and the step-time straggler (stage 2).
+"""Training metrics in the two stages: per-rank detectors (stage 1), the step-time straggler and job-wide
+slowdowns (stage 2).
 
 Stage 1 judges each rank's loss, grad norm, throughput and step time (models/training.py) and remembers the
-checkpoint each rank last announced. It summarises each step as `{type: "step", rank, member, step, value}` for
-stage 2, sends its step-time and throughput findings there as `slowdown` candidates, and announced pauses
+checkpoint each rank last announced. It summarises each metrics record as `{type: "step", rank, member, step,
+value}` for stage 2 (`member`: the series, `series()`; `rank` null and `value` absent where unknown), sends its step-time and throughput findings there as `slowdown` candidates, and announced pauses
 (checkpoint saves, evaluation results) as `pause`: stage 2's `SlowdownJob` tells a slowdown of most of the job's
 ranks once (models/job_slowdown.py).
 
