@@ -138,6 +138,9 @@ class RankMetricsDetector:
     # ---- the verdicts -----------------------------------------------------------------------------------
     def update(self, step: int, metrics: dict[str, Any]) -> list[Finding]:
         self.judged += 1
+        if self.last_step is not None and step < self.last_step - RESTART_BACK_STEPS:
+            self._resumed()
+        self.last_step = step
         values = {k: float(v) for k, v in metrics.items()
                   if k in ("loss", "grad_norm", "throughput", "step_time_s") and isinstance(v, (int, float))
                   and not isinstance(v, bool)}
@@ -152,9 +155,6 @@ class RankMetricsDetector:
         hidden = self._hidden_nonfinite(metrics, values, step)
         if hidden is not None:  # the strongest finding on the loss this step
             out = [x for x in out if x.signal != "loss"] + [hidden]
-        if self.last_step is not None and step < self.last_step - RESTART_BACK_STEPS:
-            self.warmup = self.config.restart_warmup_records
-        self.last_step = step
         if self.warmup > 0:  # a resume's warm-up: its slow steps are the restart, not a slowdown
             self.warmup -= 1
             values.pop("step_time_s", None)
@@ -179,6 +179,22 @@ class RankMetricsDetector:
         for f in out:
             f.context = {"step": step, "threshold_info": dict(info), **f.context}
         return out
+
+    def _resumed(self) -> None:
+        """The step went back: the job resumed from a checkpoint. Its loss and grad norm start again from the
+        checkpoint's, above where the first attempt had got to: judged against the first attempt's window,
+        every rank raised them for a window's length (1,094 findings on 10 resumed jobs of a blind test). They are
+        judged on the new attempt's own values from here. Step time and throughput keep their baselines (a
+        resumed run that is slower is news), past the warm-up."""
+        c = self.config
+        for s in ("loss", "grad_norm"):
+            self.mad[s] = RollingMAD(window=c.window, k=c.factor(s), min_points=c.min_points,
+                                     admit_outliers=c.admit_outliers)
+            self.rel[s] = RollingMAD(window=c.window, k=c.relative_guard_factor, min_points=c.min_points)
+            self.moments[s] = _Moments(c.window)
+            self.prev.pop(s, None)
+            self.prev2.pop(s, None)
+        self.warmup = c.restart_warmup_records
 
     def _slowdown(self, detector: str, ratio: float) -> bool:
         """Should a step beyond the step-time or throughput threshold be raised? One finding when a slowdown

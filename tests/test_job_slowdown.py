@@ -91,26 +91,28 @@ def test_verdicts_survive_a_restart_between_the_two_stages(tmp_path):
 
 
 def test_a_resumed_job_is_not_judged_against_its_first_attempt(tmp_path):
-    """Crash at step 130, resume from the checkpoint of step 100: steps 101-130 run again, the first of them slow on
+    """Crash at step 600, resume from the checkpoint of step 100: steps 101-600 run again, the first of them slow on
     every rank (warm-up: compilation, caches). The first attempt's
     cross-rank statistics of those steps must not judge the second's, nor its warm-up count as a slowdown."""
     rng = random.Random(4)
     files = {r: open(tmp_path / f"rank{r}.log", "w") for r in range(8)}
     ts = T0
-    for attempt, steps in ((0, range(1, 131)), (1, range(101, 220))):
+    for attempt, steps in ((0, range(1, 601)), (1, range(101, 700))):
         ts += 60.0 if attempt else 0.0  # the restart
         for i, step in enumerate(steps):
             base = (6.0, 3.0, 2.0)[i] if attempt and i < 3 else 1.0
             ts += base
             for r in range(8):
                 st = base * (1 + rng.gauss(0, 0.01))
-                files[r].write(json.dumps({"ts": ts + 0.001 * r, "step": step, "loss": 2.0 + rng.gauss(0, 0.01),
+                loss = 3.0 - 0.002 * step + rng.gauss(0, 0.003)  # training: back at the checkpoint's loss
+                files[r].write(json.dumps({"ts": ts + 0.001 * r, "step": step, "loss": loss,
                                            "step_time_s": st}) + "\n")
     for f in files.values():
         f.close()
     found = run_pipeline(Pipeline(), read_records([str(tmp_path)]))
     # before: the repeated steps were judged against the first attempt's medians (every rank a 6x "straggler"),
-    # and the warm-up was a step-time and throughput slowdown
+    # the warm-up was a step-time and throughput slowdown, and the loss, back at the checkpoint's (1.0 above the
+    # first attempt's last), a `mad` finding on every rank
     assert [(a.detector, a.rank, a.context["step"]) for a in found] == []
 
 
