@@ -12,9 +12,10 @@ the verdict). A rank's finding for that slowdown is at N, or at its next record 
   (rank None) naming how many ranks showed it. The ranks' findings at N and at their next record are part of
   it, also those that come late (after the hold); nothing else is.
 - fewer: each rank's finding at N as it was (a slow data loader on one node, a rank whose own time is its own).
-- a job-wide slowdown at the first or second step the job logs after it announced a pause (a checkpoint save, an
+- a slowdown at the first or second step the job logs after it announced a pause (a checkpoint save, an
   evaluation's results: on rank 0's log only, typically) is reported as `info`: expected, not alerting. One
-  announcement explains one slowdown.
+  announcement explains one slowdown: the job-wide finding, or the per-rank ones of that step (where one rank
+  writes the job's metrics, as Megatron's last rank and nanoGPT's master do, there is no other).
 
 A rank whose steps go back (a resume from a checkpoint) ends what is held: the findings are decided at once, so
 one attempt's steps are never grouped with the other's. Ranks silent for `slowdown_hold_s` of the job's clock
@@ -53,6 +54,7 @@ class Candidate(Generic[T]):
     expected: float | None
     ref: T  # the caller's per-rank finding
     severity: str = "warning"
+    pause: str | None = None  # reported per rank: the announced pause that explains it
 
 
 @dataclass
@@ -154,6 +156,8 @@ class JobSlowdown(Generic[T]):
             seen.update(x.member for x in later[:1])
         if n < c.slowdown_job_min_ranks or len(seen) < max(c.slowdown_job_min_ranks,
                                                             math.ceil(c.slowdown_job_share * n)):
+            for x in cands:  # one rank's log is often all there is (Megatron's last rank, nanoGPT's master)
+                x.pause = self._explained(x.ts, step)
             return [], cands
         for x in group[len(cands):]:
             self.pending[x.step].remove(x)

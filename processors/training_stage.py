@@ -227,7 +227,16 @@ class SlowdownJob:
 
     def _decide(self, now: float) -> list[Anomaly]:
         jobs, ranks = self.detector.decide(now)
-        return [c.ref for c in ranks] + [self._anomaly(f) for f in jobs]
+        return [self._explained(c) for c in ranks] + [self._anomaly(f) for f in jobs]
+
+    @staticmethod
+    def _explained(c: Candidate[Anomaly]) -> Anomaly:
+        a = c.ref
+        if c.pause:
+            a.severity = "info"
+            a.message += f"; the job paused for the {c.pause} it announced (expected)"
+            a.context["pause"] = c.pause
+        return a
 
     def _anomaly(self, f: JobFinding[Anomaly]) -> Anomaly:
         a = f.first.ref

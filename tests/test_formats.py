@@ -161,6 +161,13 @@ def test_glog_time_takes_the_year_of_the_file_and_rolls_back_over_new_year():
     ("[2024-01-01 00:00:00,000] [INFO] [logging.py:96:log_dist] [Rank 0] Saving model checkpoint: "
      "/ck/global_step10/mp_rank_00_model_states.pt", "/ck/global_step10/mp_rank_00_model_states.pt"),
     ("Saving model checkpoint to /ckpt/run/checkpoint-500", "/ckpt/run/checkpoint-500"),
+    # Lightning's ModelCheckpoint, Accelerate's save_state, torchtitan (no path), mmengine (no path)
+    ("Epoch 0, global step 450: 'val_loss' reached 0.12345 (best 0.12345), saving model to "
+     "'/out/epoch=0-step=450.ckpt' as top 1", "/out/epoch=0-step=450.ckpt"),
+    ("Saving current state to /out/step_500", "/out/step_500"),
+    ("[titan] 2025-06-16 22:30:50,758 - root - INFO - Saving the checkpoint (or staging if async is enabled).",
+     "(unnamed)"),
+    ("06/13 19:41:35 - mmengine - INFO - Saving checkpoint at 100 iterations", "(unnamed)"),
 ])
 def test_framework_checkpoint_lines(line, path):
     assert parse_line(line, ctx()).data["checkpoint"] == path

@@ -233,3 +233,12 @@ def test_a_rank_silent_for_the_hold_stops_counting():
     for step in range(11, 200):  # rank 7 is gone after step 10
         _report(j, step, float(step), {m: 5.0 for m in range(4)} if step == 150 else None, ranks=range(7))
     assert _decided(j, 199.0) == ([(150, 4, None)], [])  # 4 of the 7 ranks alive: job-wide, without a wait
+
+
+def test_an_announced_pause_explains_the_slowdown_of_a_job_whose_metrics_one_rank_writes(tmp_path):
+    # Megatron's last rank alone prints the iteration lines, and the save announcement is in its log too
+    _job(tmp_path, ranks=1, pauses={120: 6.0, 170: 6.0}, own={}, checkpoint_before=120)
+    got = [(a.context["step"], a.detector, a.rank, a.severity, a.context.get("pause")) for a in _slowdowns(tmp_path)]
+    ckpt = "checkpoint /ckpt/run/iter_0000119"
+    assert got == [(120, "step_time", 0, "info", ckpt), (120, "throughput", 0, "info", ckpt),
+                   (170, "step_time", 0, "critical", None), (170, "throughput", 0, "critical", None)], got

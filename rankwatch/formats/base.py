@@ -115,16 +115,30 @@ def size_bytes(text: str) -> int | None:
 
 
 # "Saving checkpoint to /ckpt/run/checkpoint-100", "saved checkpoint: ...", "Checkpoint saved to ..."
-CHECKPOINT_HINT = "heckpoint"
-# Megatron: "saving checkpoint at iteration     100 to /ckpt/run", "successfully saved checkpoint from iteration ..."
-_CHECKPOINT = re.compile(r"(?:sav(?:e|ed|ing) (?:model )?checkpoint|checkpoint saved)(?:\s+(?:at|from)\s+iteration\s+"
-                         r"\d+)?\s*(?:to|at|in|:)?\s*['\"]?(?P<path>[^\s'\",]+)", re.IGNORECASE)
+CHECKPOINT_HINTS = ("heckpoint", "aving ")  # cheap tests before the pattern: nearly every line fails both
+_PATH = r"['\"]?(?P<{}>[^\s'\",(][^\s'\",]*?)['\"]?(?:\.\.\.)?(?=[\s,]|$)"
+# Megatron "saving checkpoint at iteration     100 to /ckpt/run", "successfully saved checkpoint from iteration ...";
+# HF "Saving model checkpoint to DIR"; DeepSpeed "Saving model checkpoint: PATH", "[Torch] Saving PATH...",
+# "[Torch] Checkpoint global_step500 is about to be saved!"; mmengine "Saving checkpoint at 100 iterations";
+# Lightning's ModelCheckpoint "..., saving model to 'PATH' as top 1"; Accelerate "Saving current state to DIR";
+# torchtitan "Saving the checkpoint (or staging if async is enabled)." (no path)
+_CHECKPOINT = re.compile(
+    r"(?:sav(?:e|ed|ing) (?:model |the )?checkpoint|checkpoint saved)(?:\s+(?:at|from)\s+(?:iteration\s+)?\d+"
+    r"(?:\s+iterations?)?)?(?:\s*(?:to|at|in|:)?\s*" + _PATH.format("path") + r")?"
+    r"|\[Torch\] Saving " + _PATH.format("ds") + r"|\[Torch\] Checkpoint (?P<tag>\S+) is about to be saved"
+    r"|saving model to " + _PATH.format("pl") + r"|Saving current state to " + _PATH.format("acc"),
+    re.IGNORECASE)
 
 
 def checkpoint_path(msg: str) -> str | None:
-    """The path a checkpoint announcement names (it becomes data["checkpoint"] on the log record)."""
+    """What a checkpoint announcement names (it becomes data["checkpoint"] on the log record): its path, its tag,
+    or "(unnamed)" when it names none; None for any other line."""
+    if not any(h in msg for h in CHECKPOINT_HINTS):
+        return None
     m = _CHECKPOINT.search(msg)
-    return m.group("path") if m else None
+    if m is None:
+        return None
+    return next((v for v in m.groupdict().values() if v), "(unnamed)")
 
 
 def key_name(text: str) -> str:
@@ -134,4 +148,4 @@ def key_name(text: str) -> str:
 
 
 __all__ = ["METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "ParseError", "Parsed", "SourceContext", "number",
-           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINT", "checkpoint_path"]
+           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINTS", "checkpoint_path"]

@@ -22,7 +22,7 @@ from rankwatch.formats import (
     torch_dist,
     torchtitan,
 )
-from rankwatch.formats.base import CHECKPOINT_HINT, Parsed, ParseError, SourceContext, checkpoint_path
+from rankwatch.formats.base import Parsed, ParseError, SourceContext, checkpoint_path
 from rankwatch.formats.jsonl import NOT_JSON, json_record, load_json
 from rankwatch.formats.prefixes import split_prefix, strip_ansi
 from rankwatch.records import Record
@@ -125,10 +125,9 @@ def _parse_body_line(body: str, raw: str, ctx: SourceContext, rank: int | None, 
                 return rec
         ctx.last_format = ""
         data = {"msg": stripped, "raw": raw}
-        if CHECKPOINT_HINT in stripped:
-            path = checkpoint_path(stripped)
-            if path:
-                data["checkpoint"] = path
+        path = checkpoint_path(stripped)
+        if path:
+            data["checkpoint"] = path
         kind, line_rank = "log", None
         if "[Rank " in body:  # Megatron's "[Rank 3] (after 10 iterations) memory ...", DeepSpeed's log_dist
             m = _LINE_RANK.match(body)
