@@ -34,6 +34,11 @@ T = TypeVar("T")
 RESUME_BACK_STEPS = 5  # a rank's step this far below its last: a resume (models/training.py: RESTART_BACK_STEPS)
 _HISTORY = 8  # steps remembered per member: enough to find its record after a held step
 _EPISODES = 8  # recent job-wide findings that a late finding can still join
+_LEVEL_STEPS = 128  # steps whose per-rank values are kept, at most
+# a step's values, oriented so that larger is slower (step time; throughput inverted), on a log scale
+_SIGN = {"step_time": 1.0, "throughput": -1.0}
+_AS_SLOW = math.log(0.8)  # a rank at least 0.8x as slow as the flagged ones shares their slowdown
+_ELEVATED = math.log(1.1)  # ... where the job's median rank is at least 1.1x slower than usual
 
 
 @dataclass
@@ -76,17 +81,21 @@ class JobSlowdown(Generic[T]):
     history: dict[str, deque] = field(default_factory=dict)  # member -> its last steps reported, in order
     last_ts: dict[str, float] = field(default_factory=dict)  # member -> event time of its last report
     pending: dict[int, list[Candidate[T]]] = field(default_factory=dict)  # step -> its findings
-    episodes: list[list[Any]] = field(default_factory=list)  # [detector, step, members] of recent job findings
+    # recent job-wide findings: [detector, step, members, usual level, slowdown level (oriented logs), last step
+    # seen still slow (None: over)]
+    episodes: list[list[Any]] = field(default_factory=list)
     pauses: list[list[Any]] = field(default_factory=list)  # [ts, what, the job's last step then], not yet used
     explained: list[Any] = field(default_factory=list)  # [step, pause] last explained (for every signal of it)
     job_steps: deque = field(default_factory=lambda: deque(maxlen=256))  # distinct steps the job reported
+    levels: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # step -> detector -> member -> v
     absorbed: int = 0  # per-rank findings folded into job-wide ones
     resumes: int = 0
     flush: bool = False  # a resume: decide everything held now
     history_len: int = _HISTORY
 
     # ---- input ------------------------------------------------------------------------------------------
-    def progress(self, member: str, step: int, ts: float) -> None:
+    def progress(self, member: str, step: int, ts: float, values: dict[str, float] | None = None) -> None:
+        """A record of `member` at `step`; `values`: its step time and throughput, where known."""
         h = self.history.get(member)
         if h is None:
             h = self.history[member] = deque(maxlen=self.history_len)
@@ -96,8 +105,14 @@ class JobSlowdown(Generic[T]):
             h.clear()
             self.episodes.clear()
             self.job_steps.clear()
+            self.levels.clear()
         if not h or step != h[-1]:
             h.append(step)
+        for detector, v in (values or {}).items():
+            if detector in _SIGN and v > 0 and math.isfinite(v):
+                self.levels.setdefault(step, {}).setdefault(detector, {})[member] = _SIGN[detector] * math.log(v)
+        while len(self.levels) > _LEVEL_STEPS:
+            del self.levels[min(self.levels)]
         self.last_ts[member] = max(ts, self.last_ts.get(member, ts))
         if not self.job_steps or step > self.job_steps[-1]:
             self.job_steps.append(step)
@@ -126,6 +141,7 @@ class JobSlowdown(Generic[T]):
         flush, self.flush = self.flush, False
         active = self._active()
         done = min((self.history[m][-1] for m in active), default=-math.inf)
+        self._follow_episodes(done)
         jobs: list[JobFinding[T]] = []
         ranks: list[Candidate[T]] = []
         for step in sorted(self.pending):
@@ -142,9 +158,31 @@ class JobSlowdown(Generic[T]):
                 ranks += r
         return jobs, ranks
 
+    def _follow_episodes(self, done: float) -> None:
+        """Close the job-wide slowdowns the job has come out of: a step every rank has passed whose median rank
+        is back below halfway between the usual level and the slowdown's."""
+        for ep in self.episodes:
+            detector, usual, level = ep[0], ep[3], ep[4]
+            if ep[5] is None:
+                continue
+            for step in sorted(s for s in self.levels if ep[5] < s < done):
+                med = _median(list(self.levels[step].get(detector, {}).values()))
+                if med is None:
+                    continue  # no value of this signal at that step
+                if usual is None or med < usual + max(0.5 * (level - usual), 0.05):
+                    ep[5] = None  # over: a later slowdown is a new one
+                    break
+                ep[5] = step
+        keep = min([done, *self.pending]) if self.pending else done
+        for step in [s for s in self.levels if s < keep - 2]:
+            del self.levels[step]
+
     def _judge(self, step: int, detector: str, cands: list[Candidate[T]], n: int
                ) -> tuple[list[JobFinding[T]], list[Candidate[T]]]:
         c = self.config
+        if self._ongoing(detector, step):
+            self.absorbed += len(cands)  # the ranks' detectors raising it again while it lasts
+            return [], []
         group = list(cands)
         seen = {x.member for x in cands}
         for member, h in self.history.items():  # their confirmations: the finding at their next record
@@ -154,19 +192,25 @@ class JobSlowdown(Generic[T]):
             later = [x for x in self.pending.get(nxt, ()) if x.member == member and x.detector == detector]
             group += later[:1]
             seen.update(x.member for x in later[:1])
-        if n < c.slowdown_job_min_ranks or len(seen) < max(c.slowdown_job_min_ranks,
-                                                            math.ceil(c.slowdown_job_share * n)):
+        needed = max(c.slowdown_job_min_ranks, math.ceil(c.slowdown_job_share * n))
+        if n >= c.slowdown_job_min_ranks:
+            seen |= self._as_slow(step, detector, group)  # the ranks that showed it, flagged or not
+        if n < c.slowdown_job_min_ranks or len(seen) < needed:
             for x in cands:  # one rank's log is often all there is (Megatron's last rank, nanoGPT's master)
                 x.pause = self._explained(x.ts, step)
             return [], cands
         for x in group[len(cands):]:
             self.pending[x.step].remove(x)
         members = sorted(seen)
-        self.episodes.append([detector, step, members])
-        del self.episodes[:-_EPISODES]
-        self.absorbed += len(group) - 1
         values = sorted(x.value for x in group)
         expected = sorted(x.expected for x in group if x.expected is not None)
+        level = _median(list(self.levels.get(step, {}).get(detector, {}).values()))
+        usual = _oriented(detector, expected[len(expected) // 2]) if expected else None
+        if level is None:
+            level = _oriented(detector, values[len(values) // 2])
+        self.episodes.append([detector, step, members, usual, level, step])
+        del self.episodes[:-_EPISODES]
+        self.absorbed += len(group) - 1
         first = min(group, key=lambda x: (x.ts, x.member))  # the same finding whatever the arrival order
         return [JobFinding(detector, step, members, max(n, len(members)), values[len(values) // 2],
                            expected[len(expected) // 2] if expected else None, first,
@@ -185,8 +229,26 @@ class JobSlowdown(Generic[T]):
         (a rank that reported late, after the hold)."""
         h = self.history.get(c.member, ())
         before = max((s for s in h if s < c.step), default=None)
-        return any(detector == c.detector and (c.step == step or (before is not None and before <= step < c.step))
-                   for detector, step, _ in self.episodes)
+        return any(ep[0] == c.detector and (c.step == ep[1] or (before is not None and before <= ep[1] < c.step))
+                   for ep in self.episodes)
+
+    def _ongoing(self, detector: str, step: int) -> bool:
+        """Is a job-wide slowdown of this signal still going on at `step`? Every step since it began had the
+        job's median rank at least halfway between the usual level and the slowdown's (`_follow_episodes`)."""
+        return any(ep[0] == detector and ep[5] is not None and ep[1] < step <= ep[5] for ep in self.episodes)
+
+    def _as_slow(self, step: int, detector: str, group: list[Candidate[T]]) -> set[str]:
+        """The ranks as slow at `step` as the flagged ones, where the job's median rank is: then a slowdown of
+        every rank that only some ranks' thresholds caught (a shared 1.3x step against tight and loose
+        baselines), not theirs alone. Empty where the flagged ranks stand out from their peers."""
+        peers = self.levels.get(step, {}).get(detector, {})
+        usual = _median([_oriented(detector, x.expected) for x in group if x.expected and x.expected > 0])
+        flagged = _median([_oriented(detector, x.value) for x in group if x.value > 0])
+        median = _median(list(peers.values()))
+        if (len(peers) < self.config.slowdown_job_min_ranks or usual is None or flagged is None
+                or median is None or median < flagged + _AS_SLOW or median < usual + _ELEVATED):
+            return set()
+        return {m for m, v in peers.items() if v >= flagged + _AS_SLOW}
 
     def _explained(self, ts: float, step: int) -> str | None:
         """The pause the job announced just before this slowdown: the slowdown is at the first or second step
@@ -201,3 +263,14 @@ class JobSlowdown(Generic[T]):
                 self.explained = [step, str(p[1])]
                 return str(p[1])
         return None
+
+
+def _oriented(detector: str, v: float) -> float:
+    return _SIGN[detector] * math.log(v)
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[len(s) // 2]

@@ -99,9 +99,11 @@ class MetricsHandler:
         member = str(key[1])
         s: Summary = {"type": "step", "job": rec.job, "rank": rec.rank, "member": member, "ts": rec.ts,
                       "step": step, "file": rec.file, "offset": rec.offset}
-        st = rec.data.get("step_time_s")
-        if isinstance(st, (int, float)) and st == st:
+        st, tput = rec.data.get("step_time_s"), rec.data.get("throughput")
+        if isinstance(st, (int, float)) and math.isfinite(st):
             s["value"] = float(st)
+        if isinstance(tput, (int, float)) and math.isfinite(tput):
+            s["throughput"] = float(tput)  # with the step time: how slow each rank was (models/job_slowdown.py)
         if isinstance(rec.data.get("lr"), float):
             s["lr"] = rec.data["lr"]
         if checkpoint:
@@ -213,7 +215,10 @@ class SlowdownJob:
             ts = finite(s["ts"])
             member = str(s["member"] if "member" in s else s["rank"])  # summaries of workers before members
             if t == "step":
-                det.progress(member, int(s["step"]), ts)
+                # auxiliary here (the step-time straggler counts a malformed value): left out, not an error
+                values = {k: v for k, f in (("step_time", "value"), ("throughput", "throughput"))
+                          if isinstance(v := s.get(f), (int, float)) and math.isfinite(v)}
+                det.progress(member, int(s["step"]), ts, values)
             elif t == "pause":
                 det.announce(ts, str(s["what"]), member)
             else:
@@ -262,6 +267,7 @@ class SlowdownJob:
     def save_state(self) -> dict[str, Any]:
         d = self.detector
         return {"history": {m: list(h) for m, h in d.history.items()}, "last_ts": d.last_ts,
+                "levels": [[step, dets] for step, dets in d.levels.items()],
                 "episodes": d.episodes, "pauses": d.pauses, "explained": d.explained,
                 "job_steps": list(d.job_steps), "absorbed": d.absorbed, "resumes": d.resumes, "flush": d.flush,
                 "clock": self.clock if math.isfinite(self.clock) else None,
@@ -272,7 +278,11 @@ class SlowdownJob:
         for m, steps in state.get("history", {}).items():
             d.history[str(m)] = deque((int(x) for x in steps), maxlen=d.history_len)
         d.last_ts = {str(m): float(t) for m, t in state.get("last_ts", {}).items()}
-        d.episodes = [[str(det), int(step), [str(m) for m in members]] for det, step, members in state.get("episodes", [])]
+        d.levels = {int(step): {str(det): {str(m): float(v) for m, v in vals.items()} for det, vals in dets.items()}
+                    for step, dets in state.get("levels", [])}
+        d.episodes = [[str(det), int(step), [str(m) for m in members], None if usual is None else float(usual),
+                       float(level), None if checked is None else float(checked)]
+                      for det, step, members, usual, level, checked in state.get("episodes", [])]
         d.pauses = [[float(ts), str(w), int(last)] for ts, w, last in state.get("pauses", [])]
         d.explained = list(state.get("explained", []))
         d.job_steps.extend(int(x) for x in state.get("job_steps", []))

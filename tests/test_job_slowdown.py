@@ -242,3 +242,38 @@ def test_an_announced_pause_explains_the_slowdown_of_a_job_whose_metrics_one_ran
     ckpt = "checkpoint /ckpt/run/iter_0000119"
     assert got == [(120, "step_time", 0, "info", ckpt), (120, "throughput", 0, "info", ckpt),
                    (170, "step_time", 0, "critical", None), (170, "throughput", 0, "critical", None)], got
+
+
+def _sync_job(root, ranks: int, steps: int, slow: dict[int, float], noise: list[float], seed: int = 0) -> None:
+    """Synchronous training: `slow[step]` x on every rank; rank r's logged time jitters by noise[r] (some ranks'
+    timers are tighter than others', so a shared slowdown crosses some ranks' thresholds and not others')."""
+    rng = random.Random(seed)
+    files = [open(root / f"rank{r}.log", "w") for r in range(ranks)]
+    ts = T0
+    for step in range(1, steps + 1):
+        base = slow.get(step, 1.0)
+        ts += base
+        for r, f in enumerate(files):
+            st = base * (1 + rng.gauss(0, noise[r]))
+            f.write(json.dumps({"ts": ts + 0.001 * r, "step": step, "loss": 2.0 + rng.gauss(0, 0.01),
+                                "step_time_s": st}) + "\n")
+    for f in files:
+        f.close()
+
+
+def test_a_shared_slowdown_that_crossed_only_some_ranks_thresholds_is_the_jobs(tmp_path):
+    # 16 ranks, 3 steps 1.4x slower on all: the 4 ranks with tight timers cross their thresholds, the 12 others'
+    # noise is too wide. Before: 4 per-rank findings (each "a spike"), as if those ranks were slow on their own
+    _sync_job(tmp_path, 16, 300, {s: 1.4 for s in (200, 201, 202)}, [0.004] * 4 + [0.06] * 12)
+    got = [(a.detector, a.rank, a.context.get("ranks_affected")) for a in _slowdowns(tmp_path)]
+    assert got == [("step_time", None, 16)], got
+
+
+def test_a_lasting_slowdown_is_one_finding_until_it_ends(tmp_path):
+    # every rank 1.6x slower from step 200 to 499 (a straggler all wait for), then again at 600-602. While the
+    # first lasts, ranks whose windows fill with its values raise it again, one by one: part of it, not new
+    _sync_job(tmp_path, 16, 700, {**{s: 1.6 for s in range(200, 500)}, **{s: 3.0 for s in range(600, 603)}},
+              [0.004 + 0.002 * (r % 8) for r in range(16)], seed=1)
+    got = [(a.detector, a.rank, a.context["step"]) for a in _slowdowns(tmp_path)]
+    assert [(d, r) for d, r, _ in got] == [("step_time", None), ("step_time", None)], got
+    assert got[0][2] in (200, 201) and got[1][2] in (600, 601)
