@@ -10,7 +10,8 @@ records of a member still in an ended attempt (read late) are not compared. No I
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,9 @@ class StragglerConfig:
     stale_steps: int = 5
     min_step: int = 5  # the first steps (compilation, warm-up) are not judged
     keep_steps: int = 2000  # judged steps whose statistics are kept for late reports
+    # one finding per episode (a rank slow on consecutive records); a step under this ratio to the median rank
+    # is raised only when the rank's next record is beyond the threshold too (a garbage collection, one batch)
+    confirm_below: float = 1.5
 
 
 @dataclass
@@ -54,6 +58,9 @@ class StepStragglerDetector(Generic[T]):
         self.attempt = 0
         self.attempts: dict[Hashable, int] = {}
         self.restarts = 0
+        self.steps: dict[Hashable, deque] = {}  # member -> its last steps reported (episodes: its previous one)
+        self.flagged_at: dict[Hashable, int] = {}  # member -> step of its last slow step (reported or ongoing)
+        self.small_at: dict[Hashable, int] = {}  # member -> step of a small slow step waiting for its next
 
     def add(self, rank: Hashable, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
         """`rank`: the member's key (a rank, or a node's local rank with its run folder)."""
@@ -66,6 +73,7 @@ class StepStragglerDetector(Generic[T]):
                 self.attempt = attempt
                 self._restart(step)
         self.latest[rank] = max(step, self.latest.get(rank, step))
+        self.steps.setdefault(rank, deque(maxlen=8)).append(step)
         out: list[StragglerFinding[T]] = []
         if attempt < self.attempt:
             return out  # from an attempt that has ended, read late
@@ -120,20 +128,40 @@ class StepStragglerDetector(Generic[T]):
                  ) -> StragglerFinding[T] | None:
         c = self.config
         threshold = max(med * (1 + c.ratio), med + c.k * scale)
-        if value > threshold:
+        if value > threshold and self._new_episode(rank, step, value / med if med > 0 else math.inf):
             return StragglerFinding(rank, step, value, med, threshold, (value - med) / scale, n, ref)
         return None
+
+    def _new_episode(self, rank: Hashable, step: int, ratio: float) -> bool:
+        """Report this slow step? Not when the rank's previous record was slow too (the episode was reported),
+        nor a step under `confirm_below` x the median unless its previous one was beyond the threshold too."""
+        steps = self.steps.get(rank, ())
+        prev = max((s for s in steps if s < step), default=None)
+        if prev is not None and self.flagged_at.get(rank) == prev:
+            self.flagged_at[rank] = step  # it goes on
+            return False
+        if ratio < self.config.confirm_below and (prev is None or self.small_at.get(rank) != prev):
+            self.small_at[rank] = step
+            return False
+        self.flagged_at[rank] = step
+        return True
 
     def save_state(self) -> dict[str, Any]:
         return {"judged": [[s, *v] for s, v in self.judged.items()],
                 "latest": {str(r): s for r, s in self.latest.items()},  # JSON keys are strings
-                "attempt": self.attempt, "attempts": {str(r): a for r, a in self.attempts.items()}}
+                "attempt": self.attempt, "attempts": {str(r): a for r, a in self.attempts.items()},
+                "steps": {str(r): list(h) for r, h in self.steps.items()},
+                "flagged_at": {str(r): s for r, s in self.flagged_at.items()},
+                "small_at": {str(r): s for r, s in self.small_at.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.judged = OrderedDict((int(s), (m, sc, int(n))) for s, m, sc, n in state.get("judged", []))
         self.latest = {str(r): int(s) for r, s in state.get("latest", {}).items()}  # members are strings
         self.attempt = int(state.get("attempt", 0))
         self.attempts = {str(r): int(a) for r, a in state.get("attempts", {}).items()}
+        self.steps = {str(r): deque((int(x) for x in h), maxlen=8) for r, h in state.get("steps", {}).items()}
+        self.flagged_at = {str(r): int(x) for r, x in state.get("flagged_at", {}).items()}
+        self.small_at = {str(r): int(x) for r, x in state.get("small_at", {}).items()}
 
 
 def _median(values: list[float]) -> float:

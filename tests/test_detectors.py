@@ -259,7 +259,7 @@ def test_straggler_judged_when_complete_or_late():
     for step in range(20, 30):  # ... and reports late and slow: judged against the stored statistics
         found += d.add(6, step, 1.9, f"r6s{step}")
     got = sorted((f.rank, f.step) for f in found)
-    assert got == [(3, s) for s in range(10, 14)] + [(6, s) for s in range(20, 30)]
+    assert got == [(3, 10), (6, 20)]  # one finding per episode: its first slow step
     assert all(f.ref == f"r{f.rank}s{f.step}" and f.ranks >= 7 for f in found)
 
 
@@ -453,3 +453,15 @@ def test_straggler_after_a_resume_even_when_a_ranks_records_reach_stage_2_late()
         d: StepStragglerDetector[None] = StepStragglerDetector()
         found = [(f.rank, f.step) for m, s, v in records for f in d.add(m, s, v, None)]
         assert found == [("3", 110)] and d.restarts == 1
+
+
+def test_straggler_one_finding_per_episode_and_a_small_single_step_is_not_one():
+    from rankwatch.models.straggler import StepStragglerDetector
+
+    d: StepStragglerDetector[None] = StepStragglerDetector()
+    slow = {(2, 20): 1.4,  # one 1.4x step (a garbage collection): not a straggler
+            **{(5, s): 1.4 for s in range(40, 50)},  # 1.4x for 10 steps: raised at its second step, once
+            **{(7, s): 2.5 for s in range(60, 63)}, (7, 70): 2.5}  # 2.5x: at once; again after a normal step
+    found = [(f.rank, f.step) for step in range(1, 100) for r in range(8)
+             for f in d.add(r, step, slow.get((r, step), 1.0) * (1 + 0.002 * ((r + step) % 3)), None)]
+    assert found == [(5, 41), (7, 60), (7, 70)]

@@ -135,7 +135,7 @@ def test_local_ranks_of_two_nodes_are_two_members_for_the_step_straggler(tmp_pat
         f.close()
     found = run_pipeline(Pipeline(), read_records([str(tmp_path)]))
     got = sorted({(a.rank, a.context["step"]) for a in found if a.detector == "straggler"})
-    assert got == [(1, s) for s in range(50, 56)], got
+    assert got == [(1, 50)], got  # one finding for the episode, on node A's local rank 1
     assert all(a.source_file == str(paths[("A", 1)]) for a in found if a.detector == "straggler")
 
 
