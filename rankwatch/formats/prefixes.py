@@ -102,6 +102,9 @@ def _glog_ts(m: re.Match[str], reference: float) -> float:
     return ts
 
 
+_DATED = ((TS, ts_from_iso_match), (SLASH_TS, _slash_ts))  # times that carry their year, tried in order
+
+
 def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, int | None, float | None]:
     """line (ANSI already removed) -> (body, launcher rank (torchrun / mpirun), event time). Times that do not exist
     (month 13) stay part of the body."""
@@ -142,21 +145,15 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
                 line = line[m.end():]
     c = line[:1]
     if ts is None and (c.isdigit() or c == "["):
-        m = TS.match(line)
-        if m:
-            try:
-                ts = ts_from_iso_match(m)
-                line = line[m.end():]
-            except ValueError:
-                ts = None  # e.g. month 13: keep the text as part of the message
-        elif "/" in line[1:5]:
-            m = SLASH_TS.match(line)
+        for rx, convert in _DATED:
+            m = rx.match(line)
             if m:
                 try:
-                    ts = _slash_ts(m)
+                    ts = convert(m)
                     line = line[m.end():]
                 except ValueError:
-                    ts = None
+                    ts = None  # e.g. month 13: keep the text as part of the message
+                break
     if ts is None and c in "IWEF[":
         m = GLOG.match(line)
         if m:
