@@ -67,6 +67,13 @@ def test_slashed_dates(text, expected):
     assert rec.ts == pytest.approx(expected) and rec.data["msg"] == "- INFO - __main__ - hello"
 
 
+def test_mmengine_time_without_a_year_takes_the_files_year():
+    c = ctx()
+    parse_line("2024-06-13T19:00:00Z start", c, 0, 1.0)
+    rec = parse_line("06/13 19:41:35 - mmengine - INFO - Saving checkpoint at 100 iterations", c, 0, 1.0)
+    assert rec.ts == 1718307695.0 and rec.data["msg"].startswith("- mmengine - INFO")  # 2024-06-13 19:41:35
+
+
 def test_impossible_slashed_date_stays_in_the_message():
     rec = parse_line("13/13/2023 13:07:43 hello", ctx(), 0, 7.0)
     assert rec.ts == 7.0 and rec.data["msg"].startswith("13/13/2023")

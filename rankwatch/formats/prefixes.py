@@ -17,8 +17,8 @@ Recognised, in this order (each optional):
 - the time: ISO 8601 (`T` or space, `.`/`,` fraction, `Z`/offset, optionally in `[...]`) as written by Python
   logging, DeepSpeed, Megatron (`[2024-04-06 03:02:12]`), nanoGPT forks and NCCL >= 2.23's
   NCCL_DEBUG_TIMESTAMP_FORMAT default (`[%F %T] `); slashed dates, `05/25/2023 13:07:42` (transformers' example
-  scripts set `datefmt="%m/%d/%Y %H:%M:%S"`; day first where the first number cannot be a month) and
-  `2018/06/03 15:47:15`; or the glog form PyTorch's C++ side (c10) writes,
+  scripts set `datefmt="%m/%d/%Y %H:%M:%S"`; day first where the first number cannot be a month),
+  `2018/06/03 15:47:15` and mmengine's `06/13 19:41:35` (no year: placed like glog's); or the glog form PyTorch's C++ side (c10) writes,
   `[E1206 18:44:12.715298746 ProcessGroupNCCL.cpp:607]` / `E0614 11:26:37.758169 12345 file.cc:123]`, which has
   no year: the year is taken from the file's previous event time (else the arrival time).
 """
@@ -38,7 +38,7 @@ MPI_TAG = re.compile(r"^(?:[A-Z][a-z]{2} ([A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{
                      r"\[\d+,(\d+)\]<std(?:out|err)>:")
 _TAG = re.compile(r"^(?:\[titan\]\s|\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\|[^\]\s]+\]\s| (?=\d{4}-)))")
 TS = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:[.,](\d+))?\s?(Z|[+-]\d{2}:?\d{2})?\]?\s*")
-SLASH_TS = re.compile(r"^\[?(\d{1,4})/(\d{1,2})/(\d{1,4})[T ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\]?\s*")
+SLASH_TS = re.compile(r"^\[?(\d{1,4})/(\d{1,2})(?:/(\d{1,4}))?[T ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\]?\s*")
 # c10/glog: level letter, month (c10 does not zero-pad it: E626 is June 26) and day, time with up to 9 fraction digits, optional thread id, source file:line
 GLOG = re.compile(r"^\[?([IWEF])(\d{1,2}?)(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?: +\d+)? [^\]\s]+:\d+\]\s?")
 
@@ -69,8 +69,13 @@ def ts_from_iso_match(m: re.Match[str]) -> float:
     return base + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-def _slash_ts(m: re.Match[str]) -> float:
-    a, b, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
+def _slash_ts(m: re.Match[str], reference: float) -> float:
+    a, b = int(m.group(1)), int(m.group(2))
+    if m.group(3) is None:  # 06/13 19:41:35 (mmengine): no year, placed like glog's times
+        if len(m.group(1)) > 2:
+            raise ValueError("not a month")
+        return _yearless(reference, a, b, m.group(4), m.group(5), m.group(6), m.group(7))
+    c = int(m.group(3))
     if len(m.group(1)) == 4:  # 2018/06/03
         year, month, day = a, b, c
     elif len(m.group(3)) == 4:  # 05/25/2023 (US, as transformers' examples print it); 25/05/2023 when a > 12
@@ -91,18 +96,21 @@ def parse_iso(text: str) -> float:
 
 
 def _glog_ts(m: re.Match[str], reference: float) -> float:
+    return _yearless(reference, int(m.group(2)), int(m.group(3)), m.group(4), m.group(5), m.group(6), m.group(7))
+
+
+def _yearless(reference: float, month: int, day: int, hh: str, mm: str, ss: str, frac: str | None) -> float:
+    """A time without its year, in the year of `reference` (the file's previous time, else the arrival)."""
     year = datetime.fromtimestamp(reference, tz=timezone.utc).year
-    month, day = int(m.group(2)), int(m.group(3))
-    frac = m.group(7)
     for y in (year, year - 1):  # a December line read in January belongs to last year
-        dt = datetime(y, month, day, int(m.group(4)), int(m.group(5)), int(m.group(6)), tzinfo=timezone.utc)
+        dt = datetime(y, month, day, int(hh), int(mm), int(ss), tzinfo=timezone.utc)
         ts = dt.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
         if ts - reference < 180 * 86400:
             return ts
     return ts
 
 
-_DATED = ((TS, ts_from_iso_match), (SLASH_TS, _slash_ts))  # times that carry their year, tried in order
+_DATED = ((TS, lambda m, ref: ts_from_iso_match(m)), (SLASH_TS, _slash_ts))  # tried in order
 
 
 def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, int | None, float | None]:
@@ -149,7 +157,7 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
             m = rx.match(line)
             if m:
                 try:
-                    ts = convert(m)
+                    ts = convert(m, ctx.last_ts if ctx.last_ts is not None else arrival)
                     line = line[m.end():]
                 except ValueError:
                     ts = None  # e.g. month 13: keep the text as part of the message
