@@ -353,3 +353,28 @@ def test_any_text_behind_any_trigger_never_crashes(text, trigger):
         assert rec.kind in ("log", "metrics", "op", "gpu")
         if rec.kind == "metrics":
             assert isinstance(rec.data["step"], int)
+
+
+def test_an_mmengine_job_is_judged_like_any_other(tmp_path):
+    """mmengine's by-epoch lines (tests/data/real_lines/mmengine.txt) become one rank's series: a loss spike and a
+    step-time stall in them are found at the right global step."""
+    import random
+    from datetime import datetime, timedelta
+
+    from rankwatch.processors.offline import analyze
+
+    rng, t = random.Random(3), datetime(2023, 6, 8, 18, 0, 0)
+    lines = []
+    for epoch in (1, 2, 3):
+        for batch in range(10, 1001, 10):
+            step = (epoch - 1) * 1000 + batch
+            t += timedelta(seconds=6)
+            loss = 0.9 + rng.gauss(0, 0.01) + (3.0 if step == 1500 else 0.0)
+            time_s = 0.6 * (1 + rng.gauss(0, 0.01)) * (4.0 if step == 2500 else 1.0)
+            lines.append(f"{t:%Y/%m/%d %H:%M:%S} - mmengine - INFO - Epoch(train)  [{epoch}][{batch:4d}/1000]  lr: "
+                         f"1.0000e-04  eta: 0:00:14  time: {time_s:.4f}  data_time: 0.0007  memory: 878  loss: {loss:.4f}")
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank0" / "train.log").write_text("\n".join(lines) + "\n")
+    found = {(a.detector, a.signal, a.context["step"]) for a in analyze([str(tmp_path)])}
+    assert ("mad", "loss", 1500) in found and ("step_time", "step_time_s", 2500) in found, found
+    assert all(a[2] in (1500, 1510, 2500, 2510) for a in found), found

@@ -83,7 +83,7 @@ def test_every_format_has_real_lines():
             parse_line(line, ctx, i, ARRIVAL)
             formats.add(ctx.last_format)
     assert {"megatron", "hf_trainer", "deepspeed", "torchtitan", "nanogpt", "llm.c", "lightning_csv", "nccl",
-            "torch_distributed", "launcher"} <= formats
+            "torch_distributed", "launcher", "mmengine"} <= formats
 
 
 def _update() -> None:
