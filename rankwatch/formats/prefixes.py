@@ -110,7 +110,10 @@ def _yearless(reference: float, month: int, day: int, hh: str, mm: str, ss: str,
     return ts
 
 
-_DATED = ((TS, lambda m, ref: ts_from_iso_match(m)), (SLASH_TS, _slash_ts))  # tried in order
+# (first characters, pattern, converter(match, the year's reference)): the time forms, tried in order
+_TIMES = (("0123456789[", TS, lambda m, _: ts_from_iso_match(m)), ("0123456789[", SLASH_TS, _slash_ts),
+          ("IWEF[", GLOG, _glog_ts))
+_TIME_STARTS = "".join({ch for starts, _, _ in _TIMES for ch in starts})
 
 
 def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, int | None, float | None]:
@@ -152,24 +155,15 @@ def split_prefix(line: str, ctx: SourceContext, arrival: float) -> tuple[str, in
             if m:
                 line = line[m.end():]
     c = line[:1]
-    if ts is None and (c.isdigit() or c == "["):
-        for rx, convert in _DATED:
-            m = rx.match(line)
-            if m:
-                try:
-                    ts = convert(m, ctx.last_ts if ctx.last_ts is not None else arrival)
-                    line = line[m.end():]
-                except ValueError:
-                    ts = None  # e.g. month 13: keep the text as part of the message
-                break
-    if ts is None and c in "IWEF[":
-        m = GLOG.match(line)
-        if m:
+    if ts is not None or not c or c not in _TIME_STARTS:
+        return line, rank, ts  # no time form starts with this character
+    for starts, rx, convert in _TIMES:
+        if c in starts and (m := rx.match(line)) is not None:
             try:
-                ts = _glog_ts(m, ctx.last_ts if ctx.last_ts is not None else arrival)
-                line = line[m.end():]
+                ts = convert(m, ctx.last_ts if ctx.last_ts is not None else arrival)
             except ValueError:
-                ts = None
+                continue  # e.g. month 13: keep the text as part of the message
+            return line[m.end():], rank, ts
     return line, rank, ts
 
 
