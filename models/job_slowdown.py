@@ -30,8 +30,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from rankwatch.models.training import RESTART_BACK_STEPS
+
 T = TypeVar("T")
-RESUME_BACK_STEPS = 5  # a rank's step this far below its last: a resume (models/training.py: RESTART_BACK_STEPS)
 _HISTORY = 8  # steps remembered per member: enough to find its record after a held step
 _EPISODES = 8  # recent job-wide findings that a late finding can still join
 _LEVEL_STEPS = 128  # steps whose per-rank values are kept, at most
@@ -99,7 +100,7 @@ class JobSlowdown(Generic[T]):
         h = self.history.get(member)
         if h is None:
             h = self.history[member] = deque(maxlen=self.history_len)
-        elif step < h[-1] - RESUME_BACK_STEPS:
+        elif step < h[-1] - RESTART_BACK_STEPS:
             self.flush = bool(self.pending)  # the held findings belong to the attempt that ended
             self.resumes += 1
             h.clear()

@@ -98,15 +98,13 @@ class RankMetricsDetector:
 
     def __init__(self, config: TrainingDetectorConfig | None = None) -> None:
         self.config = c = config or TrainingDetectorConfig()
-        mk = lambda s: RollingMAD(window=c.window, k=c.factor(s), min_points=c.min_points,  # noqa: E731
-                                  admit_outliers=c.admit_outliers)
-        self.mad = {"loss": mk("loss"), "grad_norm": mk("grad_norm"), "step_time_s": mk("step_time")}
-        # robust scale of |relative change| per signal: the guard against ordinary jitter
-        self.rel = {s: RollingMAD(window=c.window, k=c.relative_guard_factor, min_points=c.min_points)
-                    for s in ("loss", "grad_norm")}
-        self.moments = {s: _Moments(c.window) for s in ("loss", "grad_norm")}
+        self.mad = {"step_time_s": self._mad("step_time")}
+        self.rel: dict[str, RollingMAD] = {}  # robust scale of |relative change|: the guard against ordinary jitter
+        self.moments: dict[str, _Moments] = {}
         self.prev: dict[str, float] = {}
         self.prev2: dict[str, float] = {}  # the value two steps back
+        for s in ("loss", "grad_norm"):
+            self._start(s)
         self.tput: deque[float] = deque(maxlen=c.window)
         self.flagged: dict[str, int] = {}  # detector -> last record it flagged (throughput, step time episodes)
         self.pending: dict[str, int] = {}  # detector -> last record beyond its threshold, but not by the ratio
@@ -186,15 +184,22 @@ class RankMetricsDetector:
         every rank raised them for a window's length (1,094 findings on 10 resumed jobs of a blind test). They are
         judged on the new attempt's own values from here. Step time and throughput keep their baselines (a
         resumed run that is slower is news), past the warm-up."""
-        c = self.config
         for s in ("loss", "grad_norm"):
-            self.mad[s] = RollingMAD(window=c.window, k=c.factor(s), min_points=c.min_points,
-                                     admit_outliers=c.admit_outliers)
-            self.rel[s] = RollingMAD(window=c.window, k=c.relative_guard_factor, min_points=c.min_points)
-            self.moments[s] = _Moments(c.window)
-            self.prev.pop(s, None)
-            self.prev2.pop(s, None)
-        self.warmup = c.restart_warmup_records
+            self._start(s)
+        self.warmup = self.config.restart_warmup_records
+
+    def _mad(self, signal: str) -> RollingMAD:
+        c = self.config
+        return RollingMAD(window=c.window, k=c.factor(signal), min_points=c.min_points, admit_outliers=c.admit_outliers)
+
+    def _start(self, s: str) -> None:
+        """Empty windows for loss or grad norm: at the start, and after a resume."""
+        c = self.config
+        self.mad[s] = self._mad(s)
+        self.rel[s] = RollingMAD(window=c.window, k=c.relative_guard_factor, min_points=c.min_points)
+        self.moments[s] = _Moments(c.window)
+        self.prev.pop(s, None)
+        self.prev2.pop(s, None)
 
     def _slowdown(self, detector: str, ratio: float) -> bool:
         """Should a step beyond the step-time or throughput threshold be raised? One finding when a slowdown

@@ -193,6 +193,13 @@ def _slowdown_anomaly(fields: dict[str, Any]) -> Anomaly:
     return a
 
 
+def _candidate(member: str, step: int, ts: float, fields: dict[str, Any]) -> Candidate[Anomaly]:
+    """A held slowdown finding, from a summary or a saved state."""
+    a = _slowdown_anomaly(fields)
+    return Candidate(member, step, ts, a.detector, finite(a.value), None if a.expected is None else finite(a.expected),
+                     a, a.severity)
+
+
 class SlowdownJob:
     """Stage 2: a step-time or throughput slowdown on most of a job's ranks is one job-wide finding (models/
     job_slowdown.py); one announced pause (a checkpoint, an evaluation) before it makes it `info`."""
@@ -222,9 +229,7 @@ class SlowdownJob:
             elif t == "pause":
                 det.announce(ts, str(s["what"]), member)
             else:
-                a = _slowdown_anomaly(s["anomaly"])
-                det.add(Candidate(member, int(s["step"]), ts, a.detector, finite(a.value),
-                                  None if a.expected is None else finite(a.expected), a, a.severity))
+                det.add(_candidate(member, int(s["step"]), ts, s["anomaly"]))
             self.clock = max(self.clock, ts)
 
         take_each(summaries, take, self.ctx.skip_summary)
@@ -292,6 +297,4 @@ class SlowdownJob:
         if state.get("clock") is not None:
             self.clock = float(state["clock"])
         for member, step, ts, fields in state.get("pending", []):
-            a = Anomaly(**fields)
-            d.pending.setdefault(int(step), []).append(
-                Candidate(member, int(step), float(ts), a.detector, float(a.value), a.expected, a, a.severity))
+            d.pending.setdefault(int(step), []).append(_candidate(str(member), int(step), float(ts), fields))
