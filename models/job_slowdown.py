@@ -25,6 +25,7 @@ name none, their files).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ T = TypeVar("T")
 _HISTORY = 8  # steps remembered per member: enough to find its record after a held step
 _EPISODES = 8  # recent job-wide findings that a late finding can still join
 _LEVEL_STEPS = 128  # steps whose per-rank values are kept, at most
+_PAUSES = 1024  # announced pauses kept: the undated ones of a whole run can arrive at once
 # a step's values, oriented so that larger is slower (step time; throughput inverted), on a log scale
 _SIGN = {"step_time": 1.0, "throughput": -1.0}
 _AS_SLOW = math.log(0.8)  # a rank at least 0.8x as slow as the flagged ones shares their slowdown
@@ -85,9 +87,11 @@ class JobSlowdown(Generic[T]):
     # recent job-wide findings: [detector, step, members, usual level, slowdown level (oriented logs), last step
     # seen still slow (None: over)]
     episodes: list[list[Any]] = field(default_factory=list)
-    pauses: list[list[Any]] = field(default_factory=list)  # [ts, what, the job's last step then], not yet used
+    # announced pauses not yet used: [ts, what, the announcer's last step then, the step it named or None]
+    pauses: list[list[Any]] = field(default_factory=list)
     explained: list[Any] = field(default_factory=list)  # [step, pause] last explained (for every signal of it)
     job_steps: deque = field(default_factory=lambda: deque(maxlen=256))  # distinct steps the job reported
+    counted_steps: bool = False  # some member's steps are record counts: announcements' named steps do not apply
     levels: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # step -> detector -> member -> v
     absorbed: int = 0  # per-rank findings folded into job-wide ones
     resumes: int = 0
@@ -95,8 +99,11 @@ class JobSlowdown(Generic[T]):
     history_len: int = _HISTORY
 
     # ---- input ------------------------------------------------------------------------------------------
-    def progress(self, member: str, step: int, ts: float, values: dict[str, float] | None = None) -> None:
-        """A record of `member` at `step`; `values`: its step time and throughput, where known."""
+    def progress(self, member: str, step: int, ts: float, values: dict[str, float] | None = None,
+                 counted: bool = False) -> None:
+        """A record of `member` at `step`; `values`: its step time and throughput, where known. `counted`: the
+        step is the file's record count (HF Trainer's dicts carry none), not the run's global step."""
+        self.counted_steps = self.counted_steps or counted
         h = self.history.get(member)
         if h is None:
             h = self.history[member] = deque(maxlen=self.history_len)
@@ -124,13 +131,36 @@ class JobSlowdown(Generic[T]):
             return
         self.pending.setdefault(c.step, []).append(c)
 
-    def announce(self, ts: float, what: str, member: str | None = None) -> None:
-        """A pause announced by `member` (its last step then: the pause comes after it, whatever other ranks'
-        logs have reached)."""
+    def announce(self, ts: float, what: str, member: str | None = None, step: int | None = None) -> None:
+        """A pause announced by `member` after `step`, or where the announcement names none, after that member's
+        last step (whatever other ranks' logs have reached). A named step is matched by step alone: such lines
+        are often undated (Megatron's rank 0), so their time is the file's previous one, hours off."""
         h = self.history.get(member) if member is not None else None
         last = h[-1] if h else (self.job_steps[-1] if self.job_steps else -1)
-        self.pauses.append([ts, what, last])
-        del self.pauses[:-16]  # a handful is all a slowdown can be explained by
+        if any(p[1] == what and p[2:] == [last, step] for p in self.pauses):
+            return  # the same save announced twice ("saving ...", then "successfully saved ...")
+        if len(self.pauses) % 16 == 15:  # now and then: the list stays short where each pause is used or passed
+            self._drop_spent_pauses()
+        self.pauses.append([ts, what, last, step])
+        del self.pauses[:-_PAUSES]
+
+    def _follows(self, p: list[Any]) -> tuple[int, bool]:
+        """The step a pause follows, and whether its time must fit: the step it names unless the job's steps
+        are record counts (HF's `checkpoint-500` is no record number), else the announcer's last step then."""
+        return (p[2], True) if p[3] is None or self.counted_steps else (p[3], False)
+
+    def _drop_spent_pauses(self) -> None:
+        """Pauses that can explain nothing more: the two steps the job logged after them are past the verdicts
+        (every active rank beyond them, nothing held). Undated announcements all arrive at the start of an
+        analysis, so the ones still ahead of the job are kept (up to `_PAUSES`)."""
+        floor = min([*(self.history[m][-1] for m in self._active()), *self.pending], default=-math.inf)
+        steps = list(self.job_steps)  # increasing: a resume clears it
+
+        def spent(p: list[Any]) -> bool:
+            i = bisect.bisect_right(steps, self._follows(p)[0]) + 1  # the second step logged after the pause
+            return i < len(steps) and steps[i] < floor
+
+        self.pauses = [p for p in self.pauses if not spent(p)]
 
     # ---- verdicts -----------------------------------------------------------------------------------------
     def decide(self, now: float) -> tuple[list[JobFinding[T]], list[Candidate[T]]]:
@@ -257,9 +287,12 @@ class JobSlowdown(Generic[T]):
         time and throughput findings alike)."""
         if self.explained and self.explained[0] == step:
             return str(self.explained[1])
-        for p in sorted(self.pauses, key=lambda x: -x[0]):
-            after = sum(1 for s in self.job_steps if p[2] < s < step)
-            if p[0] <= ts <= p[0] + self.config.pause_explains_s and p[2] < step and after <= 1:
+        steps = list(self.job_steps)
+        for p in sorted(self.pauses, key=lambda x: (-self._follows(x)[0], -x[0])):  # the latest first
+            follows, dated = self._follows(p)
+            after = bisect.bisect_left(steps, step) - bisect.bisect_right(steps, follows)  # steps logged between
+            in_time = not dated or p[0] <= ts <= p[0] + self.config.pause_explains_s
+            if in_time and follows < step and after <= 1:
                 self.pauses.remove(p)
                 self.explained = [step, str(p[1])]
                 return str(p[1])

@@ -78,8 +78,11 @@ class MetricsHandler:
                         self.checkpoints[series(rec)] = str(rec.data["checkpoint"])
                     if self.ctx.wants("pause"):
                         what = f"checkpoint {rec.data['checkpoint']}" if "checkpoint" in rec.data else "evaluation"
-                        summaries.append({"type": "pause", "job": rec.job, "ts": rec.ts, "what": what,
-                                          "member": str(series(rec)[1])})
+                        pause: Summary = {"type": "pause", "job": rec.job, "ts": rec.ts, "what": what,
+                                          "member": str(series(rec)[1])}
+                        if isinstance(rec.data.get("checkpoint_step"), int):
+                            pause["step"] = rec.data["checkpoint_step"]  # the save follows it, whatever ts says
+                        summaries.append(pause)
                     if self.ctx.config.logkey_enabled and self.ctx.wants("log"):  # still a log line
                         summaries.append(log_summary(rec, self.ctx.config.logkey_max_msg_chars))
             except (TypeError, ValueError, KeyError) as exc:
@@ -106,6 +109,8 @@ class MetricsHandler:
             s["throughput"] = float(tput)  # with the step time: how slow each rank was (models/job_slowdown.py)
         if isinstance(rec.data.get("lr"), float):
             s["lr"] = rec.data["lr"]
+        if rec.data.get("step_counted") is True:
+            s["counted"] = True  # steps numbered by the file's record count: a save's named step is not one
         if checkpoint:
             s["model_checkpoint"] = checkpoint
         # a slowdown goes to the job's stage 2 first: on every rank at once, it is the job's, told once
@@ -225,9 +230,10 @@ class SlowdownJob:
                 # auxiliary here (the step-time straggler counts a malformed value): left out, not an error
                 values = {k: v for k, f in (("step_time", "value"), ("throughput", "throughput"))
                           if isinstance(v := s.get(f), (int, float)) and math.isfinite(v)}
-                det.progress(member, int(s["step"]), ts, values)
+                det.progress(member, int(s["step"]), ts, values, counted=s.get("counted") is True)
             elif t == "pause":
-                det.announce(ts, str(s["what"]), member)
+                step = s.get("step")
+                det.announce(ts, str(s["what"]), member, None if step is None else int(step))
             else:
                 det.add(_candidate(member, int(s["step"]), ts, s["anomaly"]))
             self.clock = max(self.clock, ts)
@@ -274,7 +280,7 @@ class SlowdownJob:
         return {"history": {m: list(h) for m, h in d.history.items()}, "last_ts": d.last_ts,
                 "levels": [[step, dets] for step, dets in d.levels.items()],
                 "episodes": d.episodes, "pauses": d.pauses, "explained": d.explained,
-                "job_steps": list(d.job_steps), "absorbed": d.absorbed, "resumes": d.resumes, "flush": d.flush,
+                "job_steps": list(d.job_steps), "counted_steps": d.counted_steps, "absorbed": d.absorbed, "resumes": d.resumes, "flush": d.flush,
                 "clock": self.clock if math.isfinite(self.clock) else None,
                 "pending": [[c.member, c.step, c.ts, anomaly_fields(c.ref)] for cs in d.pending.values() for c in cs]}
 
@@ -288,9 +294,11 @@ class SlowdownJob:
         d.episodes = [[str(det), int(step), [str(m) for m in members], None if usual is None else float(usual),
                        float(level), None if checked is None else float(checked)]
                       for det, step, members, usual, level, checked in state.get("episodes", [])]
-        d.pauses = [[float(ts), str(w), int(last)] for ts, w, last in state.get("pauses", [])]
+        d.pauses = [[float(p[0]), str(p[1]), int(p[2]), None if len(p) < 4 or p[3] is None else int(p[3])]
+                    for p in state.get("pauses", [])]
         d.explained = list(state.get("explained", []))
         d.job_steps.extend(int(x) for x in state.get("job_steps", []))
+        d.counted_steps = bool(state.get("counted_steps", False))
         d.absorbed = int(state.get("absorbed", 0))
         d.resumes = int(state.get("resumes", 0))
         d.flush = bool(state.get("flush", False))

@@ -277,3 +277,64 @@ def test_a_lasting_slowdown_is_one_finding_until_it_ends(tmp_path):
     got = [(a.detector, a.rank, a.context["step"]) for a in _slowdowns(tmp_path)]
     assert [(d, r) for d, r, _ in got] == [("step_time", None), ("step_time", None)], got
     assert got[0][2] in (200, 201) and got[1][2] in (600, 601)
+
+
+def _megatron_job(root, saves: range, slow: set[int], ranks: int = 4) -> None:
+    """Megatron's layout: the last rank prints the (dated, newer Megatron) iteration lines every 10 iterations;
+    rank 0 prints the saves, undated, after its one dated line (`print_datetime` before training). Each logged
+    interval that held a save, or is in `slow`, is 1.8x as long."""
+    rng = random.Random(5)
+    files = [open(root / f"rank_{r}.log", "w") for r in range(ranks)]
+    ts = T0
+    files[0].write(f"[before the start of training step] datetime: {_iso(ts)[:19].replace('T', ' ')} \n")
+    for it in range(10, 2001, 10):
+        per = 2.0 * (1.8 if (it - 10 in saves or it in slow) else 1.0) * (1 + rng.gauss(0, 0.01))
+        ts += 10 * per
+        stamp = _iso(ts)[:19].replace("T", " ")
+        files[-1].write(f" [{stamp}] iteration {it:8d}/    2000 | consumed samples: {it * 64:12d} | elapsed time per "
+                        f"iteration (ms): {per * 1000:.1f} | learning rate: 1.000000E-04 | global batch size:    64 "
+                        f"| lm loss: {2.0 + rng.gauss(0, 0.005):.6E} | loss scale: 1.0 | grad norm: 1.000 | number "
+                        "of skipped iterations:   0 | number of nan iterations:   0 |\n")
+        if it in saves:
+            files[0].write(f"saving checkpoint at iteration {it:7d} to /ckpt/run in torch_dist format\n")
+            files[0].write(f"  successfully saved checkpoint from iteration {it:7d} to /ckpt/run [ t 1/1, p 1/1 ]\n")
+    for f in files:
+        f.close()
+
+
+def test_undated_save_announcements_explain_the_slowdown_after_the_iteration_they_name(tmp_path):
+    # 39 saves, all on rank 0's log with the time of its one dated line: each explains the interval after it,
+    # and only that one; a slowdown with no save before it stays a warning
+    saves = range(50, 2000, 50)
+    _megatron_job(tmp_path, saves, slow={1234 // 10 * 10})
+    got = {(a.context["step"], a.detector): (a.severity, a.context.get("pause")) for a in _slowdowns(tmp_path)}
+    after_save = {step for step, _ in got if step - 10 in saves}
+    assert len(after_save) >= 35, sorted(after_save)  # the first intervals are the detectors' warm-up
+    for (step, _), (severity, pause) in got.items():
+        if step in after_save:
+            assert (severity, pause) == ("info", "checkpoint /ckpt/run"), (step, severity, pause)
+        else:
+            assert severity != "info" and pause is None, (step, severity, pause)
+    assert (1230, "step_time") in got
+
+
+def test_a_named_step_is_not_matched_where_the_jobs_steps_are_record_counts():
+    # HF Trainer's dicts carry no step: the job's steps are record numbers, and `checkpoint-500` is no record
+    # number. The pause then follows the announcer's last record, as an unnamed one does
+    for counted, want in ((True, [(51, 8, "checkpoint out/checkpoint-500")]), (False, [(51, 8, None)])):
+        j = _model()
+        for m in range(8):
+            j.progress(str(m), 50, 50.0, counted=counted)
+        j.announce(50.5, "checkpoint out/checkpoint-500", "0", 500)
+        _report(j, 51, 56.0, {m: 5.0 for m in range(8)})
+        _report(j, 52, 57.0)
+        assert _decided(j, 57.0) == (want, []), counted
+
+
+def test_one_save_announced_twice_is_one_pause():
+    from rankwatch.models.job_slowdown import JobSlowdown
+    det: JobSlowdown = JobSlowdown()
+    det.announce(100.0, "checkpoint /ckpt/run", "0", 1000)  # "saving checkpoint at iteration 1000 ..."
+    det.announce(130.0, "checkpoint /ckpt/run", "0", 1000)  # "successfully saved checkpoint from iteration 1000 ..."
+    det.announce(900.0, "checkpoint /ckpt/run", "0", 2000)
+    assert [p[3] for p in det.pauses] == [1000, 2000]

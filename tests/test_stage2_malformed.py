@@ -80,3 +80,10 @@ def test_a_summary_malformed_in_a_field_only_one_reader_uses_is_counted_once_and
         verdicts, errors = _judge(corrupted)
         assert errors == 1, (t, key)
         assert verdicts == clean, (t, key)
+
+
+def test_a_pause_naming_a_step_that_is_no_number_is_counted():
+    p = Pipeline()
+    bad = {"type": "pause", "job": "j", "ts": 1.0, "what": "checkpoint /ckpt", "member": "0", "step": "x"}
+    good = {**bad, "step": 100}
+    assert p.second_stage([bad, good]) == [] and p.errors == 1

@@ -59,7 +59,8 @@ class SourceContext:
         self.is_csv = self.path.endswith(".csv")
 
     def next_step(self) -> int:
-        """The per-file step counter: the n-th step-less metrics line of this file (0-based)."""
+        """The per-file step counter: the n-th step-less metrics line of this file (0-based). Its records say so
+        (`step_counted`): a checkpoint's name (`checkpoint-500`) counts the run's global steps, not these."""
         step = self.auto_step
         self.auto_step += 1
         return step
@@ -124,7 +125,7 @@ _PATH = r"['\"]?(?P<{}>[^\s'\",(][^\s'\",]*?)['\"]?(?:\.\.\.)?(?=[\s,]|$)"
 # torchtitan "Saving the checkpoint (or staging if async is enabled)." (no path)
 _CHECKPOINT = re.compile(
     r"(?:sav(?:e|ed|ing) (?:model |the )?checkpoint|checkpoint saved)(?:\s+(?:at|from)\s+(?:iteration\s+)?\d+"
-    r"(?:\s+iterations?)?)?(?:\s*(?:to|at|in|:)?\s*" + _PATH.format("path") + r")?"
+    r"(?:\s+(?:iterations?|epochs?))?)?(?:\s*(?:to|at|in|:)?\s*" + _PATH.format("path") + r")?"
     r"|\[Torch\] Saving " + _PATH.format("ds") + r"|\[Torch\] Checkpoint (?P<tag>\S+) is about to be saved"
     r"|saving model to " + _PATH.format("pl") + r"|Saving current state to " + _PATH.format("acc"),
     re.IGNORECASE)
@@ -141,6 +142,24 @@ def checkpoint_path(msg: str) -> str | None:
     return next((v for v in m.groupdict().values() if v), "(unnamed)")
 
 
+# the step a save follows: Megatron "at iteration N" / "from iteration N", mmengine "at N iterations"; else the
+# name's HF `checkpoint-N`, DeepSpeed `global_stepN`, Megatron `iter_000N`, Lightning `step=N`, `step_N`
+_SAVED_ITERATION = re.compile(r"(?:at|from) iteration\s+(\d+)|\bat (\d+) iterations?\b", re.IGNORECASE)
+_STEP_IN_NAME = re.compile(r"(?:checkpoint-|global_step|iter_|\bstep[=_-]?)(\d+)(?!.*(?:checkpoint-|global_step|iter_|"
+                           r"\bstep[=_-]?)\d)", re.IGNORECASE)
+
+
+def checkpoint_step(msg: str, name: str) -> int | None:
+    """The training step after which a checkpoint announcement (`msg`, naming `name`) saves, where it says: a
+    save's time is often unknown (Megatron prints it undated, on rank 0's log only), its step is not."""
+    m = _SAVED_ITERATION.search(msg)
+    if m is None and name != "(unnamed)":
+        m = _STEP_IN_NAME.search(name)
+    if m is None:
+        return None
+    return int(next(g for g in m.groups() if g is not None))
+
+
 def key_name(text: str) -> str:
     """A printed label -> a clear field name: 'load_balancing_loss' -> same, 'sop loss' -> 'sop_loss'."""
     out = re.sub(r"[^0-9a-zA-Z]+", "_", text.strip().lower()).strip("_")
@@ -148,4 +167,5 @@ def key_name(text: str) -> str:
 
 
 __all__ = ["METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "ParseError", "Parsed", "SourceContext", "number",
-           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINTS", "checkpoint_path"]
+           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINTS", "checkpoint_path",
+           "checkpoint_step"]

@@ -87,7 +87,7 @@ def from_dict(obj: dict[str, Any], ctx: SourceContext) -> Parsed | None:
     if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and step == int(step):
         data["step"] = int(step)
     else:
-        data["step"] = ctx.next_step()
+        data["step"], data["step_counted"] = ctx.next_step(), True
     return Parsed("metrics", data)
 
 

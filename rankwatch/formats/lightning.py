@@ -76,7 +76,10 @@ def parse(body: str, ctx: SourceContext) -> Parsed | None:
         if step is not None and math.isfinite(step) and step == int(step):
             fields["step"] = int(step)
         return Parsed("log", {"event": "eval", "fields": fields})
-    data["step"] = need_int(row["step"], "step", NAME) if "step" in row else ctx.next_step()
+    if "step" in row:
+        data["step"] = need_int(row["step"], "step", NAME)
+    else:
+        data["step"], data["step_counted"] = ctx.next_step(), True
     if "epoch" in row:
         data["epoch"] = need_number(row["epoch"], "epoch", NAME)
     return Parsed("metrics", data)

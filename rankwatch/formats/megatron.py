@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from rankwatch.formats.base import Parsed, ParseError, SourceContext, key_name, need_int, number
+from rankwatch.formats.prefixes import parse_iso
 
 NAME = "megatron"
 _ITER = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|")
@@ -121,3 +122,16 @@ def _value(text: str, key: str) -> float:
 
 
 __all__ = ["NAME", "probe", "parse"]
+
+
+_DATETIME = re.compile(r"^\[([^\]]+)\] datetime: (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})\s*$")
+
+
+def parse_datetime(body: str, ctx: SourceContext) -> Parsed | None:
+    """`[before the start of training step] datetime: 2022-10-31 08:35:51 ` (print_datetime, rank 0): the only
+    time many of rank 0's lines have, so its undated checkpoint announcements that follow take it, not the file's
+    modification time at the end of the run."""
+    m = _DATETIME.match(body.strip())
+    if m is None:
+        return None
+    return Parsed("log", {}, ts=parse_iso(m.group(2)))

@@ -23,7 +23,7 @@ from rankwatch.formats import (
     torch_dist,
     torchtitan,
 )
-from rankwatch.formats.base import Parsed, ParseError, SourceContext, checkpoint_path
+from rankwatch.formats.base import Parsed, ParseError, SourceContext, checkpoint_path, checkpoint_step
 from rankwatch.formats.jsonl import NOT_JSON, json_record, load_json
 from rankwatch.formats.prefixes import split_prefix, strip_ansi
 from rankwatch.records import Record
@@ -64,6 +64,7 @@ BUILTINS: tuple[tuple[str, str, Parser], ...] = (
     ("rror", torch_dist.NAME, _nccl_error),
     ("CUDA", torch_dist.NAME, torch_dist.parse_cuda),
     ("iteration", megatron.NAME, _megatron),
+    ("] datetime: ", megatron.NAME, megatron.parse_datetime),
     ("{'", hf.NAME, _hf),
     ("step:", torchtitan.NAME, _torchtitan),
     ("iter ", nanogpt.NAME, nanogpt.parse_iter),
@@ -131,6 +132,9 @@ def _parse_body_line(body: str, raw: str, ctx: SourceContext, rank: int | None, 
             path = checkpoint_path(stripped)
             if path:
                 data["checkpoint"] = path
+                step = checkpoint_step(stripped, path)
+                if step is not None:
+                    data["checkpoint_step"] = step
         kind, line_rank = "log", None
         if "[Rank " in body:  # Megatron's "[Rank 3] (after 10 iterations) memory ...", DeepSpeed's log_dist
             m = _LINE_RANK.match(body)

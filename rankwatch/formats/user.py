@@ -84,7 +84,7 @@ class UserFormat:
         if self.step_group and self.step_group in values:
             data["step"] = need_int(values[self.step_group].strip(), "step", f"format {self.name}")
         else:
-            data["step"] = ctx.next_step()
+            data["step"], data["step_counted"] = ctx.next_step(), True
         return Parsed("metrics", data)
 
 
