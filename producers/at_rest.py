@@ -63,7 +63,7 @@ def file_lines(path: str, batch: int = 20_000, problems: Counter | None = None) 
         with opener(path, "rb") as fh:
             while chunk := fh.read1(_CHUNK):
                 out: list[Line] = []
-                splitter._split(tf, chunk, out)
+                splitter.split_lines(tf, chunk, out)
                 if out:
                     yield out
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:

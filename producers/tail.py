@@ -267,7 +267,7 @@ class Tailer:
                 break
             got_any = True
             read_pos += len(chunk)
-            self._split(tf, chunk, out)
+            self.split_lines(tf, chunk, out)
         if got_any:
             tf.last_activity = now
         elif now - tf.last_activity > self.close_inactive:
@@ -287,7 +287,10 @@ class Tailer:
         tf.skip = set()
         tf.head, tf.head_len = "", 0
 
-    def _split(self, tf: TailedFile, chunk: bytes, out: list[Line]) -> None:
+    def split_lines(self, tf: TailedFile, chunk: bytes, out: list[Line]) -> None:
+        """The complete lines of `chunk` (read at `tf.offset`) appended to `out` by the tailer's line rules: the
+        partial tail held in `tf.pending`, over-long lines cut, invalid UTF-8 replaced. Also for bytes that do not
+        come from a tailed file (a compressed part read at rest, producers/at_rest.py)."""
         data = tf.pending + chunk if tf.pending else chunk
         start = 0
         base = tf.offset  # file offset of data[0]
