@@ -2,7 +2,7 @@
 framework's format (rankwatch/sim_formats.py), read back offline (`rankwatch analyze`) and/or through the real
 shipper -> embedded broker -> worker, next to rankwatch's own JSON lines on the same seeds.
 
-    python bench/bench_format_quality.py [--seeds 20] [--path offline|stream|both]
+    python bench/bench_format_quality.py [--seeds 20] [--path offline|stream|both] [--formats mmengine ...]
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ import time
 
 from rankwatch.evaluate import evaluate
 from rankwatch.format_eval import BAR_KINDS, bar_met, evaluate_formats
+from rankwatch.sim_formats import RENDERERS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--path", choices=("offline", "stream", "both"), default="both")
+    ap.add_argument("--formats", nargs="+", choices=sorted(RENDERERS), default=None, help="default: all")
     a = ap.parse_args()
     t = time.perf_counter()
     json_lines, _ = evaluate(a.seeds, path="offline")
-    lines, results = evaluate_formats(a.seeds, path=a.path)
+    lines, results = evaluate_formats(a.seeds, formats=a.formats, path=a.path)
     print("\n".join(["rankwatch's JSON lines (baseline)", *json_lines[1:], *lines]))
     print()
     print(f"{'format':<16} {'path':<8} " + " ".join(f"{k + ' P/R':>22}" for k in BAR_KINDS))

@@ -10,21 +10,74 @@ read as text.
 from __future__ import annotations
 
 import bz2
+import errno
 import fnmatch
 import gzip
 import logging
 import lzma
 import os
+import resource
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from rankwatch.producers.tail import Line, TailedFile, Tailer, discover
+from rankwatch.producers.tail import Line, TailedFile, Tailer, discover, file_id
 
 log = logging.getLogger(__name__)
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SKIPPED = ("*.zip", "*.tar", "*.tar.*", "*.tgz", "*.zst")
 _CHUNK = 1 << 16  # read1: as much as one step decompresses, so damage costs only what follows it
+
+
+def _plain_lines(path: str, batch: int, problems: Counter | None) -> Iterator[list[Line]]:
+    """An uncompressed file's complete lines in batches, the file open only while a batch is read: `analyze`
+    merges every rank's file at once, and 4,096 files held open exceed the usual limit of 1,024 descriptors (the
+    files past it were left out, unsaid). A final line without its newline is not complete, as in the tailer."""
+    splitter = Tailer([])  # its line rules only: no roots, nothing scanned
+    tf: TailedFile | None = None
+    pos = 0
+    while True:
+        out: list[Line] = []
+        eof = False
+        try:
+            with open(path, "rb") as fh:
+                if tf is None:
+                    tf = TailedFile(fid=file_id(os.fstat(fh.fileno())), path=path)
+                fh.seek(pos)
+                while len(out) < batch:
+                    chunk = fh.read(_CHUNK)
+                    if not chunk:
+                        eof = True
+                        break
+                    pos += len(chunk)
+                    splitter.split_lines(tf, chunk, out)
+        except OSError as exc:
+            _unreadable(path, pos, exc, problems)
+            eof = True
+        if out:
+            yield out
+        if eof:
+            return
+
+
+def _unreadable(path: str, pos: int, exc: OSError, problems: Counter | None) -> None:
+    hint = " (raise `ulimit -n`)" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+    log.warning("%s: cannot read %s byte %d: %s%s", path, "past" if pos else "from", pos, exc, hint)
+    if problems is not None:
+        problems[f"unreadable ({exc.strerror or type(exc).__name__})"] += 1
+
+
+def allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files toward its hard limit where `n` files stay open at once
+    (compressed parts merged together; the usual soft limit is 1,024, the hard one often far higher)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = n + 256  # the rest of the process: sockets, the broker client, plots
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit to %d: %s", n + 256, exc)
 
 
 def discover_at_rest(paths: Iterable[str], skipped: Counter | None = None) -> list[str]:
@@ -50,17 +103,17 @@ def file_lines(path: str, batch: int = 20_000, problems: Counter | None = None) 
     `problems` and a warning, never an exception."""
     opener = DECOMPRESSORS.get(os.path.splitext(path)[1].lower())
     if opener is None:
-        tailer = Tailer([path], close_inactive=0.0)
-        try:
-            while lines := tailer.poll(batch):
-                yield lines
-        finally:
-            tailer.close()
+        yield from _plain_lines(path, batch, problems)
         return
     splitter = Tailer([])  # its line rules only: no roots, nothing scanned
     tf = TailedFile(fid=f"{os.path.splitext(path)[1][1:]}:{path}", path=path)
     try:
-        with opener(path, "rb") as fh:
+        fh = opener(path, "rb")  # held open while merged: its decompressor's state cannot be set aside
+    except OSError as exc:
+        _unreadable(path, 0, exc, problems)
+        return
+    try:
+        with fh:
             while chunk := fh.read1(_CHUNK):
                 out: list[Line] = []
                 splitter.split_lines(tf, chunk, out)

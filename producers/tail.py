@@ -10,6 +10,7 @@ so lines written between our last read and the truncation are still shipped, onc
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -231,7 +232,10 @@ class Tailer:
             return False
         try:
             fh = open(tf.path, "rb")
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # retried at the next poll, but say why it lags
+                self.stats.read_errors += 1
+                log.warning("%s: cannot open it now (%s): raise `ulimit -n` or lower close_inactive", tf.path, exc)
             return False
         if file_id(os.fstat(fh.fileno())) != tf.fid:
             fh.close()  # the name now points at another file; the scan will sort it out

@@ -7,11 +7,12 @@ around them that real runs print, so detection can be measured on every built-in
     torchtitan    rank<r>/stdout.log: `[rank<r>]:[titan] date - root - INFO - step: ...` (plain or ANSI colours)
     nanogpt       rank<r>/train.log: `iter N: loss X, time T ms, mfu M%`, eval and checkpoint lines
     lightning_csv rank<r>/lightning_logs/version_0/metrics.csv (+ hparams.yaml)
+    mmengine      rank<r>/<timestamp>.log: `date - mmengine - INFO - Iter(train) [N/total]  lr: ...  time: ...`
 
 Each format prints what the framework prints, no more: nanoGPT has no grad norm, DeepSpeed's pipeline line none
-either, HF Trainer no step time or throughput, torchtitan tokens/s but no step time. `SIGNALS` says which
-metrics a format carries, `STEP_OFFSET` how its step numbers relate to the simulator's (Megatron, DeepSpeed and
-torchtitan count from 1).
+either, HF Trainer no step time or throughput, torchtitan tokens/s but no step time, mmengine step time but no throughput. `SIGNALS` says which
+metrics a format carries, `STEP_OFFSET` how its step numbers relate to the simulator's (Megatron, DeepSpeed,
+torchtitan and mmengine count from 1).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ SIGNALS: dict[str, set[str]] = {
     "torchtitan_ansi": {"loss", "grad_norm", "throughput"},
     "nanogpt": {"loss", "step_time_s"},
     "lightning_csv": {"loss", "grad_norm", "lr"},
+    "mmengine": {"loss", "grad_norm", "step_time_s", "lr"},
 }
-STEP_OFFSET = {"megatron": 1, "deepspeed": 1, "torchtitan": 1, "torchtitan_ansi": 1}
+STEP_OFFSET = {"megatron": 1, "deepspeed": 1, "torchtitan": 1, "torchtitan_ansi": 1, "mmengine": 1}
 GBS = 256  # global batch size: the simulator's throughput is 256 / step time
 SEQ = 2048
 
@@ -215,9 +217,42 @@ def lightning_csv(sc: Scenario) -> Lines:
     return out
 
 
+def mmengine(sc: Scenario) -> Lines:
+    """An iteration-based mmengine runner (MMDetection, MMPretrain, XTuner): its `Runner` logs each rank's
+    `Iter(train)` lines with the yearful `%Y/%m/%d` date, `Iter(val)` results and `Saving checkpoint at N
+    iterations` (a rank's own file, as `log_file` per rank gives)."""
+    out: Lines = {}
+    rng = np.random.default_rng(sc.seed + 307)
+    width = len(str(sc.steps))
+    for r, rows in metric_rows(sc).items():
+        f = out.setdefault(f"rank{r}/20240613_193845.log", [])
+        t0 = rows[0]["ts"] - 12
+
+        def say(ts: float, msg: str, f: list[tuple[float, str]] = f) -> None:
+            stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y/%m/%d %H:%M:%S")
+            f.append((ts, f"{stamp} - mmengine - INFO - {msg}"))
+
+        say(t0, f"Config:\ntrain_cfg = dict(by_epoch=False, max_iters={sc.steps}, val_interval=50)")
+        say(t0 + 1, "Checkpoints will be saved to /work_dirs/run.")
+        for row in rows:
+            ts, step = row["ts"], row["step"] + 1
+            eta = int((sc.steps - step) * row["step_time_s"])
+            say(ts, f"Iter(train) [{step:>{width}}/{sc.steps}]  lr: {row['lr']:.4e}  eta: {eta // 3600}:"
+                    f"{eta // 60 % 60:02d}:{eta % 60:02d}  time: {row['step_time_s']:.4f}  data_time: "
+                    f"{rng.uniform(0.002, 0.02):.4f}  memory: {5661 + step % 7}  grad_norm: {row['grad_norm']:.4f}  "
+                    f"loss: {row['loss']:.4f}")
+            if step % 10 == 0:
+                say(ts, "Exp name: internlm2_chat_7b_qlora_alpaca_e3_20240613_193845")
+            if sc.checkpoint_every and step % sc.checkpoint_every == 0:
+                say(ts, f"Saving checkpoint at {step} iterations")
+                say(ts, f"Iter(val) [8/8]    accuracy/top1: {rng.uniform(60, 70):.4f}  data_time: 0.0028  "
+                        "time: 0.0232")
+    return out
+
+
 RENDERERS: dict[str, Callable[[Scenario], Lines]] = {
     "megatron": megatron, "hf_trainer": hf_trainer, "deepspeed": deepspeed, "torchtitan": torchtitan,
-    "torchtitan_ansi": torchtitan_ansi, "nanogpt": nanogpt, "lightning_csv": lightning_csv,
+    "torchtitan_ansi": torchtitan_ansi, "nanogpt": nanogpt, "lightning_csv": lightning_csv, "mmengine": mmengine,
 }
 
 
