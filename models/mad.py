@@ -45,15 +45,22 @@ class RollingMAD(StateMixin):
         self._window: deque[float] = deque(maxlen=window)
         self._consecutive = 0
         self._count = 0
+        self._stats: tuple[float, float] | None = None  # of the window as it is: asked for 2-3 times per value
 
     def _restore(self, name: str, value: Any) -> None:
         if name == "_window":
             self._window = deque((float(v) for v in value), maxlen=self.window)
+            self._stats = None
         else:
             setattr(self, name, value)
 
     def stats(self) -> tuple[float, float]:
         """(median, scale = 1.4826 * MAD) of the current window."""
+        if getattr(self, "_stats", None) is None:  # (an instance pickled before the cache existed has none)
+            self._stats = self._compute_stats()
+        return self._stats  # type: ignore[return-value]
+
+    def _compute_stats(self) -> tuple[float, float]:
         s = sorted(self._window)
         n = len(s)
         med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
@@ -85,6 +92,7 @@ class RollingMAD(StateMixin):
         if math.isfinite(x):
             self._window.append(x)
             self._count += 1
+            self._stats = None
 
     def update(self, x: float) -> Score:
         s = self.score_one(x)

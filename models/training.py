@@ -79,12 +79,19 @@ class _Moments:
 
     def __init__(self, window: int) -> None:
         self.values: deque[float] = deque(maxlen=window)
+        self._stats: tuple[float | None, float | None] | None = None  # asked for at every record, changed by add
 
     def add(self, x: float) -> None:
         if math.isfinite(x):
             self.values.append(x)
+            self._stats = None
 
     def stats(self) -> tuple[float | None, float | None]:
+        if getattr(self, "_stats", None) is None:
+            self._stats = self._compute()
+        return self._stats  # type: ignore[return-value]
+
+    def _compute(self) -> tuple[float | None, float | None]:
         n = len(self.values)
         if n == 0:
             return None, None
@@ -333,6 +340,7 @@ class RankMetricsDetector:
             self.rel[s].load_state(st)
         for s, vals in state.get("moments", {}).items():
             self.moments[s].values.extend(vals)
+            self.moments[s]._stats = None
         self.prev = dict(state.get("prev", {}))
         self.prev2 = dict(state.get("prev2", {}))
         self.tput.extend(state.get("tput", []))
