@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from rankwatch.models.latest_index import LatestIndex
+
 T = TypeVar("T")  # what the caller needs back to build an anomaly (a JSON-able summary)
 
 
@@ -52,12 +54,12 @@ class MemoryImbalanceDetector(Generic[T]):
         self.config = config or ImbalanceConfig()
         self.pending: dict[int, dict[str, tuple[float, T]]] = {}
         self.judged: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # bucket -> median, scale, n
-        self.latest: dict[str, int] = {}  # gpu -> latest bucket reported
+        self.progress = LatestIndex()  # gpu -> latest bucket reported
         self.streak: dict[str, int] = {}
         self.raised: set[str] = set()
 
     def add(self, gpu: str, bucket: int, share: float, ref: T) -> list[ImbalanceFinding[T]]:
-        self.latest[gpu] = max(bucket, self.latest.get(gpu, bucket))
+        self.progress.set(gpu, max(bucket, self.progress.latest.get(gpu, bucket)))
         if bucket in self.judged:
             med, scale, n = self.judged[bucket]
             f = self._verdict(gpu, bucket, share, ref, med, scale, n)
@@ -66,7 +68,7 @@ class MemoryImbalanceDetector(Generic[T]):
             return []  # older than anything kept: nothing to compare with
         self.pending.setdefault(bucket, {})[gpu] = (share, ref)
         out: list[ImbalanceFinding[T]] = []
-        for b in sorted(self.pending):
+        for b in sorted(b for b, got in self.pending.items() if len(got) >= self.config.min_gpus):
             if self._ready(b):
                 for earlier in sorted(x for x in self.pending if x < b):
                     out.extend(self._judge(earlier))  # keep each GPU's verdicts in bucket order
@@ -79,10 +81,9 @@ class MemoryImbalanceDetector(Generic[T]):
         got = self.pending.get(bucket, {})
         if len(got) < self.config.min_gpus:
             return False
-        if len(got) >= len(self.latest):
+        if len(got) >= len(self.progress):
             return True
-        ahead = sum(1 for latest in self.latest.values() if latest >= bucket + self.config.stale_buckets)
-        return ahead * 2 >= len(self.latest)
+        return self.progress.at_least(bucket + self.config.stale_buckets) * 2 >= len(self.progress)
 
     def finish(self) -> list[ImbalanceFinding[T]]:
         """End of input: judge what is pending (buckets with enough GPUs)."""
@@ -124,12 +125,12 @@ class MemoryImbalanceDetector(Generic[T]):
 
     def save_state(self) -> dict[str, Any]:
         return {"pending": [[b, [[g, s, ref] for g, (s, ref) in got.items()]] for b, got in self.pending.items()],
-                "judged": [[b, *v] for b, v in self.judged.items()], "latest": dict(self.latest),
+                "judged": [[b, *v] for b, v in self.judged.items()], "latest": dict(self.progress.latest),
                 "streak": dict(self.streak), "raised": sorted(self.raised)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.pending = {int(b): {g: (float(s), ref) for g, s, ref in got} for b, got in state.get("pending", [])}
         self.judged = OrderedDict((int(b), (float(m), float(sc), int(n))) for b, m, sc, n in state.get("judged", []))
-        self.latest = {g: int(b) for g, b in state.get("latest", {}).items()}
+        self.progress = LatestIndex((g, int(b)) for g, b in state.get("latest", {}).items())
         self.streak = {g: int(n) for g, n in state.get("streak", {}).items()}
         self.raised = set(state.get("raised", []))

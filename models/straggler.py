@@ -10,13 +10,13 @@ records of a member still in an ended attempt (read late) are not compared. No I
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from rankwatch.models.latest_index import LatestIndex
 from rankwatch.models.mad import MAD_TO_SIGMA
 from rankwatch.models.training import RESTART_BACK_STEPS
 
@@ -62,15 +62,14 @@ class StepStragglerDetector(Generic[T]):
         self.steps: dict[Hashable, deque] = {}  # member -> its last steps reported (episodes: its previous one)
         self.flagged_at: dict[Hashable, int] = {}  # member -> step of its last slow step (reported or ongoing)
         self.small_at: dict[Hashable, int] = {}  # member -> step of a small slow step waiting for its next
-        # kept for speed, so that a record costs O(log ranks), not O(ranks) (4,096 ranks: 1e9 steps per hour of
-        # logs): the latest steps of the current attempt's members, sorted; pending steps with min_ranks reports
-        self._latest_sorted: list[int] = []
+        # kept for speed, so that a record costs O(log ranks), not O(ranks): the latest steps of the current
+        # attempt's members; the pending steps with min_ranks reports
+        self._current = LatestIndex()
         self._eligible: set[int] = set()
 
     def add(self, rank: Hashable, step: int, value: float, ref: T) -> list[StragglerFinding[T]]:
         """`rank`: the member's key (a rank, or a node's local rank with its run folder)."""
         c = self.config
-        before = self.latest.get(rank)
         attempt = self.attempts.setdefault(rank, self.attempt)
         resumed = step < self.latest.get(rank, step) - RESTART_BACK_STEPS
         if resumed:  # this member resumed
@@ -82,10 +81,8 @@ class StepStragglerDetector(Generic[T]):
         self.latest[rank] = max(step, self.latest.get(rank, step))
         if resumed:
             self._reindex()  # members changed attempts: rare
-        elif attempt == self.attempt and before != self.latest[rank]:
-            if before is not None:
-                del self._latest_sorted[bisect.bisect_left(self._latest_sorted, before)]
-            bisect.insort(self._latest_sorted, self.latest[rank])
+        elif attempt == self.attempt:
+            self._current.set(rank, self.latest[rank])
         self.steps.setdefault(rank, deque(maxlen=8)).append(step)
         out: list[StragglerFinding[T]] = []
         if attempt < self.attempt:
@@ -112,7 +109,7 @@ class StepStragglerDetector(Generic[T]):
         return out
 
     def _reindex(self) -> None:
-        self._latest_sorted = sorted(s for r, s in self.latest.items() if self.attempts.get(r, 0) == self.attempt)
+        self._current = LatestIndex((r, s) for r, s in self.latest.items() if self.attempts.get(r, 0) == self.attempt)
         self._eligible = {s for s, b in self.pending.items() if len(b) >= self.config.min_ranks}
 
     def _restart(self, step: int) -> None:
@@ -128,11 +125,10 @@ class StepStragglerDetector(Generic[T]):
 
     def _ready(self, step: int) -> bool:
         """Every member of the current attempt reported the step, or half of them are well past it."""
-        n = len(self._latest_sorted)
+        n = len(self._current)
         if len(self.pending[step]) >= n:
             return True
-        ahead = n - bisect.bisect_left(self._latest_sorted, step + self.config.stale_steps)
-        return ahead * 2 >= n
+        return self._current.at_least(step + self.config.stale_steps) * 2 >= n
 
     def _judge(self, step: int) -> list[StragglerFinding[T]]:
         bucket = self.pending.pop(step)

@@ -5,6 +5,8 @@ import pickle
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rankwatch.models.mad import RollingMAD
 from rankwatch.models.training import THRESHOLD_INFO_FIELDS, RankMetricsDetector, TrainingDetectorConfig
 
@@ -465,3 +467,18 @@ def test_straggler_one_finding_per_episode_and_a_small_single_step_is_not_one():
     found = [(f.rank, f.step) for step in range(1, 100) for r in range(8)
              for f in d.add(r, step, slow.get((r, step), 1.0) * (1 + 0.002 * ((r + step) % 3)), None)]
     assert found == [(5, 41), (7, 60), (7, 70)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(-5, 60)), max_size=80), st.integers(-5, 65))
+def test_the_latest_index_counts_as_walking_every_member_would(updates, pos):
+    # the cross-rank checks' "how many ranks are at or past this step" (models/latest_index.py)
+    from rankwatch.models.latest_index import LatestIndex
+
+    index, latest = LatestIndex(), {}
+    for member, step in updates:
+        index.set(member, step)
+        latest[member] = step
+        assert len(index) == len(latest)
+    assert index.at_least(pos) == sum(1 for s in latest.values() if s >= pos)
+    assert LatestIndex(latest.items()).at_least(pos) == index.at_least(pos)
