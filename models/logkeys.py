@@ -71,6 +71,7 @@ class LogKeyConfig:
 
 
 _MAX_FLOOD_KEYS = 10_000  # (rank, key) pairs whose recent times are kept for the flood check
+_PREDICT_BATCH = 4096  # windows per forward pass: a backlog judged at once (analyze, a replay) stays bounded
 
 
 # ---- per-line data -----------------------------------------------------------------------------------------
@@ -269,15 +270,17 @@ class LogKeyDetector:
         if len(self._cache) + len(todo) > self.cfg.deeplog_cache_size:
             self._cache.clear()  # cheap and rare: training loops repeat a few windows
         keys = list(todo)
-        batch = np.stack([todo[k] for k in keys])
-        with torch.inference_mode():
-            probs = self.model.predict_proba(torch.from_numpy(batch)).cpu().numpy()  # type: ignore[union-attr]
-        g = min(self.cfg.deeplog_top_g, probs.shape[1])
-        # the g-th largest probability: a key below it is outside the top g
-        cut = -np.partition(-probs, g - 1, axis=1)[:, g - 1]
-        cut = np.maximum(cut, self.cfg.deeplog_min_prob)
-        for k, row, c in zip(keys, probs, cut, strict=True):
-            self._cache[k] = (row, float(c))
+        for i in range(0, len(keys), _PREDICT_BATCH):  # a backlog's windows, a slice at a time: bounded memory
+            part = keys[i:i + _PREDICT_BATCH]
+            batch = np.stack([todo[k] for k in part])
+            with torch.inference_mode():
+                probs = self.model.predict_proba(torch.from_numpy(batch)).cpu().numpy()  # type: ignore[union-attr]
+            g = min(self.cfg.deeplog_top_g, probs.shape[1])
+            # the g-th largest probability: a key below it is outside the top g
+            cut = -np.partition(-probs, g - 1, axis=1)[:, g - 1]
+            cut = np.maximum(cut, self.cfg.deeplog_min_prob)
+            for k, row, c in zip(part, probs, cut, strict=True):
+                self._cache[k] = (row, float(c))
 
     def _verdict(self, line: Line, st: RankState, window: tuple, idx: int) -> Finding | None:
         level = self.levels.get(line.tid)

@@ -10,7 +10,8 @@ Order: template ids depend on the order in which a job's lines are mined. Summar
 arrive interleaved, so stage 2 re-establishes the order `rankwatch analyze` uses (event time, then rank, file,
 offset): a line is released once every active rank's stream has passed its time, or after `logkey_reorder_s`
 of wall time at most (a rank silent that long stops holding the others back). Ids and verdicts are therefore the
-same whatever the number of workers, as long as no rank's lines reach stage 2 more than that late.
+same whatever the number of workers, as long as no rank's lines reach stage 2 more than that late. Files at rest
+(`analyze`, no arrival clock) come merged by event time: a line older than the newest one read is released.
 
 Bootstrap: with no trained model, a job's first `deeplog_bootstrap_lines` lines (in that order) train its own
 model, in a background thread (`deeplog_train_in_thread`), so the worker's event loop is never blocked by it.
@@ -92,8 +93,10 @@ class Reorder:
         self.rank_wall: dict[int, float] = {}
         self.arrivals: deque[tuple[float, float]] = deque()  # (wall, ts), arrival order
         self.seq = 0
+        self.newest = -math.inf
 
-    def push(self, s: Summary, wall: float) -> None:
+    def push(self, s: Summary, wall: float | None) -> None:
+        """`wall`: the stream's arrival time; None for files at rest, which arrive merged by event time."""
         ts = finite(s["ts"])
         rank = -1 if s.get("rank") is None else int(s["rank"])
         offset = int(s.get("offset", -1))
@@ -101,10 +104,23 @@ class Reorder:
         heapq.heappush(self.heap, (ts, rank, str(s.get("file", "")), offset, self.seq, s))
         if ts > self.rank_ts.get(rank, -math.inf):
             self.rank_ts[rank] = ts
+        self.newest = max(self.newest, ts)
+        if wall is None:
+            return
         self.rank_wall[rank] = wall
         self.arrivals.append((wall, ts))
         if self.first_wall is None:
             self.first_wall = wall
+
+    def release_merged(self) -> list[Summary]:
+        """Files at rest (`analyze`): the lines come merged by event time, so every line older than the newest
+        one is in its place. (The stream's rule waits for wall time: an analysis that reads a job's logs in
+        seconds held every line until its end, all of them in memory, and then judged them in one batch.)"""
+        heap = self.heap
+        out = []
+        while heap and heap[0][0] < self.newest:
+            out.append(heapq.heappop(heap)[-1])
+        return out
 
     def release(self, wall: float, flush: bool = False) -> list[Summary]:
         heap = self.heap
@@ -226,7 +242,8 @@ class LogKeyJob:
 
     # ---- the JobDetector interface ---------------------------------------------------------------------
     def process(self, summaries: list[Summary]) -> list[Anomaly]:
-        wall = time.monotonic()
+        at_rest = self.ctx.wall is None  # analyze: summaries merged by event time, no arrival clock
+        wall = None if at_rest else time.monotonic()
 
         def take(s: Summary) -> None:
             if s.get("type") == "job_stop":
@@ -242,7 +259,7 @@ class LogKeyJob:
             self.reorder.push(s, wall)  # reads every field before it changes anything
 
         take_each(summaries, take, self.ctx.skip_summary)
-        return self._advance(self.reorder.release(wall))
+        return self._advance(self.reorder.release_merged() if wall is None else self.reorder.release(wall))
 
     def tick(self, now: float) -> list[Anomaly]:
         wall = time.monotonic()
