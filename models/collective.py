@@ -342,7 +342,8 @@ class CollectiveTracker(HangJudge):
                                                                                     None)]
                                         for r, v in c.verdicts.items()}}
         return {"comms": comms, "episodes": {str(r): ep for r, ep in self.episodes.items()},
-                "hang": {k: v for k, v in self.hang.__dict__.items() if k not in NEWER_HANG_FIELDS or v}
+                "hang": {**{k: v for k, v in self.hang.__dict__.items() if k not in NEWER_HANG_FIELDS or v},
+                         "stalled": {str(r): n for r, n in self.hang.stalled.items()}}  # JSON keys are strings
                 if self.hang else None,
                 "stops": self.stops, "excused": self.excused}
 

@@ -364,7 +364,11 @@ def make_app(settings: Settings, detection: DetectionConfig | None = None, worke
 
         @app.timer(worker.state_interval_s)
         async def snapshot_state() -> None:
-            save_pipeline_state(pipeline, state_file)
+            try:
+                save_pipeline_state(pipeline, state_file)
+            except Exception:  # noqa: BLE001 - a failed snapshot must not stop detection (the last one stays)
+                metrics.state_save_errors.inc()
+                log.exception("cannot save the detectors' state to %s; keeping the previous snapshot", state_file)
 
     if worker.gc_freeze_s > 0:
         last_full = [time.monotonic()]

@@ -69,6 +69,9 @@ class WorkerMetrics:
                                     ["stage", "job"], registry=r)
         self.pipeline_errors = Counter("rankwatch_pipeline_errors", "Valid records a detector could not "
                                        "handle (skipped, logged)", registry=r)
+        self.state_save_errors = Counter("rankwatch_state_save_errors", "Snapshots of the detectors' state "
+                                         "(--state-file) that could not be written (logged; the last one stays)",
+                                         registry=r)
         self.lag = Gauge("rankwatch_consumer_lag", "Messages behind the log end, by topic", ["topic"],
                          registry=r)
         self.latency = Histogram("rankwatch_processing_latency_seconds",

@@ -41,7 +41,9 @@ class CheckpointStore:
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = orjson.dumps({"version": self.VERSION, **state})
+        # integer keys written as strings, as Python's json module does (loaders convert them back): orjson
+        # refuses them otherwise, and one such key once stopped a worker at its first save after a hang
+        payload = orjson.dumps({"version": self.VERSION, **state}, option=orjson.OPT_NON_STR_KEYS)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:

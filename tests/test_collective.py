@@ -814,3 +814,25 @@ def test_deferred_op_verdicts_come_with_the_next_batch_and_match_undeferred(tmp_
     key = lambda xs: sorted((a.detector, a.rank, a.event_time, a.value, a.message) for a in xs)  # noqa: E731
     assert key(deferred) == key(plain)
     assert {("straggler", 1), ("op_timing", 3)} <= {(a.detector, a.rank) for a in deferred}
+
+
+
+def test_a_raised_hang_goes_through_the_worker_state_file(tmp_path):
+    # the worker's snapshot is written by orjson, which refused the open hang's {rank: opCount} (integer keys):
+    # the first save after a hang stopped the worker, and with it every page (a blind test's live run). The
+    # JSON round trips of the other state tests use Python's json, which turns such keys into strings unsaid
+    import orjson
+    from rankwatch.models.collective import CollectiveTracker
+    from rankwatch.models.hangs import HangEvent
+
+    from rankwatch.producers.checkpoint import CheckpointStore
+
+    tracker = CollectiveTracker()
+    tracker.hang = HangEvent("hang", 1_700_000_000.0, {1: 6997, 5: 6996}, "0xabc", 6998, "AllReduce", 31.0, 30.0)
+    state = tracker.save_state()
+    orjson.dumps(state)  # no integer keys left
+    store = CheckpointStore(tmp_path / "state.json")
+    store.save({"tracker": state, "other": {3: "an integer key anywhere else is written as a string too"}})
+    back = CollectiveTracker()
+    back.load_state(store.load()["tracker"])
+    assert back.hang == tracker.hang
