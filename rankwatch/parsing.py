@@ -20,6 +20,7 @@ from rankwatch.formats.base import METRIC_FIELDS, OPTIONAL_METRIC_FIELDS, ParseE
 from rankwatch.formats.prefixes import parse_iso
 from rankwatch.formats.registry import parse_line
 from rankwatch.formats.user import UserFormat
+from rankwatch.rotation import rotation_base
 
 _PATH_RANK = re.compile(r"(?<![A-Za-z0-9])rank[_-]?(\d+)", re.IGNORECASE)
 # torchrun --log-dir: <dir>/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log; groups: the
@@ -80,15 +81,6 @@ def torchrun_run_folder(path: str) -> str | None:
 
 # logrotate's names for a log's older parts: train.log.1, train.log.2.gz, train.log-20240601(.gz). Only after a
 # log-like extension: node.0 and node.1 are two files, not one file and its rotation
-_ROTATED = re.compile(r"(\.(?:log|txt|out|err|json|jsonl|csv))(?:\.\d{1,3}|-\d{8,10})?(?:\.gz|\.bz2|\.xz)?$")
-
-
-@functools.lru_cache(maxsize=4096)
-def rotation_base(path: str) -> str:
-    """The live name of a rotated log (`train.log.2.gz` -> `train.log`): one file's history across rotations."""
-    return _ROTATED.sub(r"\1", path)
-
-
 __all__ = ["ParseError", "SourceContext", "ContextResolver", "parse_line", "parse_iso", "rank_from_path", "torchrun_run_folder",
            "rotation_base",
            "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS"]

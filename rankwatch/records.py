@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from rankwatch.rotation import rotation_base
+
 RECORD_KINDS = ("log", "metrics", "op", "gpu")
 ANOMALY_SCHEMA = "rankwatch.anomaly/v1"
 DETECTORS = (
@@ -194,9 +196,10 @@ class Anomaly:
     @property
     def id(self) -> str:
         # Deterministic: the same line judged by the same detector gives the same id, offline or streaming,
-        # so consumers can de-duplicate after a worker restart replays a partition.
+        # so consumers can de-duplicate after a worker restart replays a partition. The file by its live name:
+        # read live from train.log, at rest from train.log.1 after a rotation (renames and copies keep offsets)
         parts = (self.detector, self.signal, self.job, self.rank, self.stream, self.host, self.gpu,
-                 self.source_file, self.source_offset, repr(self.event_time))
+                 rotation_base(self.source_file), self.source_offset, repr(self.event_time))
         return str(uuid.uuid5(_ANOMALY_NS, "|".join(map(str, parts))))
 
     def to_dict(self) -> dict[str, Any]:

@@ -126,3 +126,23 @@ def test_more_rank_files_than_open_file_descriptors_are_all_read(tmp_path):
     got = _analyze_limited(tmp_path, 256, 256)  # no room to raise it: the gzip parts past it are counted
     assert got["metrics"] + 5 * got["skipped"].get("unreadable (Too many open files)", 0) == 4500, got
     assert 0 < got["skipped"]["unreadable (Too many open files)"] < 300, got
+
+
+
+def test_a_finding_has_the_same_id_read_live_or_from_the_rotated_file(tmp_path):
+    # live, the shipper read the line from train.log; after logrotate renamed (and compressed) it, analyze
+    # reads it from train.log.1 or train.log.2.gz: same offset, same event time. A consumer that de-duplicates
+    # by id must see one finding, not two (a blind live test found two ids for one finding)
+    folder = tmp_path / "job" / "rank0"
+    folder.mkdir(parents=True)
+    data = _lines(0, 200, 150, random.Random(7))
+    (folder / "train.log").write_bytes(data)
+    live = [x for x in analyze([str(tmp_path / "job")]) if x.detector == "mad"]
+    (folder / "train.log").rename(folder / "train.log.1")
+    renamed = [x for x in analyze([str(tmp_path / "job")]) if x.detector == "mad"]
+    (folder / "train.log.1").unlink()
+    (folder / "train.log.2.gz").write_bytes(gzip.compress(data))
+    compressed = [x for x in analyze([str(tmp_path / "job")]) if x.detector == "mad"]
+    assert live and [x.source_file.rsplit("/", 1)[1] for x in renamed + compressed] == ["train.log.1"] * len(
+        renamed) + ["train.log.2.gz"] * len(compressed)
+    assert [x.id for x in live] == [x.id for x in renamed] == [x.id for x in compressed]

@@ -824,7 +824,6 @@ def test_a_raised_hang_goes_through_the_worker_state_file(tmp_path):
     import orjson
     from rankwatch.models.collective import CollectiveTracker
     from rankwatch.models.hangs import HangEvent
-
     from rankwatch.producers.checkpoint import CheckpointStore
 
     tracker = CollectiveTracker()
