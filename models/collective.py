@@ -92,6 +92,7 @@ class _Comm:
         self.gaps: deque[float] = deque(maxlen=256)
         self.judged_upto = -1
         self.medians: OrderedDict[int, tuple[float, float]] = OrderedDict()  # judged op -> (median, limit)
+        self.bounds: OrderedDict[int, tuple[float, float]] = OrderedDict()  # judged op -> first, last on-time enqueue
         self.expected = 0  # the comm's size as printed (0: unknown)
         self.complete: set[int] = set()  # recent ops judged with every rank in (bounded like medians)
         self.period = 0  # ops per step, from the median enqueue times (0: not known yet)
@@ -219,8 +220,11 @@ class CollectiveTracker(HangJudge):
         med, limit = self._yardstick(c, n, np.fromiter(arrivals.values(), float))
         phase = n % c.period if c.period > 1 else None
         c.medians[n] = (med, limit)
+        c.bounds[n] = (min(arrivals.values()), max(arrivals.values()))
         while len(c.medians) > 4096:  # judged ops kept for late reporters and held findings
             c.medians.popitem(last=False)
+        while len(c.bounds) > 4096:
+            c.bounds.popitem(last=False)
         # learn the usual spread from on-time ranks (a sample, so a 4,096-rank comm stays cheap)
         on_time = [abs(t - med) for t in arrivals.values() if t - med <= limit]
         sample = on_time[::max(1, len(on_time) // 16)]
@@ -315,6 +319,16 @@ class CollectiveTracker(HangJudge):
             return None
         return c.medians[n][0] - c.medians[n - 1][0]
 
+    def behind_last(self, comm: str, n: int, enqueued: float) -> float | None:
+        """How long before the comm's last rank a rank enqueued op n (at `enqueued`): where op n+1 waits for op n
+        to complete (the step's last collective before the optimizer, the loss all-reduce after it), so long it
+        waited. An interval that long on a rank that was early is its peers' doing, not a slow stream."""
+        c = self.comms.get(comm)
+        bounds = c.bounds.get(n) if c is not None else None
+        if bounds is None or enqueued < bounds[0] - 1e-3:
+            return None  # unknown, or the interval began before anyone enqueued op n: not that op's wait
+        return bounds[1] - enqueued
+
     def late_near(self, t0: float, t1: float) -> dict[int, float]:
         """rank -> largest lag of its late enqueues in [t0, t1] (the victim test)."""
         out: dict[int, float] = {}
@@ -338,6 +352,7 @@ class CollectiveTracker(HangJudge):
                            # the last ops' medians: the period's input, and late reporters' yardstick
                            "medians": [[n, m, lim] for n, (m, lim) in
                                        itertools.islice(reversed(c.medians.items()), 4 * _MAX_PERIOD + 1)][::-1],
+                           "bounds": [[n, *b] for n, b in itertools.islice(reversed(c.bounds.items()), 64)][::-1],
                            "verdicts": {str(r): [int(x) for x in itertools.islice(v, max(0, len(v) - self._window(c)),
                                                                                     None)]
                                         for r, v in c.verdicts.items()}}
@@ -360,6 +375,7 @@ class CollectiveTracker(HangJudge):
             c.period = int(d.get("period", 0))
             c.started = -math.inf if d.get("started") is None else float(d["started"])  # older state: any stop counts
             c.medians.update((int(n), (float(m), float(lim))) for n, m, lim in d.get("medians", []))
+            c.bounds.update((int(n), (float(a), float(b))) for n, a, b in d.get("bounds", []))
             for r, bits in d.get("verdicts", {}).items():
                 c.verdicts[int(r)] = self._verdict_history(bool(b) for b in bits)
         self.episodes = {int(r): ep for r, ep in state.get("episodes", {}).items()}
