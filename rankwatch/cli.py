@@ -221,6 +221,10 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.bootstrap:
         settings.bootstrap = f"127.0.0.1:{settings.embedded_port}"
+    if not _any_reachable(settings.bootstrap):  # say so now, not after 30 s of the client's retries
+        print(f"rankwatch: no broker answers at {settings.bootstrap}: start one (`rankwatch up`) or name yours "
+              "with --bootstrap HOST:PORT (env RANKWATCH_BOOTSTRAP)", file=sys.stderr)
+        return 2
     records = follow_anomalies(settings, follow=args.follow)
     if args.json:
         for rec in records:
@@ -229,6 +233,20 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
     else:
         render_table(records, live=args.follow)
     return 0
+
+
+def _any_reachable(bootstrap: str, timeout: float = 3.0) -> bool:
+    """Does any of the bootstrap servers accept a TCP connection?"""
+    import socket
+
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -347,6 +365,8 @@ COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kafka import errors as kafka_errors
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -355,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.cmd](args)
     except ConfigError as exc:
         print(f"rankwatch: {exc}", file=sys.stderr)
+        return 2
+    except (kafka_errors.NoBrokersAvailable, kafka_errors.KafkaTimeoutError) as exc:
+        print(f"rankwatch: cannot reach the Kafka broker ({exc}); check --bootstrap / RANKWATCH_BOOTSTRAP",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

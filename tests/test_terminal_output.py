@@ -38,3 +38,18 @@ def test_wide_terminals_get_a_column_per_field():
     header = "\n".join(_render(160)[:4])
     for col in ("detector", "signal", "threshold", "severity", "message"):
         assert col in header
+
+
+def test_anomalies_without_a_broker_says_so_at_once(capsys):
+    # a blind test ran `rankwatch anomalies --json` against the default port while its broker listened on
+    # another: 30 s of the client's connection errors, then a traceback
+    import socket
+
+    from rankwatch.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["anomalies", "--json", "--bootstrap", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no broker answers at 127.0.0.1:{port}" in err and "--bootstrap" in err and "Traceback" not in err
