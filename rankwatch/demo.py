@@ -76,7 +76,8 @@ def run_demo(settings: Settings, ranks: int = 8, steps: int = 300, seed: int = 7
             [sys.executable, "-m", "rankwatch.cli", "worker", "--bootstrap", settings.bootstrap, "--embedded",
              "--metrics-port", str(metrics_port)],
             env={**os.environ, **settings.env()},
-            preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # Ctrl-C stops the demo, which stops the worker, then the broker
         console.print(f"[bold]worker[/] pid {worker.pid}, metrics on http://127.0.0.1:{metrics_port}/metrics")
         shipper = Shipper([str(jobdir)], settings, ShipperConfig(
             checkpoint=str(base / "shipper-checkpoint.json"), metrics_port=0))
