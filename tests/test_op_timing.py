@@ -333,3 +333,19 @@ def test_milliseconds_of_jitter_on_a_short_interval_are_not_a_slow_stream():
     verdicts = run(seasonal_only(), _loss_gap_times(600, 9, slow=(1800, 1850, 1.5)))
     onsets = [i for i, v in enumerate(verdicts) if v.onset]
     assert len(onsets) == 1 and 1800 <= onsets[0] < 1815
+
+
+def test_the_step_period_is_the_pattern_not_a_multiple_of_it():
+    # the gaps of a step's ops repeat every step; lags that are multiples of the period score the same but for
+    # sampling noise, which put one ahead a fifth of the time: 5-op steps taken for 10 doubled the straggler's
+    # window (a blind test: named after 6 s instead of 3)
+    from rankwatch.models.op_timing import step_period
+
+    rng = np.random.default_rng(0)
+    for period in (1, 5, 7, 12):
+        found = []
+        for _ in range(100):
+            pattern = rng.uniform(-3, 0, period) if period > 1 else np.zeros(1)
+            y = np.tile(pattern, 300 // period + 1)[:257] + rng.normal(0, 0.15, 257)
+            found.append(step_period(y, 64))
+        assert sum(p == period for p in found) >= 97, (period, sorted(set(found)))
