@@ -120,4 +120,7 @@ def _ddp_worker(rank: int, world: int, out: str, port: int) -> None:
         mon.observe(step, loss, gn, batch={"x": x, "y": y})
         opt.step()
     mon.close()
+    # both ranks past their last collective before either tears gloo down: a peer closing its pairs while the
+    # other still used them aborted a process now and then ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
