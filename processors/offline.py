@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rankwatch.processors.pipeline import DetectionConfig, Pipeline
-from rankwatch.producers.at_rest import DECOMPRESSORS, allow_open_files, discover_at_rest, file_lines
+from rankwatch.producers.at_rest import allow_open_files, discover_at_rest, file_lines
 
 from rankwatch.formats.user import UserFormat
 from rankwatch.parsing import ContextResolver, ParseError, parse_line
@@ -77,7 +77,7 @@ def read_records(paths: list[str], job: str | None = None, rank: int | None = No
     resolver = ContextResolver(paths, job, rank, formats)
     now = time.time()
     files = discover_at_rest(paths, stats.files_skipped)
-    allow_open_files(sum(1 for f in files if os.path.splitext(f)[1].lower() in DECOMPRESSORS))
+    allow_open_files(files)
     batch = max(256, min(20_000, _BUFFERED_LINES // max(1, len(files))))
     streams = [_file_records(f, resolver, stats, now, batch) for f in files]
     return heapq.merge(*streams, key=lambda r: r.ts)

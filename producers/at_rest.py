@@ -67,9 +67,10 @@ def _unreadable(path: str, pos: int, exc: OSError, problems: Counter | None) -> 
         problems[f"unreadable ({exc.strerror or type(exc).__name__})"] += 1
 
 
-def allow_open_files(n: int) -> None:
-    """Raise this process's soft limit on open files toward its hard limit where `n` files stay open at once
-    (compressed parts merged together; the usual soft limit is 1,024, the hard one often far higher)."""
+def allow_open_files(files: Iterable[str]) -> None:
+    """Raise this process's soft limit on open files toward its hard limit where `files` are merged at once: their
+    compressed parts stay open (the usual soft limit is 1,024, the hard one often far higher)."""
+    n = sum(1 for f in files if os.path.splitext(f)[1].lower() in DECOMPRESSORS)
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = n + 256  # the rest of the process: sockets, the broker client, plots

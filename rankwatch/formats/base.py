@@ -116,7 +116,6 @@ def size_bytes(text: str) -> int | None:
 
 
 # "Saving checkpoint to /ckpt/run/checkpoint-100", "saved checkpoint: ...", "Checkpoint saved to ..."
-CHECKPOINT_HINTS = ("heckpoint", "aving ")  # cheap tests before the pattern: nearly every line fails both
 _PATH = r"['\"]?(?P<{}>[^\s'\",(][^\s'\",]*?)['\"]?(?:\.\.\.)?(?=[\s,]|$)"
 # Megatron "saving checkpoint at iteration     100 to /ckpt/run", "successfully saved checkpoint from iteration ...";
 # HF "Saving model checkpoint to DIR"; DeepSpeed "Saving model checkpoint: PATH", "[Torch] Saving PATH...",
@@ -134,7 +133,7 @@ _CHECKPOINT = re.compile(
 def checkpoint_path(msg: str) -> str | None:
     """What a checkpoint announcement names (it becomes data["checkpoint"] on the log record): its path, its tag,
     or "(unnamed)" when it names none; None for any other line."""
-    if "heckpoint" not in msg and "aving " not in msg:  # CHECKPOINT_HINTS, spelled out: every plain line asks
+    if "heckpoint" not in msg and "aving " not in msg:  # cheap before the pattern: nearly every line fails both
         return None
     m = _CHECKPOINT.search(msg)
     if m is None:
@@ -167,5 +166,5 @@ def key_name(text: str) -> str:
 
 
 __all__ = ["METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "ParseError", "Parsed", "SourceContext", "number",
-           "need_number", "need_int", "size_bytes", "key_name", "CHECKPOINT_HINTS", "checkpoint_path",
+           "need_number", "need_int", "size_bytes", "key_name", "checkpoint_path",
            "checkpoint_step"]

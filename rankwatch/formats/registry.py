@@ -128,13 +128,12 @@ def _parse_body_line(body: str, raw: str, ctx: SourceContext, rank: int | None, 
                 return rec
         ctx.last_format = ""
         data = {"msg": stripped, "raw": raw}
-        if "heckpoint" in stripped or "aving " in stripped:  # base.CHECKPOINT_HINTS: most lines stop here
-            path = checkpoint_path(stripped)
-            if path:
-                data["checkpoint"] = path
-                step = checkpoint_step(stripped, path)
-                if step is not None:
-                    data["checkpoint_step"] = step
+        path = checkpoint_path(stripped)
+        if path:
+            data["checkpoint"] = path
+            step = checkpoint_step(stripped, path)
+            if step is not None:
+                data["checkpoint_step"] = step
         kind, line_rank = "log", None
         if "[Rank " in body:  # Megatron's "[Rank 3] (after 10 iterations) memory ...", DeepSpeed's log_dist
             m = _LINE_RANK.match(body)
